@@ -1,0 +1,86 @@
+"""Lower planned linear weights to ONNX Runtime's `com.microsoft::MatMulNBits`.
+
+    MatMul(X, W) [+ bias]  ->  MatMulNBits(X, B, scales, zero_points?, -, bias?)   with
+    W[k, n] = (q[n, k] - z[n, k // block_size]) * scale[n, k // block_size]
+
+B, scales and zero_points are packed as `ptqonnx.numerics.packing` documents (the ORT spec); zero points
+are omitted for symmetric grids, where the implicit 2^(bits-1) applies. The block size written is the
+plan's; a per-channel plan (block = K) is written with the next power of two >= max(K, 16), which
+MatMulNBits requires, and the padding inside that single block dequantizes to zero.
+
+Requires: every planned node's name is unique. Updates: the planned nodes are replaced (same output
+value, so consumers and graph outputs are untouched); the old weight initializers are left for
+`RemoveUnusedNodesPass` (never mutated: a tied embedding may still read them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from ptqonnx.graph import add_initializer
+from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points
+from ptqonnx.plan import WeightPlan
+
+__all__ = ["LowerToMatMulNBitsPass", "MS_DOMAIN", "matmulnbits_block_size"]
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+
+
+def matmulnbits_block_size(block_size: int) -> int:
+    """MatMulNBits needs a power of two >= 16."""
+    bs = 16
+    while bs < block_size:
+        bs *= 2
+    return bs
+
+
+class LowerToMatMulNBitsPass(InPlacePass):
+    """Replace each planned MatMul/Gemm by MatMulNBits. Skips nothing: the plan lists what to rewrite."""
+
+    def __init__(self, plan: WeightPlan, accuracy_level: int | None = None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        count = 0
+        for node in list(graph):
+            planned = self.plan.get(node.name) if node.name else None
+            if planned is None or planned.site.node is not node:
+                continue
+            site, qw = planned.site, planned.qweight
+            bs = matmulnbits_block_size(qw.block_size)
+            if bs != qw.block_size and qw.k_blocks != 1:
+                raise ValueError(f"{node.name}: block size {qw.block_size} is not a power of two >= 16")
+            dtype = site.float_dtype.numpy()
+            pad = 1 << (qw.bits - 1)
+            base = site.weight_name
+            b = add_initializer(graph, f"{base}_Q{qw.bits}", pack_matmulnbits_weight(qw.q, qw.bits, bs, pad))
+            scales = add_initializer(graph, f"{base}_scales", qw.scale.astype(dtype))  # [N, k_blocks]
+            inputs: list[ir.Value | None] = [site.activation, b, scales]
+            if not qw.symmetric:
+                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, qw.bits)))
+            if site.bias is not None:
+                inputs += [None] * (5 - len(inputs)) + [site.bias]
+            attrs = {"K": site.K, "N": site.N, "bits": qw.bits, "block_size": bs}
+            if self.accuracy_level is not None:
+                attrs["accuracy_level"] = self.accuracy_level
+            new = ir.node(
+                "MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_Q{qw.bits}",
+                outputs=[ir.Value(name=f"{node.outputs[0].name}_q")],
+            )
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+            )
+            count += 1
+        if count:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        logger.info("MatMulNBits: lowered %d linear layers", count)
+        return PassResult(model, modified=count > 0)
+

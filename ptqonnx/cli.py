@@ -1,0 +1,214 @@
+"""Command line: `ptqonnx export | compile | calibrate | eval | bench`.
+
+The only module that configures logging and prints. Every user error is one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ptqonnx.errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("ptqonnx")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints the usage block too)
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+
+    return parse
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--calib-text", type=Path, help="text file to draw calibration windows from "
+                   "(default: $PTQONNX_CALIB_TEXT, else WikiText-2 train via `datasets`)")
+    g.add_argument("--calib-npz", type=Path, help="model inputs by input name, first axis = samples")
+    g.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
+    g.add_argument("--calib-samples", type=_positive(int), default=128, help="number of windows (default 128)")
+    g.add_argument("--calib-seq-len", type=_positive(int), default=512, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for window offsets (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ptqonnx", description="ONNX post-training quantization compiler")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: per node)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("export", help="export a causal LM (the real default `smollm2`, or a HF folder) to ONNX")
+    p.add_argument("source", help="`smollm2` or a local Hugging Face causal-LM folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--no-kv-cache", action="store_true", help="skip the KV-cache variant (model_kv.onnx)")
+
+    p = sub.add_parser("compile", help="quantize an ONNX model")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method)")
+    p.add_argument("--method", choices=["rtn"], default="rtn")
+    p.add_argument("--wbits", type=int, choices=[4, 8], default=4, help="weight bits (default 4)")
+    p.add_argument("--group-size", "--block-size", dest="group_size", type=int,
+                   help="block length along K (default 128 for 4 bits; 8 bits default to per-channel; "
+                   "0 = per-channel)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (default symmetric)")
+    p.add_argument("--format", choices=["matmulnbits", "qdq"], default="matmulnbits",
+                   help="com.microsoft MatMulNBits (ORT) or DequantizeLinear+MatMul (TensorRT, opset 21)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (4 = int8 activations inside the kernel)")
+    p.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize embedding Gathers to 4-bit GatherBlockQuantized")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="node names to leave in float")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the output in ONNX Runtime")
+
+    p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="statistics .npz")
+    p.add_argument("--hessian", action="store_true", help="also accumulate X^T X (GPTQ's Hessian)")
+    _add_calib_args(p)
+
+    p = sub.add_parser("eval", help="perplexity of an input_ids -> logits model on a text")
+    p.add_argument("model", type=Path)
+    p.add_argument("--text", type=Path, required=True, help="text file (read whole, tokenized once)")
+    p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
+    p.add_argument("--seq-len", type=_positive(int), default=512, help="window length (default 512)")
+    p.add_argument("--max-windows", type=_positive(int), help="evaluate at most this many windows")
+    p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+
+    p = sub.add_parser("bench", help="ORT CPU latency: prefill (and per-token decode with --kv)")
+    p.add_argument("model", type=Path, help="input_ids -> logits model")
+    p.add_argument("--kv", type=Path, help="the KV-cache variant, for per-token decode latency")
+    p.add_argument("--seq-len", type=_positive(int), default=512, help="prefill tokens (default 512)")
+    p.add_argument("--repeats", type=_positive(int), default=10, help="timed runs (default 10)")
+    p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+    return parser
+
+
+def _cmd_export(args) -> None:
+    from ptqonnx.models.export import export_causal_lm
+
+    res = export_causal_lm(args.source, args.output, kv_cache=not args.no_kv_cache)
+    print(f"exported {args.source} -> {res.model_path}" + (f" and {res.kv_model_path}" if res.kv_model_path else ""))
+
+
+def _compile_config(args):
+    from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+
+    group = args.group_size
+    if group is None:
+        group = 128 if args.wbits == 4 else None
+    elif group == 0:
+        group = None
+    try:
+        weights = WeightQuantConfig(
+            bits=args.wbits, group_size=group, symmetric=not args.asym, format=args.format,
+            accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head,
+            quantize_embeddings=args.quantize_embeddings, exclude=tuple(args.exclude),
+        )
+        return CompileConfig(method=args.method, weights=weights)
+    except ValueError as exc:
+        raise UserError(f"{exc}") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _cmd_compile(args) -> None:
+    from ptqonnx.pipeline import compile_model
+
+    report = compile_model(args.model, args.output, _compile_config(args), verify_ort=not args.no_verify)
+    print(f"quantized {len(report.quantized)} linear layers"
+          + (f" and {report.embeddings_quantized} embedding tables" if report.embeddings_quantized else "")
+          + f"; skipped {len(report.skipped)}")
+    for reason, n in report.skip_summary():
+        print(f"  skipped {n}: {reason}")
+    print(f"wrote {report.output_path} ({_mib(report.output_bytes)}, input {_mib(report.input_bytes)}) "
+          f"in {report.seconds:.1f} s")
+
+
+def _cmd_calibrate(args) -> None:
+    from ptqonnx.calibration.sources import CalibConfig, calibration_batches
+    from ptqonnx.graph import find_linear_sites
+    from ptqonnx.pipeline import load_model
+    from ptqonnx.runtime.collect import collect_statistics
+
+    model = load_model(args.model)
+    cfg = CalibConfig(text=args.calib_text, npz=args.calib_npz, tokenizer_dir=args.tokenizer,
+                      samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    kinds = {"absmax", "mean_abs", "minmax"} | ({"xtx"} if args.hessian else set())
+    names = sorted({s.activation.name for s in find_linear_sites(model).sites})
+    if not names:
+        raise UserError(f"{args.model} has no quantizable MatMul/Gemm to calibrate; pass a model with linear layers")
+    batches = calibration_batches(cfg, args.model.parent)
+    stats = collect_statistics(model, batches, {n: set(kinds) for n in names})
+    stats.save(args.output)
+    print(f"wrote statistics of {len(names)} activations to {args.output}")
+
+
+def _cmd_eval(args) -> None:
+    from ptqonnx.runtime.perplexity import perplexity
+    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
+
+    if not args.model.is_file():
+        raise UserError(f"model file not found: {args.model}; pass the path of an .onnx file")
+    tok = load_tokenizer(args.tokenizer or args.model.parent)
+    windows = eval_windows(tokenize(read_text(args.text), tok), args.seq_len, args.max_windows)
+    res = perplexity(args.model, windows, threads=args.threads)
+    print(f"perplexity {res.ppl:.4f} over {res.tokens_evaluated} tokens "
+          f"({res.windows} windows x {args.seq_len})")
+
+
+def _cmd_bench(args) -> None:
+    from ptqonnx.runtime.bench import bench_decode, bench_prefill
+
+    for path in [args.model] + ([args.kv] if args.kv else []):
+        if not path.is_file():
+            raise UserError(f"model file not found: {path}; pass the path of an .onnx file")
+    pre = bench_prefill(args.model, seq_len=args.seq_len, repeats=args.repeats, threads=args.threads)
+    print(f"prefill 1x{args.seq_len}: median {pre.median_ms:.1f} ms over {pre.runs} runs, {pre.threads} threads")
+    if args.kv:
+        dec = bench_decode(args.kv, repeats=args.repeats, threads=args.threads)
+        print(f"decode: median {dec.median_ms:.2f} ms/token over {dec.runs} runs, {dec.threads} threads")
+
+
+_COMMANDS = {
+    "export": _cmd_export, "compile": _cmd_compile, "calibrate": _cmd_calibrate,
+    "eval": _cmd_eval, "bench": _cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose < 2:  # onnx_ir's own passes log at INFO per pass; keep our summary lines readable
+        logging.getLogger("onnx_ir").setLevel(max(level, logging.WARNING))
+    try:
+        _COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"ptqonnx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ptqonnx: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Shared IR queries: which MatMul/Gemm nodes are quantizable linear layers, and small edit helpers.
+
+A linear site is `Y = X @ W (+ bias)` whose weight W is a constant initializer, reached directly or
+through a Transpose (W stored [N, K]) and/or a Cast (W stored in another float type). The weight is
+always handed to numerics as W [N, K] float32 (torch's layout), whatever its stored layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "FLOAT_TYPES",
+    "LinearSite",
+    "Skip",
+    "SiteScan",
+    "find_linear_sites",
+    "find_embedding_gathers",
+    "add_initializer",
+    "unique_name",
+]
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One quantizable linear layer. `weight_source` is the initializer holding the weight's data."""
+
+    node: ir.Node
+    activation: ir.Value  # X [..., K]
+    weight_input: ir.Value  # the value the node reads as its weight (maybe a Transpose/Cast output)
+    weight_source: ir.Value  # the initializer
+    weight_transposed: bool  # True when the initializer is stored [N, K]
+    bias: ir.Value | None  # Gemm's C
+    K: int
+    N: int
+    is_lm_head: bool
+
+    @property
+    def name(self) -> str:
+        return self.node.name or ""
+
+    @property
+    def weight_name(self) -> str:
+        return self.weight_source.name or self.name
+
+    @property
+    def float_dtype(self) -> ir.DataType:
+        """The float type the node computes in (its activation's type, else float32)."""
+        dt = self.activation.dtype
+        return dt if dt in FLOAT_TYPES else ir.DataType.FLOAT
+
+    def weight_nk(self) -> np.ndarray:
+        """The weight as W [N, K] float32."""
+        w = np.asarray(self.weight_source.const_value.numpy()).astype(np.float32)
+        return np.ascontiguousarray(w if self.weight_transposed else w.T)
+
+
+@dataclass(frozen=True)
+class Skip:
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiteScan:
+    sites: list[LinearSite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+def _attr(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _trace_weight(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
+    """Follow Cast/Transpose back to an initializer: (initializer, transposed, why-not)."""
+    transposed = False
+    v = value
+    for _ in range(4):
+        if v.const_value is not None:
+            return v, transposed, ""
+        prod = v.producer()
+        if prod is None:
+            return None, transposed, "weight is a graph input, not a constant"
+        if prod.op_type == "Cast" and prod.domain in ("", "ai.onnx"):
+            if _attr(prod, "to", None) not in {int(t) for t in FLOAT_TYPES}:
+                return None, transposed, "weight Cast is not to a float type"
+            v = prod.inputs[0]
+            continue
+        if prod.op_type == "Transpose" and prod.domain in ("", "ai.onnx"):
+            perm = _attr(prod, "perm", None)
+            if perm is not None and list(perm) != [1, 0]:
+                return None, transposed, f"weight Transpose has perm {list(perm)}"
+            transposed = not transposed
+            v = prod.inputs[0]
+            continue
+        return None, transposed, f"weight is computed by {prod.op_type}, not a constant"
+    return None, transposed, "weight is not a constant"
+
+
+def _is_lm_head(node: ir.Node) -> bool:
+    """The last linear layer: its output is a graph output (logits), directly or through a Reshape/Cast."""
+    out = node.outputs[0]
+    for _ in range(3):
+        if out.is_graph_output():
+            return True
+        consumers = list(out.consumers())
+        if len(consumers) != 1 or consumers[0].op_type not in ("Reshape", "Cast", "Identity", "Add"):
+            return False
+        out = consumers[0].outputs[0]
+    return False
+
+
+def _scan_node(node: ir.Node) -> LinearSite | Skip:
+    op = node.op_type
+    skip = lambda why: Skip(node.name or "", op, why)  # noqa: E731
+    if op == "Gemm":
+        if _attr(node, "transA", 0) != 0:
+            return skip("Gemm with transA=1")
+        if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+            return skip("Gemm with alpha or beta other than 1")
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return skip("no weight input")
+    x, w = node.inputs[0], node.inputs[1]
+    if x.dtype is not None and x.dtype not in FLOAT_TYPES:
+        return skip(f"activation type {x.dtype} is not a float type")
+    source, transposed, why = _trace_weight(w)
+    if source is None:
+        return skip(why)
+    if source.const_value.dtype not in FLOAT_TYPES:
+        return skip(f"weight type {source.const_value.dtype} is not a float type")
+    shape = tuple(source.const_value.shape)
+    if len(shape) != 2:
+        return skip(f"weight has rank {len(shape)}, not 2")
+    if op == "Gemm" and _attr(node, "transB", 0):
+        transposed = not transposed
+    n, k = shape if transposed else shape[::-1]
+    bias = node.inputs[2] if op == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and (bias.const_value is None or bias.const_value.size != n):
+        return skip("Gemm bias C is not a constant vector of length N")
+    return LinearSite(
+        node=node, activation=x, weight_input=w, weight_source=source, weight_transposed=transposed,
+        bias=bias, K=int(k), N=int(n), is_lm_head=_is_lm_head(node),
+    )
+
+
+def find_linear_sites(model: ir.Model) -> SiteScan:
+    """All MatMul/Gemm nodes of the main graph, split into quantizable sites and skips (with reasons)."""
+    scan = SiteScan()
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        res = _scan_node(node)
+        (scan.sites if isinstance(res, LinearSite) else scan.skipped).append(res)
+    return scan
+
+
+def find_embedding_gathers(model: ir.Model) -> list[ir.Node]:
+    """Gather(axis=0) nodes reading a 2-D float initializer table [V, H] with integer indices."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        data = node.inputs[0]
+        if data is None or data.const_value is None or _attr(node, "axis", 0) != 0:
+            continue
+        if data.const_value.dtype in FLOAT_TYPES and len(data.const_value.shape) == 2:
+            found.append(node)
+    return found
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... if an initializer already has that name."""
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Register a new initializer under a deterministic unique name derived from `base_name`."""
+    name = unique_name(graph, base_name)
+    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array, name=name)
+    tensor.name = name
+    value = ir.val(name, const_value=tensor)
+    graph.register_initializer(value)
+    return value

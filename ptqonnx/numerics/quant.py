@@ -1,0 +1,170 @@
+"""Blockwise integer weight quantization: choose_qparams / quantize / dequantize.
+
+A linear layer's weight is handled as W [N, K] (output channels x input features, torch's layout),
+quantized in blocks of `block_size` consecutive input features (the K axis), the layout of ONNX
+Runtime's MatMulNBits and of GPTQ/AWQ. A block b of row n stores unsigned codes q in [0, 2^bits - 1],
+one scale s[n, b] and one zero point z[n, b]:
+
+    W_hat[n, k] = (q[n, k] - z[n, k // block_size]) * s[n, k // block_size]
+
+Grids (the conventions of ONNX Runtime's MLAS blockwise quantizer, `range2scale*` in q4_dq.cpp, so that
+our RTN equals ORT's RTN):
+
+* symmetric:  z = 2^(bits-1) (8 for INT4, implicit in MatMulNBits); s = m / -2^(bits-1), where m is the
+  block's value of largest magnitude *with its sign*. The extreme lands exactly on the grid end -2^(b-1)
+  (q = 0) and the full [-8, 7] range is used, instead of the absmax/7 grid that wastes code -8.
+* asymmetric: lo = min(min(w), 0), hi = max(max(w), 0), s = (hi - lo) / (2^bits - 1),
+  z = clip(round(-lo / s), 0, 2^bits - 1).
+
+q = clip(round(w / s) + z, 0, 2^bits - 1), with round half away from zero (C `roundf`). Blocks of all
+zeros get s = 0 and dequantize to 0. When K is not a multiple of block_size the last block is shorter;
+its parameters come from its real elements only.
+
+`clip_ratio` < 1 shrinks the block's range before choosing the grid (AWQ's clipping search).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "QuantizedWeight",
+    "round_half_away",
+    "num_blocks",
+    "choose_qparams",
+    "quantize_with_qparams",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quantize",
+]
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes and grid of one weight W [N, K]; `block_size == K` means per output channel."""
+
+    q: np.ndarray  # uint8 [N, K], codes in [0, 2^bits - 1]
+    scale: np.ndarray  # float32 [N, k_blocks]
+    zero_point: np.ndarray  # uint8 [N, k_blocks]
+    bits: int
+    block_size: int
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape  # (N, K)
+
+    @property
+    def k_blocks(self) -> int:
+        return self.scale.shape[1]
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round half away from zero (C `roundf`), not numpy's round-half-to-even."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def num_blocks(k: int, block_size: int) -> int:
+    return (k + block_size - 1) // block_size
+
+
+def _blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [N, K] -> zero-padded blocks [N, k_blocks, block_size] and a validity mask of the same shape."""
+    n, k = w.shape
+    kb = num_blocks(k, block_size)
+    pad = kb * block_size - k
+    wb = np.pad(w, ((0, 0), (0, pad))).reshape(n, kb, block_size)
+    mask = np.pad(np.ones((1, k), dtype=bool), ((0, 0), (0, pad))).reshape(1, kb, block_size)
+    return wb, mask
+
+
+def choose_qparams(
+    blocks: np.ndarray, bits: int, symmetric: bool, clip_ratio: float | np.ndarray = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per block for blocks [..., B] (reduced over the last axis).
+
+    Zero padding inside a block never changes the result: both grids include 0 in their range.
+    Returns (scale float32 [...], zero_point uint8 [...]).
+    """
+    blocks = np.asarray(blocks, dtype=np.float32)
+    qmax = (1 << bits) - 1
+    mid = 1 << (bits - 1)
+    ratio = np.asarray(clip_ratio, dtype=np.float32)
+    if symmetric:
+        hi = blocks.max(axis=-1)
+        lo = blocks.min(axis=-1)
+        extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo) * ratio
+        scale = (extreme / np.float32(-mid)).astype(np.float32)
+        zero_point = np.full(scale.shape, mid, dtype=np.uint8)
+        return scale, zero_point
+    lo = np.minimum(blocks.min(axis=-1) * ratio, 0.0).astype(np.float32)
+    hi = np.maximum(blocks.max(axis=-1) * ratio, 0.0).astype(np.float32)
+    scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zp = np.where(scale != 0, -lo / np.where(scale != 0, scale, 1), 0.0)
+    zero_point = np.clip(round_half_away(zp), 0, qmax).astype(np.uint8)
+    return scale, zero_point
+
+
+def quantize_with_qparams(
+    blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int
+) -> np.ndarray:
+    """Codes for blocks [..., B] on the grid (scale, zero_point) [...]: uint8 [..., B]."""
+    qmax = (1 << bits) - 1
+    s = scale[..., None].astype(np.float32)
+    inv = np.where(s != 0, np.float32(1.0) / np.where(s != 0, s, 1), 0).astype(np.float32)
+    q = round_half_away(blocks.astype(np.float32) * inv) + zero_point[..., None].astype(np.float32)
+    return np.clip(q, 0, qmax).astype(np.uint8)
+
+
+def _check(bits: int, block_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+
+def quantize_weight(
+    w: np.ndarray,
+    bits: int,
+    block_size: int | None,
+    symmetric: bool,
+    clip_ratio: float | np.ndarray = 1.0,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [N, K]; `block_size=None` quantizes per output channel."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {w.shape}")
+    n, k = w.shape
+    bs = k if block_size is None else int(block_size)
+    _check(bits, bs)
+    wb, mask = _blocks(w, bs)
+    scale, zero_point = choose_qparams(wb, bits, symmetric, clip_ratio)
+    q = quantize_with_qparams(wb, scale, zero_point, bits)
+    # padded positions hold the zero point (they dequantize to 0)
+    q = np.where(mask, q, zero_point[..., None]).reshape(n, -1)[:, :k]
+    return QuantizedWeight(
+        q=np.ascontiguousarray(q), scale=scale, zero_point=zero_point, bits=bits,
+        block_size=bs, symmetric=symmetric,
+    )
+
+
+def dequantize_weight(qw: QuantizedWeight) -> np.ndarray:
+    """W_hat [N, K] float32 = (q - z) * s, blockwise."""
+    n, k = qw.q.shape
+    idx = np.arange(k) // qw.block_size
+    s = qw.scale[:, idx]
+    z = qw.zero_point[:, idx].astype(np.float32)
+    return ((qw.q.astype(np.float32) - z) * s).astype(np.float32)
+
+
+def fake_quantize(
+    w: np.ndarray, bits: int, block_size: int | None, symmetric: bool, clip_ratio: float | np.ndarray = 1.0
+) -> np.ndarray:
+    """quantize then dequantize W [N, K]."""
+    return dequantize_weight(quantize_weight(w, bits, block_size, symmetric, clip_ratio))

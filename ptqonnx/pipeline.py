@@ -1,0 +1,176 @@
+"""One compile: load -> [calibrate] -> plan -> lowering passes -> clean up -> check -> atomic save.
+
+The input file is only ever read. The output is written into a temporary folder beside the destination,
+checked there (onnx.checker, then an ONNX Runtime session at its default optimization level), and only
+then moved into place; a failure anywhere leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes import PassError, PassManager, PreconditionError
+from onnx_ir.passes import common as common_passes
+
+from ptqonnx.errors import UserError
+from ptqonnx.graph import LinearSite, Skip, find_linear_sites
+from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
+from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
+from ptqonnx.passes.qdq import LowerToQdqPass
+from ptqonnx.plan import plan_weights, rtn_solver
+from ptqonnx.recipe import CompileConfig
+
+__all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path", "run_passes"]
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers above which weights go to a .data file
+
+
+@dataclass
+class CompileReport:
+    input_path: Path
+    output_path: Path
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    embeddings_quantized: int = 0
+    seconds: float = 0.0
+    input_bytes: int = 0
+    output_bytes: int = 0
+
+    def skip_summary(self) -> list[tuple[str, int]]:
+        return Counter(s.reason for s in self.skipped).most_common()
+
+
+def default_output_path(input_path: Path, cfg: CompileConfig) -> Path:
+    w = cfg.weights
+    tag = f"{cfg.method}_w{w.bits}" + (f"g{w.group_size}" if w.group_size else "") + ("" if w.symmetric else "_asym")
+    return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
+
+
+def _file_bytes(path: Path) -> int:
+    """The model file plus any external-data files next to it that it references."""
+    total = path.stat().st_size
+    for data in path.parent.glob(path.name + ".data"):
+        total += data.stat().st_size
+    return total
+
+
+def load_model(path: str | Path) -> ir.Model:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model file not found: {p}; pass the path of an .onnx file")
+    try:
+        return ir.load(str(p))
+    except Exception as exc:  # onnx raises DecodeError/ValueError/... for non-ONNX bytes
+        raise UserError(f"{p} is not a readable ONNX model ({type(exc).__name__}); pass an .onnx file") from None
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> None:
+    """Check and write `model` to `output` atomically (temp folder beside it, then rename)."""
+    import onnx
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        tmp = tmpdir / output.name
+        external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        ir.save(model, str(tmp), external_data=f"{output.name}.data" if external else None)
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise RuntimeError(f"internal error: the emitted model fails onnx.checker: {first}") from exc
+        if verify_ort:
+            from ptqonnx.runtime.ort import make_session
+
+            make_session(tmp)  # raises UserError with ORT's first line if it cannot load
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.suffix == ".onnx"):  # data first, model last
+            os.replace(f, output.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def run_passes(passes: list, model: ir.Model) -> None:
+    """Run passes in a PassManager; a failed precondition (something the user can fix) becomes a UserError."""
+    try:
+        PassManager(passes)(model)
+    except PassError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, PreconditionError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise UserError(str(cause).splitlines()[0]) from None
+
+
+def _select_sites(sites: list[LinearSite], cfg: CompileConfig) -> tuple[list[LinearSite], list[Skip]]:
+    chosen, skipped = [], []
+    for s in sites:
+        if cfg.weights.keep_lm_head and s.is_lm_head:
+            skipped.append(Skip(s.name, s.node.op_type, "LM head kept in float (--keep-lm-head)"))
+        elif s.name in cfg.weights.exclude:
+            skipped.append(Skip(s.name, s.node.op_type, "excluded by --exclude"))
+        else:
+            chosen.append(s)
+    return chosen, skipped
+
+
+def compile_model(
+    input_path: str | Path, output_path: str | Path | None, cfg: CompileConfig, *, verify_ort: bool = True
+) -> CompileReport:
+    """Quantize the model at `input_path` per `cfg` and write it to `output_path` (or a default beside it)."""
+    t0 = time.perf_counter()
+    src = Path(input_path)
+    model = load_model(src)
+    dst = Path(output_path) if output_path else default_output_path(src, cfg)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
+    report = CompileReport(src, dst, input_bytes=_file_bytes(src))
+
+    PassManager([common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass()])(model)
+    scan = find_linear_sites(model)
+    sites, skipped = _select_sites(scan.sites, cfg)
+    report.skipped = scan.skipped + skipped
+    if not sites and not cfg.weights.quantize_embeddings:
+        why = "; ".join(f"{r} ({n}x)" for r, n in Counter(s.reason for s in report.skipped).most_common(3))
+        raise UserError(
+            f"{src} has no quantizable MatMul/Gemm (a float weight initializer [K, N])"
+            + (f": {why}" if why else "")
+            + "; pass a model with linear layers"
+        )
+
+    w = cfg.weights
+    plan = plan_weights(sites, rtn_solver(w))
+    lower = LowerToMatMulNBitsPass(plan, w.accuracy_level) if w.format == "matmulnbits" else LowerToQdqPass(plan)
+    passes = [lower]
+    emb = QuantizeEmbeddingsPass(4, w.group_size or 128, w.symmetric) if w.quantize_embeddings else None
+    if emb is not None:
+        passes.append(emb)
+    passes += [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()]
+    run_passes(passes, model)
+    report.quantized = [s.name for s in sites]
+    if emb is not None:
+        report.embeddings_quantized = sum(
+            1 for n in model.graph if n.op_type == "GatherBlockQuantized"
+        )
+        report.skipped += [Skip(n, "Gather", r) for n, r in emb.skipped]
+
+    save_model(model, dst, verify_ort=verify_ort)
+    report.output_bytes = _file_bytes(dst)
+    report.seconds = time.perf_counter() - t0
+    logger.info("compiled %s -> %s: %d linear layers quantized, %d skipped in %.1f s",
+                src, dst, len(report.quantized), len(report.skipped), report.seconds)
+    return report

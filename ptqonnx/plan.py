@@ -1,0 +1,58 @@
+"""A weight plan: the quantized form chosen for each linear site, applied later by a lowering pass.
+
+Solvers (RTN now; GPTQ and AWQ's clipped RTN later) only decide integer codes and grids; lowering passes
+(`LowerToMatMulNBitsPass`, `LowerToQdqPass`) only write them into the graph. The plan is the small,
+inspectable artifact between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptqonnx.graph import LinearSite
+from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
+from ptqonnx.recipe import WeightQuantConfig
+
+__all__ = ["PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "plan_weights", "block_size_for"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedWeight:
+    site: LinearSite
+    qweight: QuantizedWeight
+
+
+# node name -> planned weight, in graph order
+WeightPlan = Mapping[str, PlannedWeight]
+# (site, W [N, K] float32) -> quantized weight
+WeightSolver = Callable[[LinearSite, np.ndarray], QuantizedWeight]
+
+
+def block_size_for(cfg: WeightQuantConfig, k: int) -> int:
+    """The block length used for a weight with K inputs (`None` group size = one block per row)."""
+    return k if cfg.group_size is None else cfg.group_size
+
+
+def rtn_solver(cfg: WeightQuantConfig) -> WeightSolver:
+    """Round-to-nearest on the configured grid."""
+
+    def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
+        return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric)
+
+    return solve
+
+
+def plan_weights(sites: Iterable[LinearSite], solver: WeightSolver) -> dict[str, PlannedWeight]:
+    """Apply `solver` to every site's weight; keyed by node name (names are made unique beforehand)."""
+    plan: dict[str, PlannedWeight] = {}
+    for site in sites:
+        qw = solver(site, site.weight_nk())
+        plan[site.name] = PlannedWeight(site, qw)
+        logger.debug("planned %s: W [%d, %d] -> %d-bit, block %d", site.name, site.N, site.K, qw.bits, qw.block_size)
+    return plan
