@@ -1,0 +1,184 @@
+"""Calibration data sources -> a list of ORT feeds.
+
+Priority: `--calib-npz` (arrays by input name, first axis = samples), `--calib-text`, the environment
+variable `PTQONNX_CALIB_TEXT`, then WikiText-2 train through `datasets` (GPTQ's default: the split joined
+with blank lines). Text is tokenized once and cut into `samples` windows of `seq_len` tokens at seeded
+random offsets (`ptqonnx.text.calibration_windows`); each window is one feed `{"input_ids": int64 [1, L]}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ptqonnx.errors import UserError
+from ptqonnx.text import calibration_windows, load_tokenizer, read_text, tokenize
+
+__all__ = ["CALIB_TEXT_ENV", "CalibConfig", "calibration_batches", "text_feeds"]
+
+logger = logging.getLogger(__name__)
+
+CALIB_TEXT_ENV = "PTQONNX_CALIB_TEXT"
+
+# Inputs a text source can fill besides input_ids: name -> builder(input_ids [1, L]) -> array.
+_DERIVED_INPUTS = {
+    "attention_mask": lambda ids: np.ones_like(ids, dtype=np.int64),
+    "position_ids": lambda ids: np.arange(ids.shape[1], dtype=np.int64)[None, :].repeat(ids.shape[0], 0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration data comes from and how much of it.
+
+    `text`/`npz` are mutually exclusive; with neither, `PTQONNX_CALIB_TEXT` then WikiText-2 are used.
+    `tokenizer_dir` defaults to the model's folder. `samples` windows of `seq_len` tokens, drawn with `seed`.
+    """
+
+    text: Path | None = None
+    npz: Path | None = None
+    tokenizer_dir: Path | None = None
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("text", "npz", "tokenizer_dir"):
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, Path):
+                if not isinstance(v, str):
+                    raise ValueError(f"{f} must be a path, got {type(v).__name__}")
+                object.__setattr__(self, f, Path(v))
+        if self.text is not None and self.npz is not None:
+            raise ValueError("pass either text or npz calibration data, not both")
+        for f, lo in (("samples", 1), ("seq_len", 2)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{f} must be an integer >= {lo}, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+def calibration_batches(
+    cfg: CalibConfig,
+    model_dir: str | Path | None = None,
+    input_names: Sequence[str] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Feeds for the calibration run, one per sample.
+
+    `model_dir` is the exported model's folder (or the model file; its folder is used) and is where the
+    tokenizer is looked for unless `cfg.tokenizer_dir` is set. `input_names` are the model's graph inputs;
+    when given, feeds are checked against them (text sources also fill `attention_mask` with ones and
+    `position_ids` with 0..L-1 when the model takes them; any other input, e.g. a KV cache, is an error).
+    """
+    if cfg.npz is not None:
+        return _npz_feeds(cfg, input_names)
+    if input_names is not None:
+        _check_text_inputs(input_names)
+    if cfg.text is not None:
+        text, origin = read_text(cfg.text), str(cfg.text)
+    elif os.environ.get(CALIB_TEXT_ENV):
+        text, origin = read_text(os.environ[CALIB_TEXT_ENV]), f"${CALIB_TEXT_ENV}={os.environ[CALIB_TEXT_ENV]}"
+    else:
+        text, origin = _wikitext2_train(), "WikiText-2 train"
+    tok_dir = cfg.tokenizer_dir
+    if tok_dir is None:
+        if model_dir is None:
+            raise UserError("no tokenizer for the calibration text; pass --tokenizer DIR")
+        md = Path(model_dir)
+        tok_dir = md.parent if md.is_file() or md.suffix == ".onnx" else md
+    tokenizer = load_tokenizer(tok_dir)
+    feeds = text_feeds(tokenize(text, tokenizer), cfg, input_names)
+    logger.info(
+        "calibration: %d windows of %d tokens from %s (seed %d)", len(feeds), cfg.seq_len, origin, cfg.seed
+    )
+    return feeds
+
+
+def text_feeds(
+    tokens: np.ndarray, cfg: CalibConfig, input_names: Sequence[str] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Seeded windows of a token stream as feeds `{"input_ids": int64 [1, L], ...}`."""
+    windows = calibration_windows(tokens, cfg.seq_len, cfg.samples, cfg.seed)  # [n, L]
+    extra = [n for n in (input_names or ()) if n in _DERIVED_INPUTS]
+    feeds = []
+    for w in windows:
+        ids = w[None, :]  # [1, L]
+        feed = {"input_ids": ids}
+        for n in extra:
+            feed[n] = _DERIVED_INPUTS[n](ids)
+        feeds.append(feed)
+    return feeds
+
+
+def _check_text_inputs(input_names: Sequence[str]) -> None:
+    names = list(input_names)
+    if "input_ids" not in names:
+        raise UserError(
+            f"text calibration feeds input_ids but the model's inputs are {names}; "
+            "pass --calib-npz FILE with arrays named after the model inputs"
+        )
+    other = [n for n in names if n != "input_ids" and n not in _DERIVED_INPUTS]
+    if other:
+        raise UserError(
+            f"text calibration can only feed input_ids/attention_mask/position_ids, but the model also needs "
+            f"{other} (a KV-cache export?); calibrate the model exported without cache, or pass --calib-npz FILE"
+        )
+
+
+def _npz_feeds(cfg: CalibConfig, input_names: Sequence[str] | None) -> list[dict[str, np.ndarray]]:
+    path = cfg.npz
+    if not path.is_file():
+        raise UserError(f"calibration npz not found: {path}; pass an existing .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise UserError(f"cannot read calibration npz {path} ({exc}); pass a file written by numpy.savez") from None
+    if not arrays:
+        raise UserError(f"calibration npz {path} holds no arrays; save one array per model input")
+    if input_names is not None:
+        names = list(input_names)
+        unknown = sorted(set(arrays) - set(names))
+        missing = [n for n in names if n not in arrays]
+        if unknown or missing:
+            problems = ([f"unknown {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else [])
+            raise UserError(
+                f"calibration npz {path.name} does not match the model inputs {names} "
+                f"({', '.join(problems)}); save one array per model input, keyed by input name"
+            )
+    counts = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise UserError(
+            f"calibration npz arrays need the same non-empty first (sample) axis, got {counts}; "
+            "stack the samples along axis 0"
+        )
+    n_avail = next(iter(counts.values()))
+    n = min(n_avail, cfg.samples)
+    if n < cfg.samples:
+        logger.warning("calibration npz has %d samples, fewer than the %d requested", n_avail, cfg.samples)
+    logger.info("calibration: %d samples from %s (inputs %s)", n, path, sorted(arrays))
+    return [{k: np.ascontiguousarray(v[i : i + 1]) for k, v in arrays.items()} for i in range(n)]
+
+
+def _wikitext2_train() -> str:
+    """WikiText-2 raw train split joined as in GPTQ (`"\\n\\n".join(text)`), or one clear UserError."""
+    hint = (
+        "no calibration data: pass --calib-text FILE or --calib-npz FILE (or set "
+        f"{CALIB_TEXT_ENV}); the WikiText-2 download failed: "
+    )
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(hint + "the `datasets` package is not installed") from None
+    try:
+        data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+    except Exception as exc:  # offline, hub errors, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(hint + first) from None
+    return "\n\n".join(data["text"])

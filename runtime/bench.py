@@ -1,0 +1,300 @@
+"""Latency benchmarks: prefill (one forward over `seq_len` tokens) and KV-cache decode (ms per token).
+
+Load on a shared machine swings single numbers by ±20 %, so compare models with `interleaved`: it runs
+the contenders in rotating order, round after round, and reports each one's median and the median of its
+per-round ratio to a baseline (paired, so slow rounds cancel out).
+
+Feeds are built from the session's input metadata: `input_ids` (seeded random tokens below the vocab size,
+read from the `logits` output shape or from a one-token run), `attention_mask` (ones), `position_ids`
+(positions after the past), and optimum-style `past_key_values.{i}.key/.value` [batch, heads, past, head_dim]
+fed back from `present.{i}.key/.value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ptqonnx.errors import UserError
+from ptqonnx.runtime.ort import make_session, session_threads
+
+__all__ = [
+    "BenchResult",
+    "InterleavedResult",
+    "bench_decode",
+    "bench_prefill",
+    "decode_runner",
+    "interleaved",
+    "prefill_runner",
+    "summarize",
+]
+
+logger = logging.getLogger(__name__)
+
+_PAST_PREFIX = "past_key_values."
+_PRESENT_PREFIX = "present."
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """Latency in milliseconds: median and 10th/90th percentiles over `runs` (each run's ms)."""
+
+    median_ms: float
+    p10: float
+    p90: float
+    threads: int
+    runs: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedResult:
+    """Per label: median ms, median of per-round ratios to `baseline`, and the raw ms per round."""
+
+    baseline: str
+    medians: dict[str, float]
+    ratios: dict[str, float]
+    samples: dict[str, tuple[float, ...]]
+
+
+def summarize(runs_ms: list[float], threads: int) -> BenchResult:
+    a = np.asarray(runs_ms, np.float64)
+    if a.size == 0:
+        raise ValueError("no timings")
+    return BenchResult(
+        median_ms=float(np.median(a)),
+        p10=float(np.percentile(a, 10)),
+        p90=float(np.percentile(a, 90)),
+        threads=threads,
+        runs=tuple(float(x) for x in a),
+    )
+
+
+class _Feeds:
+    """Builds feeds for a causal-LM session from its input metadata."""
+
+    def __init__(self, sess, batch: int, seed: int) -> None:
+        self.sess = sess
+        self.batch = batch
+        self.rng = np.random.default_rng(seed)
+        self.inputs = {i.name: i for i in sess.get_inputs()}
+        if "input_ids" not in self.inputs:
+            raise UserError(f"the model has no input_ids input (inputs: {list(self.inputs)}); bench needs a causal LM")
+        self.past = sorted(n for n in self.inputs if n.startswith(_PAST_PREFIX))
+        known = {"input_ids", "attention_mask", "position_ids", *self.past}
+        other = [n for n in self.inputs if n not in known]
+        if other:
+            raise UserError(f"cannot build benchmark feeds for inputs {other}; only causal-LM inputs are supported")
+        self.outputs = [o.name for o in sess.get_outputs()]
+        self.vocab = self._vocab()
+
+    def _vocab(self) -> int:
+        outs = self.sess.get_outputs()
+        logits = next((o for o in outs if o.name == "logits"), outs[0])
+        last = logits.shape[-1] if logits.shape else None
+        if isinstance(last, int) and last > 0:
+            return last
+        probe = self.build(np.zeros((self.batch, 1), np.int64), self.empty_past())
+        return int(self.sess.run([logits.name], probe)[0].shape[-1])
+
+    def tokens(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, self.vocab, size=(self.batch, n), dtype=np.int64)
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name in self.past:
+            meta = self.inputs[name]
+            shape = list(meta.shape)
+            if len(shape) != 4:
+                raise UserError(f"{name} has rank {len(shape)}; expected [batch, heads, past, head_dim]")
+            for ax in (1, 3):
+                if not isinstance(shape[ax], int):
+                    raise UserError(f"{name} has a symbolic axis {ax} ({shape[ax]!r}); export with fixed heads/head_dim")
+            dtype = _ORT_DTYPES.get(meta.type)
+            if dtype is None:
+                raise UserError(f"{name} has type {meta.type}; bench supports float32/float16 caches")
+            out[name] = np.zeros((self.batch, shape[1], 0, shape[3]), dtype)
+        return out
+
+    def build(self, ids: np.ndarray, past: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b, n = ids.shape
+        past_len = next(iter(past.values())).shape[2] if past else 0
+        feed: dict[str, np.ndarray] = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((b, past_len + n), np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + n, dtype=np.int64), (b, n)).copy()
+        feed.update(past)
+        return feed
+
+    def presents_as_past(self, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        by_name = dict(zip(self.outputs, outs))
+        past = {}
+        for name in self.past:
+            present = _PRESENT_PREFIX + name[len(_PAST_PREFIX) :]
+            if present not in by_name:
+                raise UserError(f"the model has input {name} but no output {present}; expected optimum naming")
+            past[name] = by_name[present]
+        return past
+
+
+def prefill_runner(
+    model_path: str | Path,
+    *,
+    seq_len: int = 512,
+    batch: int = 1,
+    threads: int | None = None,
+    opt_level: str = "all",
+    seed: int = 0,
+) -> tuple[Callable[[], float], int]:
+    """A zero-argument callable running one prefill and returning its ms, and the session's thread count."""
+    sess = make_session(model_path, opt_level=opt_level, threads=threads)
+    feeds = _Feeds(sess, batch, seed)
+    feed = feeds.build(feeds.tokens(seq_len), feeds.empty_past())
+    fetch = [feeds.outputs[0]] if not feeds.past else None  # a KV model must still produce its presents
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        sess.run(fetch, feed)
+        return (time.perf_counter() - t0) * 1e3
+
+    return run, session_threads(sess)
+
+
+def decode_runner(
+    model_kv_path: str | Path,
+    *,
+    past_len: int = 512,
+    new_tokens: int = 32,
+    batch: int = 1,
+    threads: int | None = None,
+    opt_level: str = "all",
+    seed: int = 0,
+) -> tuple[Callable[[], float], int]:
+    """A callable decoding `new_tokens` after a `past_len`-token prefill (done once, up front), returning the
+    median ms per decoded token; and the session's thread count."""
+    sess = make_session(model_kv_path, opt_level=opt_level, threads=threads)
+    feeds = _Feeds(sess, batch, seed)
+    if not feeds.past:
+        raise UserError(
+            f"{Path(model_kv_path).name} has no past_key_values.* inputs; decode needs a KV-cache export"
+        )
+    if past_len < 1 or new_tokens < 1:
+        raise UserError("past_len and new_tokens must be at least 1")
+    prefill = feeds.presents_as_past(sess.run(None, feeds.build(feeds.tokens(past_len), feeds.empty_past())))
+    steps = [feeds.tokens(1) for _ in range(new_tokens)]
+
+    def run() -> float:
+        past = prefill
+        per_token = []
+        for ids in steps:
+            feed = feeds.build(ids, past)
+            t0 = time.perf_counter()
+            outs = sess.run(None, feed)
+            per_token.append((time.perf_counter() - t0) * 1e3)
+            past = feeds.presents_as_past(outs)
+        return float(np.median(per_token))
+
+    return run, session_threads(sess)
+
+
+def bench_prefill(
+    model_path: str | Path,
+    *,
+    seq_len: int = 512,
+    batch: int = 1,
+    warmup: int = 2,
+    repeats: int = 10,
+    threads: int | None = None,
+    opt_level: str = "all",
+    seed: int = 0,
+) -> BenchResult:
+    """Prefill latency of a model taking `input_ids` [batch, seq_len] (ms per forward)."""
+    run, n_threads = prefill_runner(
+        model_path, seq_len=seq_len, batch=batch, threads=threads, opt_level=opt_level, seed=seed
+    )
+    return _repeat(run, warmup, repeats, n_threads)
+
+
+def bench_decode(
+    model_kv_path: str | Path,
+    *,
+    past_len: int = 512,
+    new_tokens: int = 32,
+    batch: int = 1,
+    warmup: int = 1,
+    repeats: int = 3,
+    threads: int | None = None,
+    opt_level: str = "all",
+    seed: int = 0,
+) -> BenchResult:
+    """Decode latency of a KV-cache model (ms per token); each run is the median over `new_tokens` steps."""
+    run, n_threads = decode_runner(
+        model_kv_path,
+        past_len=past_len,
+        new_tokens=new_tokens,
+        batch=batch,
+        threads=threads,
+        opt_level=opt_level,
+        seed=seed,
+    )
+    return _repeat(run, warmup, repeats, n_threads)
+
+
+def _repeat(run: Callable[[], float], warmup: int, repeats: int, threads: int) -> BenchResult:
+    if repeats < 1 or warmup < 0:
+        raise UserError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        run()
+    return summarize([run() for _ in range(repeats)], threads)
+
+
+def interleaved(
+    benchmarks: Mapping[str, Callable[[], float | None]],
+    rounds: int = 10,
+    *,
+    baseline: str | None = None,
+    warmup: int = 1,
+) -> InterleavedResult:
+    """Time several benchmarks side by side: each round runs every callable once, in an order rotated by
+    one each round. A callable returning a number reports its own ms (e.g. per-token decode); otherwise its
+    wall time is measured. Ratios are medians of per-round ratios to `baseline` (default: the first label).
+    """
+    labels = list(benchmarks)
+    if not labels:
+        raise ValueError("no benchmarks given")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    baseline = labels[0] if baseline is None else baseline
+    if baseline not in benchmarks:
+        raise ValueError(f"baseline {baseline!r} is not one of {labels}")
+    for _ in range(warmup):
+        for label in labels:
+            benchmarks[label]()
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            t0 = time.perf_counter()
+            got = benchmarks[label]()
+            ms = float(got) if isinstance(got, (int, float)) else (time.perf_counter() - t0) * 1e3
+            samples[label].append(ms)
+    base = samples[baseline]
+    return InterleavedResult(
+        baseline=baseline,
+        medians={label: statistics.median(v) for label, v in samples.items()},
+        ratios={label: statistics.median(a / b for a, b in zip(v, base)) for label, v in samples.items()},
+        samples={label: tuple(v) for label, v in samples.items()},
+    )

@@ -1,0 +1,197 @@
+"""One ONNX Runtime pass over the calibration feeds, reduced to the requested statistics.
+
+The model is cloned (`ir.Model.clone` shares tensors, so no weight is copied), every requested
+intermediate value is appended to the clone's graph outputs, and the clone runs once per feed. ORT's graph
+optimizers leave a value that is a graph output computed as in the unoptimized graph (fusions check
+`NodeProducesGraphOutput` and skip), so the default level ORT_ENABLE_ALL is safe; the price is that
+fusions across a requested value do not happen during calibration. Each output is reduced by its
+`TensorObserver` and dropped before the next feed: memory is the statistics plus one feed's activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from ptqonnx.calibration.observers import DEFAULT_SAMPLE_ROWS, Stat, TensorObserver, parse_stats
+from ptqonnx.calibration.stats import Statistics
+from ptqonnx.errors import UserError
+from ptqonnx.runtime.ort import make_session
+
+__all__ = ["collect_statistics", "instrumented_session"]
+
+logger = logging.getLogger(__name__)
+
+_PROTO_LIMIT = 1_800_000_000  # stay clear of protobuf's 2 GiB message limit
+
+Progress = Callable[[int, "int | None"], None]
+
+
+def collect_statistics(
+    model: ir.Model | str | Path,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    requests: Mapping[str, Iterable[str | Stat]],
+    *,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    opt_level: str = "all",
+    sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    seed: int = 0,
+) -> Statistics:
+    """Run `model` once over `batches` and return the requested statistics per value name.
+
+    `requests` maps value names (graph inputs or intermediate values) to statistic kinds
+    (`"absmax"`, `"mean_abs"`, `"minmax"`, `"xtx"`, `"sample"`). The caller's model object and file are
+    never modified. `progress(done, total)` is called after each feed (`total` is None for iterators).
+    """
+    reqs = {name: parse_stats(kinds) for name, kinds in requests.items()}
+    reqs = {k: v for k, v in reqs.items() if v}
+    if not reqs:
+        return Statistics()
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    observers = {
+        name: TensorObserver(kinds, sample_rows=sample_rows, seed=seed + i)
+        for i, (name, kinds) in enumerate(sorted(reqs.items()))
+    }
+    with instrumented_session(model, list(reqs), threads=threads, opt_level=opt_level) as (sess, fetched):
+        graph_inputs = [i.name for i in sess.get_inputs()]
+        from_feed = [n for n in reqs if n in graph_inputs]
+        t0 = time.perf_counter()
+        done = 0
+        for feed in batches:
+            missing = [n for n in graph_inputs if n not in feed]
+            if missing:
+                raise UserError(f"calibration feed lacks model inputs {missing}; provide them in the data")
+            outs = sess.run(fetched, {k: feed[k] for k in graph_inputs})
+            for name, arr in zip(fetched, outs):
+                observers[name].update(arr)
+            for name in from_feed:
+                observers[name].update(feed[name])
+            del outs
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    if done == 0:
+        raise UserError("calibration data is empty; pass at least one sample")
+    stats = Statistics({name: obs.finalize() for name, obs in observers.items()})
+    logger.info(
+        "collected statistics of %d values over %d feeds in %.1f s", len(stats), done, time.perf_counter() - t0
+    )
+    return stats
+
+
+@contextlib.contextmanager
+def instrumented_session(
+    model: ir.Model | str | Path,
+    value_names: list[str],
+    *,
+    threads: int | None = None,
+    opt_level: str = "all",
+):
+    """Context manager: (ORT session, names of its fetched outputs) for a clone of `model` whose graph
+    outputs include `value_names` (graph inputs among them are not fetched; read them from the feed)."""
+    clone = ir.load(os.fspath(model)) if isinstance(model, (str, Path)) else model.clone()
+    fetched = _expose_values(clone, value_names)
+    with tempfile.TemporaryDirectory(prefix="ptqonnx-calib-") as tmp:
+        src = _serialize(clone, Path(tmp))
+        sess = make_session(src, opt_level=opt_level, threads=threads)
+        have = {o.name for o in sess.get_outputs()}
+        lost = [n for n in fetched if n not in have]
+        if lost:  # pragma: no cover - ORT keeps graph outputs; guard against a future optimizer
+            raise UserError(f"ONNX Runtime dropped calibration outputs {lost[:5]}; retry with opt_level='basic'")
+        try:
+            yield sess, fetched
+        finally:
+            del sess
+
+
+def _expose_values(model: ir.Model, names: list[str]) -> list[str]:
+    """Append the requested intermediate values to the graph outputs; returns the names to fetch."""
+    graph = model.graph
+    produced: dict[str, ir.Value] = {}
+    for node in graph:  # main graph only: subgraph values cannot be graph outputs
+        for out in node.outputs:
+            if out.name:
+                produced[out.name] = out
+    inputs = {v.name for v in graph.inputs}
+    consts = set(graph.initializers) - inputs
+    const_req = sorted(n for n in names if n in consts)
+    if const_req:
+        raise UserError(
+            f"calibration values {const_req[:5]} are constant initializers, not activations; request the "
+            "activation that feeds the MatMul instead"
+        )
+    unknown = sorted(n for n in names if n not in produced and n not in inputs)
+    if unknown:
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise UserError(
+            f"the model has no values named {unknown[:5]}{more}; request names of graph inputs or node outputs"
+        )
+    fetch = [n for n in names if n not in inputs]
+    untyped = [n for n in fetch if produced[n].dtype is None]
+    if untyped:
+        ShapeInferencePass()(model)
+        still = [n for n in untyped if produced[n].dtype is None]
+        for n in still:
+            logger.warning("no type known for %s; assuming float32", n)
+            produced[n].type = ir.TensorType(ir.DataType.FLOAT)
+    present = {v.name for v in graph.outputs}
+    for n in fetch:
+        if n not in present:
+            graph.outputs.append(produced[n])
+            present.add(n)
+    return fetch
+
+
+def _serialize(model: ir.Model, tmp: Path) -> bytes | str:
+    """Bytes for an in-memory session, or a path in `tmp` when external data or > 2 GB is involved.
+
+    External tensors are hard-linked into `tmp` when possible (ORT refuses data outside the model's
+    folder); otherwise the whole model is re-saved there with external data.
+    """
+    external = [
+        v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+    ]
+    in_memory = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+    if not external and in_memory < _PROTO_LIMIT:
+        return ir.to_proto(model).SerializeToString()
+    path = tmp / "model.onnx"
+    if external and in_memory < _PROTO_LIMIT and _link_external(external, tmp):
+        path.write_bytes(ir.to_proto(model).SerializeToString())
+        return str(path)
+    logger.info("writing a temporary copy of the model with external data to %s", tmp)
+    ir.save(model, path, external_data="model.onnx.data")
+    return str(path)
+
+
+def _link_external(tensors: list[ir.ExternalTensor], tmp: Path) -> bool:
+    files = {}
+    for t in tensors:
+        files[t.location] = Path(t.base_dir) / t.location
+    try:
+        for loc, src in files.items():
+            dst = tmp / loc
+            if tmp.resolve() not in dst.resolve().parents:
+                return False
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
+    except OSError as exc:  # e.g. cross-device link
+        logger.debug("cannot hard-link external data (%s); copying the model instead", exc)
+        for loc in files:
+            with contextlib.suppress(OSError):
+                (tmp / loc).unlink()
+        return False
+    return True
