@@ -59,9 +59,8 @@ class LowerToMatMulNBitsPass(InPlacePass):
             if bs != qw.block_size and qw.k_blocks != 1:
                 raise ValueError(f"{node.name}: block size {qw.block_size} is not a power of two >= 16")
             dtype = site.float_dtype.numpy()
-            pad = 1 << (qw.bits - 1)
             base = site.weight_name
-            b = add_initializer(graph, f"{base}_Q{qw.bits}", pack_matmulnbits_weight(qw.q, qw.bits, bs, pad))
+            b = add_initializer(graph, f"{base}_Q{qw.bits}", pack_matmulnbits_weight(qw.q, qw.bits, bs))
             scales = add_initializer(graph, f"{base}_scales", qw.scale.astype(dtype))  # [N, k_blocks]
             inputs: list[ir.Value | None] = [site.activation, b, scales]
             if not qw.symmetric:

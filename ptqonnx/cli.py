@@ -149,13 +149,16 @@ def _cmd_calibrate(args) -> None:
     from ptqonnx.runtime.collect import collect_statistics
 
     model = load_model(args.model)
-    cfg = CalibConfig(text=args.calib_text, npz=args.calib_npz, tokenizer_dir=args.tokenizer,
-                      samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    try:
+        cfg = CalibConfig(text=args.calib_text, npz=args.calib_npz, tokenizer_dir=args.tokenizer,
+                          samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     kinds = {"absmax", "mean_abs", "minmax"} | ({"xtx"} if args.hessian else set())
     names = sorted({s.activation.name for s in find_linear_sites(model).sites})
     if not names:
         raise UserError(f"{args.model} has no quantizable MatMul/Gemm to calibrate; pass a model with linear layers")
-    batches = calibration_batches(cfg, args.model.parent)
+    batches = calibration_batches(cfg, args.model.parent, [v.name for v in model.graph.inputs])
     stats = collect_statistics(model, batches, {n: set(kinds) for n in names})
     stats.save(args.output)
     print(f"wrote statistics of {len(names)} activations to {args.output}")

@@ -48,11 +48,11 @@ def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.stack(parts, axis=-1).reshape(*p.shape[:-1], p.shape[-1] * per)
 
 
-def pack_matmulnbits_weight(q: np.ndarray, bits: int, block_size: int, pad_code: int = 0) -> np.ndarray:
-    """Codes q [N, K] -> B uint8 [N, k_blocks, blob_size]."""
+def pack_matmulnbits_weight(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Codes q [N, K] -> B uint8 [N, k_blocks, blob_size]; padding past K is 0 (never read), as ORT writes it."""
     n, k = q.shape
     kb = (k + block_size - 1) // block_size
-    padded = np.full((n, kb * block_size), pad_code, dtype=np.uint8)
+    padded = np.zeros((n, kb * block_size), dtype=np.uint8)
     padded[:, :k] = q
     return pack_bits(padded.reshape(n, kb, block_size), bits)  # [N, k_blocks, blob_size]
 
