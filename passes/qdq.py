@@ -95,5 +95,7 @@ class LowerToQdqPass(InPlacePass):
             graph.insert_before(node, dq)
             node.replace_input_with(1, dq.outputs[0])
             count += 1
+        if count and any(p.qweight.bits == 4 for p in self.plan.values()):
+            model.ir_version = max(model.ir_version or 0, 10)  # INT4/UINT4 tensors need IR version 10
         logger.info("QDQ: %d linear weights now read through DequantizeLinear", count)
         return PassResult(model, modified=count > 0)

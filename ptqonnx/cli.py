@@ -1,4 +1,4 @@
-"""Command line: `ptqonnx export | compile | calibrate | eval | bench`.
+"""Command line: `ptqonnx export | compile | calibrate | eval | bench | quickstart`.
 
 The only module that configures logging and prints. Every user error is one line on stderr and exit 2.
 """
@@ -96,7 +96,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive(int), default=512, help="prefill tokens (default 512)")
     p.add_argument("--repeats", type=_positive(int), default=10, help="timed runs (default 10)")
     p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+    p = sub.add_parser("quickstart", help="the main job end to end on the real default model: export "
+                       "SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
+    p.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 test)")
+    p.add_argument("--out", type=Path, default=Path("work/smollm2"), help="working folder (default work/smollm2)")
+    p.add_argument("--max-windows", type=_positive(int), default=40, help="512-token windows to evaluate (40)")
     return parser
+
+
+def _cmd_quickstart(args) -> None:
+    from ptqonnx.models.export import export_causal_lm
+    from ptqonnx.pipeline import compile_model
+    from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+    from ptqonnx.runtime.bench import interleaved, prefill_runner
+    from ptqonnx.runtime.perplexity import perplexity
+    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
+
+    text = read_text(args.text)  # fail early on a bad path, before the export
+    fp32 = args.out / "model.onnx"
+    if fp32.is_file():
+        print(f"using the existing export {fp32}")
+    else:
+        export_causal_lm("smollm2", args.out, kv_cache=False)
+        print(f"exported SmolLM2-135M to {fp32}")
+    cfg = CompileConfig(weights=WeightQuantConfig(bits=4, group_size=128, symmetric=True))
+    report = compile_model(fp32, None, cfg)
+    print(f"RTN INT4 g128: {len(report.quantized)} linear layers -> {report.output_path} "
+          f"({_mib(report.output_bytes)} vs {_mib(report.input_bytes)}) in {report.seconds:.1f} s")
+    windows = eval_windows(tokenize(text, load_tokenizer(args.out)), 512, args.max_windows)
+    ppl = {name: perplexity(path, windows) for name, path in (("FP32", fp32), ("RTN W4 g128", report.output_path))}
+    runners = {name: prefill_runner(path)[0] for name, path in (("FP32", fp32), ("RTN W4 g128", report.output_path))}
+    lat = interleaved(runners, rounds=5)
+    print(f"{'model':<14}{'perplexity':>12}{'prefill 1x512 ms':>18}{'vs FP32':>9}")
+    for name in ppl:
+        print(f"{name:<14}{ppl[name].ppl:>12.4f}{lat.medians[name]:>18.1f}{lat.ratios[name]:>8.2f}x")
+    print(f"({ppl['FP32'].tokens_evaluated} tokens evaluated; latency: median of 5 interleaved rounds)")
 
 
 def _cmd_export(args) -> None:
@@ -192,7 +226,7 @@ def _cmd_bench(args) -> None:
 
 _COMMANDS = {
     "export": _cmd_export, "compile": _cmd_compile, "calibrate": _cmd_calibrate,
-    "eval": _cmd_eval, "bench": _cmd_bench,
+    "eval": _cmd_eval, "bench": _cmd_bench, "quickstart": _cmd_quickstart,
 }
 
 
