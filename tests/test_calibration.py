@@ -324,3 +324,16 @@ def test_no_data_offline_is_one_line(tmp_path, monkeypatch):
     _no_wikitext(monkeypatch, None)  # `import datasets` raises ImportError
     with pytest.raises(UserError, match="WikiText-2 download failed: the `datasets` package is not installed"):
         calibration_batches(CalibConfig(), tmp_path)
+
+
+def test_float32_chunked_xtx_close_to_float64():
+    """The fast path (float32 GEMM per update, float64 total) stays within float32 rounding of the exact sum."""
+    rng = np.random.default_rng(3)
+    chunks = [rng.standard_normal((512, 48)).astype(np.float32) * 10 for _ in range(6)]
+    fast = TensorObserver({"xtx"}, xtx_chunk_dtype=np.float32)
+    for c in chunks:
+        fast.update(c)
+    whole = np.concatenate(chunks).astype(np.float64)
+    exact = whole.T @ whole
+    assert fast.finalize().xtx.dtype == np.float64
+    np.testing.assert_allclose(fast.finalize().xtx, exact, rtol=1e-5, atol=1e-3 * np.abs(exact).max() * 1e-3)
