@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="quantize an ONNX model")
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method)")
-    p.add_argument("--method", choices=["rtn"], default="rtn")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data)")
     p.add_argument("--wbits", type=int, choices=[4, 8], default=4, help="weight bits (default 4)")
     p.add_argument("--group-size", "--block-size", dest="group_size", type=int,
                    help="block length along K (default 128 for 4 bits; 8 bits default to per-channel; "
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize embedding Gathers to 4-bit GatherBlockQuantized")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="node names to leave in float")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output in ONNX Runtime")
+    g = p.add_argument_group("GPTQ")
+    g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--no-act-order", action="store_true", help="quantize columns in order, not by diag(H)")
+    g.add_argument("--one-shot", action="store_true",
+                   help="Hessians from the float model in one run (default: block by block on the quantized model)")
+    g.add_argument("--device", default="cpu", help="torch device for the GPTQ algebra (cpu, cuda, cuda:1)")
+    _add_calib_args(p)
 
     p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz")
     p.add_argument("model", type=Path)
@@ -140,8 +148,18 @@ def _cmd_export(args) -> None:
     print(f"exported {args.source} -> {res.model_path}" + (f" and {res.kv_model_path}" if res.kv_model_path else ""))
 
 
+def _calib_config(args):
+    from ptqonnx.calibration.sources import CalibConfig
+
+    try:
+        return CalibConfig(text=args.calib_text, npz=args.calib_npz, tokenizer_dir=args.tokenizer,
+                           samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _compile_config(args):
-    from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+    from ptqonnx.recipe import CompileConfig, GptqConfig, WeightQuantConfig
 
     group = args.group_size
     if group is None:
@@ -154,7 +172,9 @@ def _compile_config(args):
             accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head,
             quantize_embeddings=args.quantize_embeddings, exclude=tuple(args.exclude),
         )
-        return CompileConfig(method=args.method, weights=weights)
+        gptq = GptqConfig(damp=args.damp, act_order=not args.no_act_order, sequential=not args.one_shot,
+                          device=args.device)
+        return CompileConfig(method=args.method, weights=weights, gptq=gptq)
     except ValueError as exc:
         raise UserError(f"{exc}") from None
 
@@ -166,28 +186,30 @@ def _mib(n: int) -> str:
 def _cmd_compile(args) -> None:
     from ptqonnx.pipeline import compile_model
 
-    report = compile_model(args.model, args.output, _compile_config(args), verify_ort=not args.no_verify)
+    cfg = _compile_config(args)
+    report = compile_model(
+        args.model, args.output, cfg, calibration=_calib_config(args) if cfg.needs_calibration else None,
+        verify_ort=not args.no_verify, progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(f"quantized {len(report.quantized)} linear layers"
           + (f" and {report.embeddings_quantized} embedding tables" if report.embeddings_quantized else "")
           + f"; skipped {len(report.skipped)}")
     for reason, n in report.skip_summary():
         print(f"  skipped {n}: {reason}")
+    if report.losses:
+        print(f"calibration: {report.calibration}; GPTQ loss summed over layers {sum(report.losses.values()):.4g}")
     print(f"wrote {report.output_path} ({_mib(report.output_bytes)}, input {_mib(report.input_bytes)}) "
-          f"in {report.seconds:.1f} s")
+          f"in {report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB")
 
 
 def _cmd_calibrate(args) -> None:
-    from ptqonnx.calibration.sources import CalibConfig, calibration_batches
+    from ptqonnx.calibration.sources import calibration_batches
     from ptqonnx.graph import find_linear_sites
     from ptqonnx.pipeline import load_model
     from ptqonnx.runtime.collect import collect_statistics
 
     model = load_model(args.model)
-    try:
-        cfg = CalibConfig(text=args.calib_text, npz=args.calib_npz, tokenizer_dir=args.tokenizer,
-                          samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    cfg = _calib_config(args)
     kinds = {"absmax", "mean_abs", "minmax"} | ({"xtx"} if args.hessian else set())
     names = sorted({s.activation.name for s in find_linear_sites(model).sites})
     if not names:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ptqonnx.graph import LinearSite, Skip, find_linear_sites
 from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
-from ptqonnx.plan import plan_weights, rtn_solver
+from ptqonnx.plan import PlannedWeight, gptq_solver, plan_weights, rtn_solver
 from ptqonnx.recipe import CompileConfig
 
 __all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path", "run_passes"]
@@ -42,6 +43,9 @@ class CompileReport:
     quantized: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     embeddings_quantized: int = 0
+    calibration: str = "none"
+    losses: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
     seconds: float = 0.0
     input_bytes: int = 0
     output_bytes: int = 0
@@ -128,10 +132,74 @@ def _select_sites(sites: list[LinearSite], cfg: CompileConfig) -> tuple[list[Lin
     return chosen, skipped
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report: CompileReport,
+               progress: Callable[[str], None] | None) -> dict[str, PlannedWeight]:
+    """GPTQ plan: block by block on the partly quantized model, or one-shot Hessians when the graph has no
+    residual-stream cut (or `sequential` is off)."""
+    from ptqonnx.blocks import find_blocks
+    from ptqonnx.numerics.gptq import hessian_from_xtx
+    from ptqonnx.numerics.quant import dequantize_weight
+
+    blocks = find_blocks(model, sites) if cfg.gptq.sequential else []
+    if len(blocks) >= 2:
+        from ptqonnx.runtime.sequential import run_sequential
+
+        plan: dict[str, PlannedWeight] = {}
+        hessians: dict[str, object] = {}
+        solve = gptq_solver(cfg.weights, cfg.gptq, lambda site: hessians[site.activation.name], report.losses)
+
+        def solve_stage(block, stage, stats):
+            hessians[stage.activation] = hessian_from_xtx(stats.xtx, stats.count)
+            updates = {}
+            for site in stage.sites:
+                qw = solve(site, site.weight_nk())
+                plan[site.name] = PlannedWeight(site, qw)
+                updates[site.name] = dequantize_weight(qw)
+            del hessians[stage.activation]
+            return updates
+
+        def on_stage(block, stage, seconds):
+            if progress is not None:
+                losses = ", ".join(f"{s.weight_name} {report.losses[s.weight_name]:.4g}" for s in stage.sites)
+                progress(f"block {block.index + 1}/{len(blocks)} ({seconds:.1f} s) GPTQ loss: {losses}")
+
+        run_sequential(model, blocks, feeds, solve_stage, progress=on_stage)
+        report.calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
+        return plan
+    if cfg.gptq.sequential:
+        logger.warning("no residual-stream cut found in the graph: GPTQ falls back to one-shot Hessians "
+                       "from the float model")
+    from ptqonnx.runtime.collect import collect_statistics
+
+    stats = collect_statistics(model, feeds, {s.activation.name: {"xtx"} for s in sites})
+    report.calibration = f"one-shot, {len(feeds)} samples"
+
+    def hessian_of(site):
+        st = stats[site.activation.name]
+        return hessian_from_xtx(st.xtx, st.count)
+
+    return plan_weights(sites, gptq_solver(cfg.weights, cfg.gptq, hessian_of, report.losses))
+
+
 def compile_model(
-    input_path: str | Path, output_path: str | Path | None, cfg: CompileConfig, *, verify_ort: bool = True
+    input_path: str | Path,
+    output_path: str | Path | None,
+    cfg: CompileConfig,
+    *,
+    calibration=None,
+    verify_ort: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> CompileReport:
-    """Quantize the model at `input_path` per `cfg` and write it to `output_path` (or a default beside it)."""
+    """Quantize the model at `input_path` per `cfg` and write it to `output_path` (or a default beside it).
+
+    `calibration` (a `ptqonnx.calibration.CalibConfig`) says where calibration data comes from, for the
+    methods that need it; `progress` receives one line per step of long methods (GPTQ: per block)."""
     t0 = time.perf_counter()
     src = Path(input_path)
     model = load_model(src)
@@ -140,7 +208,10 @@ def compile_model(
         raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
     report = CompileReport(src, dst, input_bytes=_file_bytes(src))
 
-    PassManager([common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass()])(model)
+    PassManager([
+        common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass(),
+        common_passes.TopologicalSortPass(),
+    ])(model)
     scan = find_linear_sites(model)
     sites, skipped = _select_sites(scan.sites, cfg)
     report.skipped = scan.skipped + skipped
@@ -153,7 +224,14 @@ def compile_model(
         )
 
     w = cfg.weights
-    plan = plan_weights(sites, rtn_solver(w))
+    if cfg.needs_calibration:
+        from ptqonnx.calibration.sources import CalibConfig, calibration_batches
+
+        feeds = calibration_batches(calibration or CalibConfig(), src.parent, [v.name for v in model.graph.inputs])
+    if cfg.method == "gptq":
+        plan = _plan_gptq(model, sites, cfg, feeds, report, progress)
+    else:
+        plan = plan_weights(sites, rtn_solver(w))
     lower = LowerToMatMulNBitsPass(plan, w.accuracy_level) if w.format == "matmulnbits" else LowerToQdqPass(plan)
     passes = [lower]
     emb = QuantizeEmbeddingsPass(4, w.group_size or 128, w.symmetric) if w.quantize_embeddings else None
@@ -170,6 +248,7 @@ def compile_model(
 
     save_model(model, dst, verify_ort=verify_ort)
     report.output_bytes = _file_bytes(dst)
+    report.peak_rss_mib = _peak_rss_mib()
     report.seconds = time.perf_counter() - t0
     logger.info("compiled %s -> %s: %d linear layers quantized, %d skipped in %.1f s",
                 src, dst, len(report.quantized), len(report.skipped), report.seconds)

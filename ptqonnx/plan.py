@@ -15,9 +15,11 @@ import numpy as np
 
 from ptqonnx.graph import LinearSite
 from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
-from ptqonnx.recipe import WeightQuantConfig
+from ptqonnx.recipe import GptqConfig, WeightQuantConfig
 
-__all__ = ["PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "plan_weights", "block_size_for"]
+__all__ = [
+    "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_solver", "plan_weights", "block_size_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +58,22 @@ def plan_weights(sites: Iterable[LinearSite], solver: WeightSolver) -> dict[str,
         plan[site.name] = PlannedWeight(site, qw)
         logger.debug("planned %s: W [%d, %d] -> %d-bit, block %d", site.name, site.N, site.K, qw.bits, qw.block_size)
     return plan
+
+
+def gptq_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, hessian_of: Callable[[LinearSite], np.ndarray],
+                losses: dict[str, float] | None = None) -> WeightSolver:
+    """GPTQ on the configured grid; `hessian_of(site)` gives H = 2/n XᵀX of the site's activation.
+    The grids GPTQ chose while sweeping are the ones kept (no re-derivation). Losses are recorded by
+    weight name when `losses` is given."""
+    from ptqonnx.numerics.gptq import gptq_quantize
+
+    def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
+        res = gptq_quantize(
+            w, hessian_of(site), bits=cfg.bits, block_size=cfg.group_size, symmetric=cfg.symmetric,
+            damp=gcfg.damp, act_order=gcfg.act_order, static_groups=gcfg.act_order, device=gcfg.device,
+        )
+        if losses is not None:
+            losses[site.weight_name] = res.loss
+        return res.qweight
+
+    return solve

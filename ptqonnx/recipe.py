@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["METHODS", "FORMATS", "WeightQuantConfig", "CompileConfig"]
+__all__ = ["METHODS", "FORMATS", "WeightQuantConfig", "GptqConfig", "CompileConfig"]
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 FORMATS = ("matmulnbits", "qdq")
 
 
@@ -60,12 +60,35 @@ class WeightQuantConfig:
 
 
 @dataclass(frozen=True)
+class GptqConfig:
+    """GPTQ (Frantar et al. 2022): `damp` x mean diag(H) dampening; `act_order` visits columns by descending
+    diag(H), with static groups so the output keeps contiguous groups; `sequential` calibrates block by block
+    on the partly quantized model (else one-shot Hessians from the float model); `device` for the algebra."""
+
+    damp: float = 0.01
+    act_order: bool = True
+    sequential: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class CompileConfig:
-    """One compile: a method, its weight config, and where output goes."""
+    """One compile: a method, its weight config and method options."""
 
     method: str = "rtn"
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    gptq: GptqConfig = field(default_factory=GptqConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"

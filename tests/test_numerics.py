@@ -28,8 +28,8 @@ def _reference_rtn(w_nk: np.ndarray, bits: int, block: int, symmetric: bool) -> 
                 s = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(qmax))
                 z = 0 if s == 0 else int(min(max(np.floor(-np.float32(lo) / s + 0.5), 0), qmax))
             for i, v in enumerate(blk):
-                r = 0.0 if s == 0 else np.float32(v) * (np.float32(1) / s)
-                q = min(max(np.sign(r) * np.floor(abs(r) + 0.5) + z, 0), qmax)
+                r = np.float32(z) if s == 0 else np.float32(v) * (np.float32(1) / s) + np.float32(z)
+                q = min(max(np.sign(r) * np.floor(abs(r) + 0.5), 0), qmax)
                 out[n, b0 + i] = (q - z) * s
     return out
 
@@ -60,6 +60,19 @@ def test_packing_is_byte_identical_to_onnxruntime(k, n, block, symmetric, bits):
     np.testing.assert_array_equal(qw.scale, ref_s)
     if not symmetric:
         np.testing.assert_array_equal(pack_zero_points(qw.zero_point, bits), ref_z)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ties_round_like_onnxruntime(symmetric):
+    """Weights on an exact grid produce w/s = k + 0.5 ties; MLAS rounds w/s + z, so ties go up."""
+    w_kn = np.array([-8, -4.5, -3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 1, 2, 7],
+                    np.float32).reshape(16, 1)
+    ref_b = np.zeros((1, 1, 8), np.uint8)
+    ref_s = np.zeros((1, 1), np.float32)
+    ref_z = np.zeros((1, 1), np.uint8)
+    quantize_matmul_4bits(ref_b, w_kn, ref_s, ref_z, 16, 1, 16, symmetric)
+    qw = quantize_weight(w_kn.T, 4, 16, symmetric)
+    np.testing.assert_array_equal(pack_matmulnbits_weight(qw.q, 4, 16), ref_b)
 
 
 def test_zero_block_dequantizes_to_zero():

@@ -138,7 +138,8 @@ def test_cli_compile_reports_counts(tmp_path, capsys):
         (["--group-size", "100"], "not a power of two"),
         (["--wbits", "5"], "invalid choice"),
         (["--format", "qdq", "--accuracy-level", "4"], "accuracy level applies"),
-        (["--calib-samples", "0"], "unrecognized arguments"),
+        (["--calib-samples", "0"], "must be positive"),
+        (["--method", "gptq", "--damp", "2"], "damp must be in (0, 1)"),
     ],
 )
 def test_cli_bad_flags_one_line_exit_2(tmp_path, capsys, argv_tail, needle):

@@ -16,7 +16,9 @@ our RTN equals ORT's RTN):
 * asymmetric: lo = min(min(w), 0), hi = max(max(w), 0), s = (hi - lo) / (2^bits - 1),
   z = clip(round(-lo / s), 0, 2^bits - 1).
 
-q = clip(round(w / s) + z, 0, 2^bits - 1), with round half away from zero (C `roundf`). Blocks of all
+q = clip(round(w * (1/s) + z), 0, 2^bits - 1), with round half away from zero (C `roundf`) applied after
+adding z, exactly as MLAS does: a tie w/s = -4.5 gives code round(3.5) = 4, not 3 (this matters on weights
+that already lie on a grid, like SmolLM2's GGUF-derived ones). Blocks of all
 zeros get s = 0 and dequantize to 0. When K is not a multiple of block_size the last block is shorter;
 its parameters come from its real elements only.
 
@@ -118,7 +120,8 @@ def quantize_with_qparams(
     qmax = (1 << bits) - 1
     s = scale[..., None].astype(np.float32)
     inv = np.where(s != 0, np.float32(1.0) / np.where(s != 0, s, 1), 0).astype(np.float32)
-    q = round_half_away(blocks.astype(np.float32) * inv) + zero_point[..., None].astype(np.float32)
+    # the zero point is added before rounding (MLAS: roundf(w * (1/s) + z)), so ties round up, as ORT's do
+    q = round_half_away(blocks.astype(np.float32) * inv + zero_point[..., None].astype(np.float32))
     return np.clip(q, 0, qmax).astype(np.uint8)
 
 
