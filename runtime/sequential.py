@@ -67,6 +67,49 @@ def _write_back(private: ir.Value, site: LinearSite, w_hat_nk: np.ndarray) -> No
     private.const_value = ir.tensor(np.ascontiguousarray(stored).astype(dtype), name=private.name)
 
 
+class _Chunker:
+    """Feeds an observer row blocks of about `rows` rows: one large float32 GEMM per block instead of one per
+    sample, and one float64 accumulation of XᵀX per block (the float32 partial sum covers <= `rows` rows)."""
+
+    def __init__(self, observer: TensorObserver, rows: int = 4096) -> None:
+        self.observer, self.rows = observer, rows
+        self.parts: list[np.ndarray] = []
+        self.held = 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.parts.append(x)
+        self.held += x.shape[0]
+        if self.held >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.observer.update(np.concatenate(self.parts))
+            self.parts, self.held = [], 0
+
+
+def _stage_block(bmodel: ir.Model, block: Block, activation: str) -> Block:
+    """The inputs of the block model that `activation` depends on (a narrower extraction)."""
+    graph = bmodel.graph
+    inputs = {v.name for v in graph.inputs}
+    needed: set[str] = set()
+    todo = [activation]
+    seen: set[str] = set()
+    values = {v.name: v for n in graph for v in n.outputs}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            needed.add(name)
+            continue
+        prod = values[name].producer()
+        todo.extend(v.name for v in prod.inputs if v is not None and v.const_value is None)
+    return Block(block.index, block.nodes, tuple(sorted(needed)), block.output)
+
+
 def run_sequential(
     model: ir.Model,
     blocks: Sequence[Block],
@@ -103,15 +146,20 @@ def run_sequential(
         for stage in block.stages:
             t0 = time.perf_counter()
             observer = TensorObserver({Stat.XTX}, xtx_chunk_dtype=np.float32)
+            chunk = _Chunker(observer)
             if stage.activation in produced:
-                sess = make_session(ir.to_proto(bmodel).SerializeToString(), threads=threads)
+                # only the part of the block the activation needs (q/k/v's input is just the norm)
+                smodel = _block_model(bmodel, _stage_block(bmodel, block, stage.activation), [stage.activation])
+                sess = make_session(ir.to_proto(smodel).SerializeToString(), threads=threads)
+                names = [v.name for v in smodel.graph.inputs]
                 for i in range(n):
-                    (x,) = sess.run([stage.activation], feed(i))
-                    observer.update(x)
-                del sess
+                    (x,) = sess.run([stage.activation], {name: cache[name][i] for name in names})
+                    chunk.add(x)
+                del sess, smodel
             else:  # the activation is itself a block input (e.g. a side value): read it from the cache
                 for i in range(n):
-                    observer.update(cache[stage.activation][i])
+                    chunk.add(cache[stage.activation][i])
+            chunk.flush()
             updates = solve(block, stage, observer.finalize())
             for site in stage.sites:
                 if site.name in updates and privates[site.name] is not None:
