@@ -5,8 +5,10 @@
 
 B, scales and zero_points are packed as `ptqonnx.numerics.packing` documents (the ORT spec); zero points
 are omitted for symmetric grids, where the implicit 2^(bits-1) applies. The block size written is the
-plan's; a per-channel plan (block = K) is written with the next power of two >= max(K, 16), which
-MatMulNBits requires, and the padding inside that single block dequantizes to zero.
+plan's. A per-channel plan (one block = K per row) is written blockwise with block 128 (or the next power
+of two >= max(K, 16) when K is smaller), every block of a row repeating the row's scale and zero point:
+the same numbers, but a block size ORT's MLAS kernels are fast for (a single K-long block, e.g. 1024 or
+2048, made an INT8 prefill 1.4x slower than FP32 here).
 
 Requires: every planned node's name is unique. Updates: the planned nodes are replaced (same output
 value, so consumers and graph outputs are untouched); the old weight initializers are left for
@@ -15,20 +17,24 @@ value, so consumers and graph outputs are untouched); the old weight initializer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ptqonnx.graph import add_initializer
 from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points
+from ptqonnx.numerics.quant import QuantizedWeight
 from ptqonnx.plan import WeightPlan
 
-__all__ = ["LowerToMatMulNBitsPass", "MS_DOMAIN", "matmulnbits_block_size"]
+__all__ = ["LowerToMatMulNBitsPass", "MS_DOMAIN", "PER_CHANNEL_BLOCK", "matmulnbits_block_size", "as_blockwise"]
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+PER_CHANNEL_BLOCK = 128
 
 
 def matmulnbits_block_size(block_size: int) -> int:
@@ -37,6 +43,18 @@ def matmulnbits_block_size(block_size: int) -> int:
     while bs < block_size:
         bs *= 2
     return bs
+
+
+def as_blockwise(qw: QuantizedWeight) -> QuantizedWeight:
+    """A per-channel weight (one block of K per row) as an equal blockwise one with a kernel-friendly block."""
+    n, k = qw.q.shape
+    if qw.k_blocks != 1 or qw.block_size < k:
+        return qw
+    bs = PER_CHANNEL_BLOCK if k > PER_CHANNEL_BLOCK else matmulnbits_block_size(max(k, 16))
+    kb = (k + bs - 1) // bs
+    return dataclasses.replace(
+        qw, scale=np.repeat(qw.scale, kb, axis=1), zero_point=np.repeat(qw.zero_point, kb, axis=1), block_size=bs,
+    )
 
 
 class LowerToMatMulNBitsPass(InPlacePass):
@@ -54,10 +72,10 @@ class LowerToMatMulNBitsPass(InPlacePass):
             planned = self.plan.get(node.name) if node.name else None
             if planned is None or planned.site.node is not node:
                 continue
-            site, qw = planned.site, planned.qweight
-            bs = matmulnbits_block_size(qw.block_size)
-            if bs != qw.block_size and qw.k_blocks != 1:
-                raise ValueError(f"{node.name}: block size {qw.block_size} is not a power of two >= 16")
+            site, qw = planned.site, as_blockwise(planned.qweight)
+            bs = qw.block_size
+            if matmulnbits_block_size(bs) != bs:
+                raise ValueError(f"{node.name}: block size {bs} is not a power of two >= 16")
             dtype = site.float_dtype.numpy()
             base = site.weight_name
             b = add_initializer(graph, f"{base}_Q{qw.bits}", pack_matmulnbits_weight(qw.q, qw.bits, bs))

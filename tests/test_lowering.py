@@ -180,3 +180,21 @@ def test_tied_embedding_and_lm_head(tmp_path, symmetric):
     for level in ("disable", "all"):
         (y,) = run(out, {"ids": ids}, level)
         np.testing.assert_allclose(y, _tied_reference(ids, emb_hat, w1_hat, head_hat), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [96, 300])
+def test_per_channel_matmulnbits_uses_a_fast_block_with_repeated_grids(tmp_path, k):
+    from ptqonnx.numerics.quant import dequantize_weight, quantize_weight
+    from ptqonnx.passes.matmul_nbits import as_blockwise
+
+    w = np.random.default_rng(k).standard_normal((20, k)).astype(np.float32)
+    for sym in (True, False):
+        qw = quantize_weight(w, 8, None, sym)
+        np.testing.assert_array_equal(dequantize_weight(as_blockwise(qw)), dequantize_weight(qw))
+    model, w_kn = linear_model(k, 20, seed=k)
+    out, _ = _compile(tmp_path, model, bits=8, group_size=None, symmetric=False)
+    node = onnx.load(out).graph.node[0]
+    assert {a.name: a.i for a in node.attribute}["block_size"] == 128
+    x = np.random.default_rng(1).standard_normal((1, 4, k)).astype(np.float32)
+    (y,) = run(out, {"x": x}, "all")
+    np.testing.assert_allclose(y, x @ fake_quantize(w_kn.T, 8, None, False).T, rtol=1e-5, atol=1e-4)
