@@ -1,0 +1,180 @@
+"""Shared pieces of the benchmark scripts: the real model export, quantizers run in child processes (so
+each reports its own time and peak RSS), perplexity on the shared windows, interleaved latency, tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+EVAL_TEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+CALIB_TEXT = SHARED / "wikitext-2-calib" / "valid.txt"
+logger = logging.getLogger("benchmarks")
+
+
+@dataclass
+class Row:
+    label: str
+    tool: str
+    settings: str
+    path: Path
+    quant_s: float | None = None
+    peak_rss_mib: float | None = None
+    ppl: float | None = None
+    tokens: int = 0
+    kv_path: Path | None = None
+    note: str = ""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+
+
+def ensure_export(work: Path, kv_cache: bool) -> tuple[Path, float | None]:
+    """The SmolLM2-135M export in `work/smollm2` (made once); returns its folder and the export seconds."""
+    from ptqonnx.models.export import export_causal_lm
+
+    mdir = work / "smollm2"
+    if (mdir / "model.onnx").is_file() and (not kv_cache or (mdir / "model_kv.onnx").is_file()):
+        return mdir, None
+    t0 = time.perf_counter()
+    export_causal_lm("smollm2", mdir, kv_cache=kv_cache)
+    return mdir, time.perf_counter() - t0
+
+
+def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:
+    """Run `code` (a Python snippet, `args` in scope) in a child process (`python`, default this one);
+    returns its JSON result with seconds and the child's peak RSS, or an `error` with the exception's line."""
+    wrapper = (
+        "import json, resource, sys, time, traceback\n"
+        "args = sys.argv[1:]\nt0 = time.perf_counter()\nresult = {}\n"
+        "try:\n" + "".join(f"    {line}\n" for line in code.strip().splitlines()) +
+        "except BaseException as exc:\n"
+        "    result['error'] = f'{type(exc).__name__}: {exc}'.strip().splitlines()[0][:300]\n"
+        "result['seconds'] = time.perf_counter() - t0\n"
+        "result['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print('\\n@@RESULT@@' + json.dumps(result), flush=True)\n"
+    )
+    proc = subprocess.run([str(python or sys.executable), "-c", wrapper, *args], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if "@@RESULT@@" in line:  # a library's progress bar may have left the line open
+            return json.loads(line.split("@@RESULT@@", 1)[1])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"child exited {proc.returncode}: {tail[:300]}"}
+
+
+OURS = """
+from ptqonnx.calibration.sources import CalibConfig
+from ptqonnx.pipeline import compile_model
+from ptqonnx.recipe import CompileConfig, GptqConfig, WeightQuantConfig
+spec = json.loads(args[2])
+cfg = CompileConfig(method=spec.pop("method", "rtn"), gptq=GptqConfig(**spec.pop("gptq", {})),
+                    weights=WeightQuantConfig(**spec.pop("weights")))
+calib = CalibConfig(**spec["calib"]) if "calib" in spec else None
+compile_model(args[0], args[1], cfg, calibration=calib)
+"""
+
+
+def quantize_ours(row: Row, src: Path, **spec) -> None:
+    record(row, run_child(OURS, str(src), str(row.path), json.dumps(spec, default=str)))
+
+
+def record(row: Row, res: dict) -> None:
+    """Keep a child's time and peak RSS on the row; an error becomes the row's note (shown in the table)."""
+    row.quant_s, row.peak_rss_mib = res.get("seconds"), res.get("peak_rss_mib")
+    if "error" in res:
+        row.note = res["error"]
+    logger.info("%s: %s", row.label, res)
+
+
+def evaluate(rows: list[Row], mdir: Path, windows_n: int):
+    from ptqonnx.runtime.perplexity import perplexity
+    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
+
+    windows = eval_windows(tokenize(read_text(EVAL_TEXT), load_tokenizer(mdir)), 512, windows_n)
+    for row in rows:
+        if row.note or not row.path.is_file():
+            continue
+        try:
+            res = perplexity(row.path, windows)
+            row.ppl, row.tokens = res.ppl, res.tokens_evaluated
+        except Exception as exc:  # a tool's output that fails to run is a result: record it
+            row.note = f"eval failed: {str(exc).strip().splitlines()[0][:300]}"
+        logger.info("%s: ppl %s", row.label, row.ppl)
+    return windows
+
+
+def prefill_latency(rows: list[Row], rounds: int):
+    from ptqonnx.runtime.bench import interleaved, prefill_runner
+
+    runners, threads = {}, 0
+    for row in rows:
+        if row.ppl is not None:
+            runners[row.label], threads = prefill_runner(row.path)
+    return interleaved(runners, rounds=rounds), threads
+
+
+def size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def header(title: str, script: str, threads: int, windows, rounds: int) -> list[str]:
+    return [
+        f"# {title}",
+        "",
+        f"Produced by `python benchmarks/{script}` on {datetime.date.today().isoformat()} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, ORT threads {threads}).",
+        f"Perplexity: first {len(windows)} non-overlapping windows x 512 tokens of WikiText-2 test "
+        f"(`wiki.test.raw`, tokenized once; {windows.shape[0] * (windows.shape[1] - 1)} predicted tokens).",
+        "Prefill latency: ORT CPU EP at its default optimization level, one 1x512 forward, median of "
+        f"{rounds} interleaved rounds; the ratio is the median of per-round ratios to FP32 in the same run "
+        "(timings here swing +-20 % with load).",
+        "",
+        "SmolLM2's float weights come from a Q4_1 GGUF (4-bit asymmetric, groups of 32): a g32 asymmetric "
+        "grid gets a free advantage; the headline here is g128.",
+        "",
+    ]
+
+
+def table(rows: list[Row], lat, *, rss: bool = True) -> list[str]:
+    fp32 = rows[0]
+    cols = "| model | tool | settings | perplexity | delta vs FP32 | quantize s |" + (" peak RSS MiB |" if rss else "")
+    lines = [cols + " size MiB | size vs FP32 | prefill ms | prefill vs FP32 |",
+             "|" + "---|" * (cols.count("|") - 1 + 4)]
+    for r in rows:
+        ppl = f"{r.ppl:.4f}" if r.ppl is not None else (r.note or "not run")
+        delta = f"{r.ppl - fp32.ppl:+.4f}" if r.ppl is not None and fp32.ppl is not None else ""
+        qs = f"{r.quant_s:.1f}" if r.quant_s is not None and not r.note else ""
+        mem = (f" {r.peak_rss_mib:.0f} |" if r.peak_rss_mib and not r.note else " |") if rss else ""
+        have = r.path.is_file() and not r.note
+        sz = f"{size(r.path) / 2**20:.1f} | {size(r.path) / size(fp32.path):.3f}" if have else " | "
+        pm = f"{lat.medians[r.label]:.0f}" if r.label in lat.medians else ""
+        pr = f"{lat.ratios[r.label]:.2f}x" if r.label in lat.ratios else ""
+        lines.append(f"| {r.label} | {r.tool} | {r.settings} | {ppl} | {delta} | {qs} |{mem} {sz} | {pm} | {pr} |")
+    return lines
+
+
+def write_section(name: str, lines: list[str]) -> Path:
+    """Write one benchmark's section to benchmarks/results/<name>.md and rebuild benchmarks/results.md from
+    all sections (so each script can be re-run alone)."""
+    sections = HERE / "results"
+    sections.mkdir(exist_ok=True)
+    (sections / f"{name}.md").write_text("\n".join(lines) + "\n")
+    order = ["foundation", "gptq"]
+    parts = sorted(sections.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
+    out = HERE / "results.md"
+    out.write_text("# ptqonnx benchmark results\n\nEach section is produced by the script it names, in one run on "
+                   "this project's machine; re-run a script to refresh its section.\n\n"
+                   + "\n\n".join(p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1) for p in parts))
+    return out
