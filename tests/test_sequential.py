@@ -133,3 +133,30 @@ def test_smollm2_gptq_is_never_worse_than_rtn(smollm2_export, tmp_path):
     text = read_text(data / "wikitext-2-raw" / "wiki.test.raw")[:40_000]
     windows = eval_windows(tokenize(text, load_tokenizer(smollm2_export.out_dir)), 512, 3)
     assert perplexity(gptq.output_path, windows).ppl < perplexity(rtn.output_path, windows).ppl
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_act_order_output_is_exact_in_ort(tmp_path, symmetric):
+    """The emitted MatMulNBits holds GPTQ's own grids: ORT's output equals x @ dequantize(gptq(W, H)) with H
+    computed independently in numpy from the same calibration rows (act-order, static groups)."""
+    from ptqonnx.numerics.gptq import gptq_quantize
+    from ptqonnx.numerics.quant import dequantize_weight
+
+    model, w_kn = linear_model(200, 24, seed=4)
+    src = save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((200, 200)).astype(np.float32) / 10
+    x = (rng.standard_normal((6, 16, 200)).astype(np.float32) @ mix) * np.linspace(0.2, 3, 200, dtype=np.float32)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=x)
+    cfg = CompileConfig(method="gptq", weights=WeightQuantConfig(bits=4, group_size=64, symmetric=symmetric))
+    rep = compile_model(src, tmp_path / "q.onnx", cfg, calibration=CalibConfig(npz=npz))
+    rows = x.reshape(-1, 200).astype(np.float64)
+    h = 2.0 / rows.shape[0] * rows.T @ rows
+    res = gptq_quantize(w_kn.T.copy(), h, bits=4, block_size=64, symmetric=symmetric, act_order=True)
+    probe = rng.standard_normal((1, 5, 200)).astype(np.float32)
+    (y,) = run(rep.output_path, {"x": probe}, "all")
+    np.testing.assert_allclose(y, probe @ dequantize_weight(res.qweight).T, rtol=1e-5, atol=1e-4)
+    rtn_err = np.abs(x @ fake_quantize(w_kn.T, 4, 64, symmetric).T - x @ w_kn).mean()
+    gptq_err = np.abs(x @ res.w_hat.T - x @ w_kn).mean()
+    assert gptq_err < rtn_err
