@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="quantize an ONNX model")
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method)")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
-                   help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data)")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="rtn",
+                   help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data)"
+                   "; awq: activation-aware scales and clipping; awq+gptq: AWQ, then GPTQ")
     p.add_argument("--wbits", type=int, choices=[4, 8], default=4, help="weight bits (default 4)")
     p.add_argument("--group-size", "--block-size", dest="group_size", type=int,
                    help="block length along K (default 128 for 4 bits; 8 bits default to per-channel; "
@@ -81,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-act-order", action="store_true", help="quantize columns in order, not by diag(H)")
     g.add_argument("--one-shot", action="store_true",
                    help="Hessians from the float model in one run (default: block by block on the quantized model)")
-    g.add_argument("--device", default="cpu", help="torch device for the GPTQ algebra (cpu, cuda, cuda:1)")
+    g.add_argument("--device", default="cpu", help="torch device for the GPTQ / AWQ algebra (cpu, cuda, cuda:1)")
+    g = p.add_argument_group("AWQ")
+    g.add_argument("--awq-grid", type=_positive(int), default=20, help="alpha grid points (and clip ratios"
+                   " per unit range) searched (default 20)")
+    g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
+    g.add_argument("--no-insert", action="store_true",
+                   help="refuse scaling groups whose 1/s no producer can absorb (no inserted Mul nodes)")
     _add_calib_args(p)
 
     p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz")
@@ -159,7 +166,7 @@ def _calib_config(args):
 
 
 def _compile_config(args):
-    from ptqonnx.recipe import CompileConfig, GptqConfig, WeightQuantConfig
+    from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, WeightQuantConfig
 
     group = args.group_size
     if group is None:
@@ -174,7 +181,8 @@ def _compile_config(args):
         )
         gptq = GptqConfig(damp=args.damp, act_order=not args.no_act_order, sequential=not args.one_shot,
                           device=args.device)
-        return CompileConfig(method=args.method, weights=weights, gptq=gptq)
+        awq = AwqConfig(grid=args.awq_grid, clip=not args.no_clip, no_insert=args.no_insert, device=args.device)
+        return CompileConfig(method=args.method, weights=weights, gptq=gptq, awq=awq)
     except ValueError as exc:
         raise UserError(f"{exc}") from None
 
@@ -198,6 +206,11 @@ def _cmd_compile(args) -> None:
         print(f"  skipped {n}: {reason}")
     if report.losses:
         print(f"calibration: {report.calibration}; GPTQ loss summed over layers {sum(report.losses.values()):.4g}")
+    if report.awq_alpha:
+        alphas = sorted(report.awq_alpha.values())
+        print(f"AWQ: {len(report.scales_folded)} scale groups folded, {len(report.scales_inserted)} with an inserted "
+              f"Mul, {len(alphas) - len(report.scales_folded) - len(report.scales_inserted)} unscaled (alpha 0); "
+              f"median alpha {alphas[len(alphas) // 2]:.2f}; float outputs unchanged to {report.fold_max_rel_err:.1g}")
     print(f"wrote {report.output_path} ({_mib(report.output_bytes)}, input {_mib(report.input_bytes)}) "
           f"in {report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB")
 

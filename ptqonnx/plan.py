@@ -1,6 +1,6 @@
 """A weight plan: the quantized form chosen for each linear site, applied later by a lowering pass.
 
-Solvers (RTN now; GPTQ and AWQ's clipped RTN later) only decide integer codes and grids; lowering passes
+Solvers (RTN, AWQ's clipped RTN, GPTQ) only decide integer codes and grids; lowering passes
 (`LowerToMatMulNBitsPass`, `LowerToQdqPass`) only write them into the graph. The plan is the small,
 inspectable artifact between the two.
 """
@@ -41,11 +41,13 @@ def block_size_for(cfg: WeightQuantConfig, k: int) -> int:
     return k if cfg.group_size is None else cfg.group_size
 
 
-def rtn_solver(cfg: WeightQuantConfig) -> WeightSolver:
-    """Round-to-nearest on the configured grid."""
+def rtn_solver(cfg: WeightQuantConfig, clip_ratios: Mapping[str, np.ndarray] | None = None) -> WeightSolver:
+    """Round-to-nearest on the configured grid; `clip_ratios` [N, k_blocks] by site name shrink the blocks'
+    ranges first (AWQ's clipping, `quantize_weight(clip_ratio=...)`)."""
 
     def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
-        return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric)
+        ratio = 1.0 if clip_ratios is None else clip_ratios.get(site.name, 1.0)
+        return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric, ratio)
 
     return solve
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["METHODS", "FORMATS", "WeightQuantConfig", "GptqConfig", "CompileConfig"]
+__all__ = ["METHODS", "FORMATS", "WeightQuantConfig", "GptqConfig", "AwqConfig", "CompileConfig"]
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 FORMATS = ("matmulnbits", "qdq")
 
 
@@ -78,12 +78,36 @@ class GptqConfig:
 
 
 @dataclass(frozen=True)
+class AwqConfig:
+    """AWQ (Lin et al. 2024): per scaling group s = mean|x|^alpha with alpha on a `grid` in [0, 1); `clip`:
+    per-block range shrinking search; `no_insert`: refuse groups whose 1/s needs an explicit Mul;
+    `scale_lm_head`: also scale the LM head's group (llm-awq does not); `sample_rows`: activation rows kept
+    per value for the searches; `device` for the search math (torch)."""
+
+    grid: int = 20
+    clip: bool = True
+    no_insert: bool = False
+    scale_lm_head: bool = False
+    sample_rows: int = 4096
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.grid <= 1000:
+            raise ValueError(f"AWQ grid must be in [1, 1000], got {self.grid}")
+        if self.sample_rows < 16:
+            raise ValueError(f"AWQ sample rows must be at least 16, got {self.sample_rows}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class CompileConfig:
     """One compile: a method, its weight config and method options."""
 
     method: str = "rtn"
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     gptq: GptqConfig = field(default_factory=GptqConfig)
+    awq: AwqConfig = field(default_factory=AwqConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

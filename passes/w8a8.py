@@ -1,0 +1,140 @@
+"""Static per-tensor activation quantization for W8A8: QuantizeLinear -> DequantizeLinear before each MatMul.
+
+    MatMul(X, DQ(Wq))  ->  MatMul(DQ(Q(X; scale, zero_point)), DQ(Wq))
+
+Together with `LowerToQdqPass` (weights: INT8 symmetric per output channel, DequantizeLinear on an int8
+initializer with `axis`, no Q on weights) this is the explicit-quantization form TensorRT fuses into INT8
+GEMMs (Q/DQ right before the MatMul inputs, zero zero points) and that ONNX Runtime's CPU EP rewrites at
+ORT_ENABLE_ALL into `QuantizeLinear + MatMulIntegerToFloat` (com.microsoft). No QuantizeLinear on outputs:
+the MatMul stays a float-output node.
+
+ORT 1.32 on x86 (measured, tests/test_smoothquant.py and the notes): uint8 activations fuse whether the Q
+has one reader or several; int8 activations fuse only when the Q has a single reader (ORT first rewrites an
+int8 Q/DQ pair to uint8, which it skips for shared pairs), so q/k/v and gate/up stay unfused DQ + float
+MatMul. Hence `--target ort-cpu` emits uint8 (asymmetric) activations and `--target tensorrt` int8 ones.
+
+Placement: one QuantizeLinear per activation tensor, shared by all its quantized consumers (q/k/v read one
+Q), and one DequantizeLinear per consumer (the node-unit form ORT's QDQ selectors match without first
+duplicating a shared DQ). The zero point is an initializer of the code type (int8 / uint8) and no
+`output_dtype` attribute is written, so Q's output type always equals its zero point's type (ORT refuses a
+mismatch at load). Scales are stored in the activation's float type. Requires opset >= 13 (per-axis
+DequantizeLinear for the weights, QuantizeLinear with a typed zero point).
+
+`select_w8a8_sites` decides what is quantized: GEMV-shaped layers (a static 1 in the activation's
+second-to-last dim, or N or K == 1) and the LM head stay float unless asked; attention batch matmuls (both
+inputs computed) are `find_bmm_nodes`, quantized on both inputs only with `quantize_bmm`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+
+from ptqonnx.graph import FLOAT_TYPES, LinearSite, Skip, add_initializer
+from ptqonnx.numerics.smoothquant import ActivationQParams
+from ptqonnx.scaling import trace_const
+
+__all__ = ["W8A8_MIN_OPSET", "ActivationPlan", "QuantizeActivationsPass", "select_w8a8_sites", "find_bmm_nodes",
+           "GEMV_REASON", "LM_HEAD_REASON"]
+
+logger = logging.getLogger(__name__)
+
+W8A8_MIN_OPSET = 13
+GEMV_REASON = "GEMV (a dimension of 1): left in float for W8A8"
+LM_HEAD_REASON = "LM head left in float for W8A8 (--quantize-lm-head to quantize it)"
+
+# node name -> {input index: activation grid}
+ActivationPlan = Mapping[str, Mapping[int, ActivationQParams]]
+
+
+def _is_gemv(site: LinearSite) -> bool:
+    shape = site.activation.shape
+    rows_one = shape is not None and len(shape) >= 2 and isinstance(shape[-2], int) and shape[-2] == 1
+    return rows_one or site.N == 1 or site.K == 1
+
+
+def select_w8a8_sites(sites: list[LinearSite], *, quantize_lm_head: bool = False) -> tuple[list[LinearSite], list[Skip]]:
+    """The sites W8A8 quantizes, and a Skip (with its reason) for each one left in float."""
+    chosen, skipped = [], []
+    for s in sites:
+        if s.is_lm_head and not quantize_lm_head:
+            skipped.append(Skip(s.name, s.node.op_type, LM_HEAD_REASON))
+        elif _is_gemv(s):
+            skipped.append(Skip(s.name, s.node.op_type, GEMV_REASON))
+        else:
+            chosen.append(s)
+    return chosen, skipped
+
+
+def find_bmm_nodes(model: ir.Model) -> list[ir.Node]:
+    """Default-domain MatMuls whose two inputs are both computed (attention QKᵀ and PV), float typed."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        if a is None or b is None or trace_const(a) is not None or trace_const(b) is not None:
+            continue
+        if a.const_value is not None or b.const_value is not None:
+            continue
+        if a.dtype in FLOAT_TYPES or a.dtype is None:
+            found.append(node)
+    return found
+
+
+class QuantizeActivationsPass(InPlacePass):
+    """Put a QuantizeLinear -> DequantizeLinear pair on each planned node input (one Q per tensor)."""
+
+    def __init__(self, plan: ActivationPlan) -> None:
+        super().__init__()
+        self.plan = {name: dict(inputs) for name, inputs in plan.items()}
+        self.quantized_tensors = 0
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 0)
+        if self.plan and opset < W8A8_MIN_OPSET:
+            raise PreconditionError(
+                f"the model's opset is {opset}; W8A8 QDQ needs opset {W8A8_MIN_OPSET} or later: re-export it"
+            )
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        q_out: dict[int, tuple[ir.Value, ActivationQParams, ir.Value, ir.Value]] = {}  # id(x) -> Q output, grid, scale, zp
+        count = 0
+        for node in list(graph):
+            inputs = self.plan.get(node.name) if node.name else None
+            if not inputs:
+                continue
+            for index, qp in sorted(inputs.items()):
+                x = node.inputs[index]
+                if x is None:
+                    raise PreconditionError(f"{node.name}: input {index} is missing")
+                base = x.name or f"{node.name}_in{index}"
+                if id(x) not in q_out:
+                    dtype = x.dtype if x.dtype in FLOAT_TYPES else ir.DataType.FLOAT
+                    scale = add_initializer(graph, f"{base}_act_scale", np.array(qp.scale, dtype=dtype.numpy()))
+                    zp = add_initializer(graph, f"{base}_act_zero_point",
+                                         np.array(qp.zero_point, dtype=np.int8 if qp.signed else np.uint8))
+                    q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_QuantizeLinear",
+                                outputs=[ir.Value(name=f"{base}_quantized")])
+                    producer = x.producer()
+                    if producer is None:  # a graph input: before its first consumer (graph order)
+                        graph.insert_before(node, q)
+                    else:
+                        graph.insert_after(producer, q)
+                    q_out[id(x)] = (q.outputs[0], qp, scale, zp)
+                    self.quantized_tensors += 1
+                xq, shared_qp, scale, zp = q_out[id(x)]
+                assert shared_qp == qp, f"{base}: consumers ask for different grids ({shared_qp} vs {qp})"
+                dq = ir.node("DequantizeLinear", [xq, scale, zp], name=f"{node.name}_in{index}_DequantizeLinear",
+                             outputs=[ir.Value(name=f"{node.name}_in{index}_dq")])
+                graph.insert_before(node, dq)
+                node.replace_input_with(index, dq.outputs[0])
+                count += 1
+        logger.info("W8A8: %d activation tensors quantized (per tensor, static), read by %d node inputs",
+                    self.quantized_tensors, count)
+        return PassResult(model, modified=count > 0)

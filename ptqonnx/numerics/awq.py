@@ -1,0 +1,272 @@
+"""AWQ: activation-aware weight scaling and clipping (Lin et al. 2024, arXiv:2306.00978).
+
+Problem. Linear layers y_i = x W_iᵀ (W_i [N_i, K]) read one activation x [n, K]. For any s [K] > 0,
+
+    x W_iᵀ = (x diag(s)⁻¹) (W_i diag(s))ᵀ
+
+exactly in float (the 1/s is folded into x's producer, see `passes/fold_scales.py`), but not after
+quantizing: the paper's eq. 2-3 show that scaling a salient input channel up (s > 1) shrinks its relative
+rounding error by ~1/s while barely changing the block's step Δ. AWQ searches (eq. 4)
+
+    s* = argmin_s  L(s),   L(s) = Σ_i ‖ x W_iᵀ − (x diag(s)⁻¹) Q(W_i diag(s))ᵀ ‖²_F
+
+over the one-parameter family of eq. 5, s = s_x^α with s_x[k] = mean_r |x[r, k]| (the per-channel mean
+magnitude over all calibration rows) and α on a grid. As the reference (llm-awq `auto_scale.py`):
+α ∈ {0, 1/grid, …, (grid−1)/grid}; s = max(s_x^α, 1e-4); s /= sqrt(max(s)·min(s)) (centres s around 1 in
+log scale, so the fold does not move the producer's range much). α = 0 gives s = 1 exactly, so
+L(s*) ≤ L(1) = the RTN error: AWQ is never worse than RTN on the search data. Q is our blockwise grid
+(`quant.py`, MLAS convention) computed in torch bit for bit as `quant.fake_quantize`, and W·s rounds to
+float32 exactly as `FoldScalesPass` writes it, so the planned weights are the ones the search scored.
+
+Error evaluation. With ΔW_i = Q(W_i s)/s − W_i [N_i, K] (the effective weight error in x's units),
+L(s) = Σ_i ‖x ΔW_iᵀ‖² = Σ_i tr(ΔW_i G ΔW_iᵀ), G = xᵀx [K, K]: the Gram form costs N·K² per α instead
+of n·N·K and is used when K ≤ n; otherwise x ΔWᵀ is formed directly. Both run over chunks of output
+rows (Q is row-local), so memory stays O(chunk · max(K, n)).
+
+Clipping (llm-awq `auto_clip.py`). Per output row n and block g, shrink the block's range by a ratio
+r ∈ {1, 1 − 1/grid, …} down to 1 − max_shrink (exclusive, as the reference) and keep the r minimising the
+block's own contribution to the output error,
+
+    e[n, g](r) = ‖x_g (w[n, g] − Q_r(w[n, g]))ᵀ‖² = d G_gg dᵀ,   d = Q_r(w[n, g]) − w[n, g],
+
+with G_gg the g-th diagonal block of xᵀx (the reference's `(input_feat * w).sum(-1)` per group, summed
+instead of averaged over rows). r = 1 is tried first and only a strictly smaller error replaces it, so
+clipping never increases any block's error on the search data. The ratio is applied the way
+`quantize_weight(clip_ratio=r)` does (the grid of r·range, values beyond it saturate at the grid ends),
+which for the symmetric grid equals the reference's clamp(w, ±r·max|w|) followed by quantization;
+`clip_weight` performs that clamp for solvers that choose their own grids (GPTQ after AWQ).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptqonnx.numerics.quant import SUPPORTED_BITS, num_blocks
+
+__all__ = ["AwqScale", "awq_scale", "clip_grid", "search_scales", "search_clip", "clip_weight", "torch_fake_quantize"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_ELEMENTS = 1 << 22  # elements of the largest temporary per chunk of output rows (16 MiB in float32)
+
+
+@dataclass(frozen=True)
+class AwqScale:
+    """Result of the scale search for one group."""
+
+    s: np.ndarray  # float32 [K]: weights' input channels × s, the activation ÷ s (all ones when alpha = 0)
+    alpha: float
+    alphas: np.ndarray  # float64 [grid]
+    errors: np.ndarray  # float64 [grid]: L(s_x^alpha); errors[0] (alpha = 0) is RTN's error
+
+    @property
+    def rtn_error(self) -> float:
+        return float(self.errors[0])
+
+    @property
+    def error(self) -> float:
+        return float(self.errors[int(np.argmin(self.errors))])
+
+
+def _check(bits: int, grid: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if grid < 1:
+        raise ValueError(f"grid must be at least 1, got {grid}")
+
+
+def _round_half_away(t):
+    import torch
+
+    return torch.sign(t) * torch.floor(t.abs() + 0.5)
+
+
+def torch_fake_quantize(w, bits: int, block_size: int, symmetric: bool, clip_ratio=None):
+    """torch twin of `quant.fake_quantize` (same float32 operations, same results bit for bit).
+
+    w: float32 tensor [N, K]; clip_ratio: None, a float or a tensor broadcasting to [N, k_blocks].
+    """
+    import torch
+
+    n, k = w.shape
+    kb = num_blocks(k, block_size)
+    wb = torch.nn.functional.pad(w, (0, kb * block_size - k)).view(n, kb, block_size)
+    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
+    hi, lo = wb.amax(dim=-1), wb.amin(dim=-1)  # [N, kb]
+    if symmetric:
+        extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
+        if clip_ratio is not None:
+            extreme = extreme * clip_ratio
+        scale = extreme / -mid
+        zp = torch.full_like(scale, float(mid))
+    else:
+        if clip_ratio is not None:
+            lo, hi = lo * clip_ratio, hi * clip_ratio
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = (hi - lo) / qmax
+        nz = scale != 0
+        zp = torch.where(nz, -lo / torch.where(nz, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+        zp = _round_half_away(zp).clamp(0, qmax)
+    s, z = scale[..., None], zp[..., None]
+    inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    q = _round_half_away(wb * inv + z).clamp(0, qmax)
+    return ((q - z) * s).reshape(n, kb * block_size)[:, :k]
+
+
+def awq_scale(mean_abs, alpha: float):
+    """s = max(mean_abs^alpha, 1e-4) / sqrt(max · min) (llm-awq's normalisation); torch float32 [K] in and out."""
+    s = mean_abs.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_scales(
+    x: np.ndarray,
+    weights: Sequence[np.ndarray],
+    *,
+    bits: int,
+    block_size: int | None,
+    symmetric: bool,
+    grid: int = 20,
+    mean_abs: np.ndarray | None = None,
+    device: str = "cpu",
+) -> AwqScale:
+    """AWQ's per-input-channel scale for the layers W_i [N_i, K] reading x (sample rows [n, K]).
+
+    `mean_abs` [K] is s_x (defaults to mean |x| over the sample rows); `block_size=None` = per channel.
+    Returns the s of the α ∈ {0, 1/grid, …} with the least summed output error (ties: the smaller α).
+    """
+    import torch
+
+    _check(bits, grid)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty 2-D sample [n, K], got shape {x.shape}")
+    n, k = x.shape
+    if not weights or any(np.ndim(w) != 2 or np.shape(w)[1] != k for w in weights):
+        raise ValueError(f"weights must be a non-empty list of [N_i, K={k}] arrays, got "
+                         f"{[np.shape(w) for w in weights]}")
+    bs = k if block_size is None else int(block_size)
+    if bs < 1:
+        raise ValueError(f"block_size must be positive or None, got {block_size}")
+    dev = torch.device(device)
+    xm = np.abs(x).mean(axis=0, dtype=np.float64) if mean_abs is None else np.asarray(mean_abs, np.float64)
+    if xm.shape != (k,) or not np.all(np.isfinite(xm)) or np.any(xm < 0):
+        raise ValueError(f"mean_abs must be finite, >= 0 and of shape ({k},), got shape {xm.shape}")
+    xm_t = torch.tensor(xm, dtype=torch.float32, device=dev)
+    xt = torch.from_numpy(x).to(dev)
+    gram = xt.T @ xt if k <= n else None  # [K, K]
+    ws = [torch.tensor(np.asarray(w), dtype=torch.float32, device=dev) for w in weights]
+
+    alphas = np.arange(grid, dtype=np.float64) / grid
+    errors = np.zeros(grid, dtype=np.float64)
+    best = None
+    for a, alpha in enumerate(alphas):
+        s = awq_scale(xm_t, float(alpha))  # [K]
+        err = 0.0
+        for w in ws:
+            rows = max(1, _CHUNK_ELEMENTS // max(k, n if gram is None else 0))
+            for r0 in range(0, w.shape[0], rows):
+                wc = w[r0 : r0 + rows]
+                dw = torch_fake_quantize(wc * s, bits, bs, symmetric) / s - wc  # [Nc, K]
+                if gram is not None:
+                    err += float(((dw @ gram) * dw).sum(dtype=torch.float64))
+                else:
+                    err += float((xt @ dw.T).square().sum(dtype=torch.float64))
+        errors[a] = err
+        if best is None or err < errors[best[0]]:
+            best = (a, s)
+    a_best, s_best = best
+    return AwqScale(s=s_best.cpu().numpy().astype(np.float32), alpha=float(alphas[a_best]), alphas=alphas,
+                    errors=errors)
+
+
+def clip_grid(grid: int, max_shrink: float) -> np.ndarray:
+    """Clip ratios tried, largest first: 1 − i/grid for i < max_shrink·grid (at least 1.0 itself)."""
+    if grid < 1 or not 0 <= max_shrink < 1:
+        raise ValueError(f"need grid >= 1 and 0 <= max_shrink < 1, got grid={grid}, max_shrink={max_shrink}")
+    steps = max(1, int(max_shrink * grid + 1e-9))
+    return 1.0 - np.arange(steps, dtype=np.float64) / grid
+
+
+def search_clip(
+    x: np.ndarray,
+    w: np.ndarray,
+    *,
+    bits: int,
+    block_size: int | None,
+    symmetric: bool,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    n_sample_rows: int | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Per-block clip ratios float32 [N, k_blocks] for W [N, K] on inputs x [n, K] (usable as
+    `quantize_weight(..., clip_ratio=ratios)`). `n_sample_rows` evenly strides x down to that many rows
+    (the reference uses 512; the Gram form makes all rows cheap, so the default keeps them all)."""
+    import torch
+
+    _check(bits, grid)
+    ratios = clip_grid(grid, max_shrink)
+    x = np.asarray(x, dtype=np.float32)
+    w = np.asarray(w, dtype=np.float32)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.shape[0] == 0:
+        raise ValueError(f"need x [n, K] and w [N, K] with the same K, got {x.shape} and {w.shape}")
+    if n_sample_rows is not None and x.shape[0] > n_sample_rows:
+        x = x[:: x.shape[0] // n_sample_rows][:n_sample_rows]
+    nw, k = w.shape
+    bs = k if block_size is None else int(block_size)
+    if bs < 1:
+        raise ValueError(f"block_size must be positive or None, got {block_size}")
+    kb = num_blocks(k, bs)
+    pad = kb * bs - k
+    dev = torch.device(device)
+    xb = torch.nn.functional.pad(torch.from_numpy(x).to(dev), (0, pad)).view(-1, kb, bs)
+    gram = torch.einsum("rgb,rgc->gbc", xb, xb)  # [kb, B, B], the diagonal blocks of xᵀx
+    wt = torch.from_numpy(w).to(dev)
+    best_ratio = np.ones((nw, kb), dtype=np.float32)
+    rows = max(1, _CHUNK_ELEMENTS // (k + kb * bs))
+    for r0 in range(0, nw, rows):
+        wc = wt[r0 : r0 + rows]
+        best_err = torch.full((wc.shape[0], kb), float("inf"), dtype=torch.float64, device=dev)
+        best = torch.ones((wc.shape[0], kb), dtype=torch.float32, device=dev)
+        for r in ratios:
+            d = torch.nn.functional.pad(torch_fake_quantize(wc, bits, bs, symmetric, float(r)) - wc, (0, pad))
+            d = d.view(-1, kb, bs)  # [Nc, kb, B]
+            err = (torch.einsum("ngb,gbc->ngc", d, gram) * d).sum(-1, dtype=torch.float64)  # [Nc, kb]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, float(r)), best)
+        best_ratio[r0 : r0 + rows] = best.cpu().numpy()
+    return best_ratio
+
+
+def clip_weight(w: np.ndarray, ratios: np.ndarray, *, bits: int, block_size: int | None, symmetric: bool) -> np.ndarray:
+    """W [N, K] clamped per block to the range of its clipped grid (llm-awq `apply_clip`), float32 [N, K].
+
+    The range is the one `quantize_weight(clip_ratio=r)` gives the block, so that choosing a grid from the
+    clamped block gives that grid again and the codes agree: asymmetric [r·min(min w, 0), r·max(max w, 0)];
+    symmetric, with e = r·m (m the block's signed extreme; MLAS's grid runs from e to −(mid−1)/mid·e,
+    −7e/8 for 4 bits), [min(e, −7e/8), max(e, −7e/8)]. (llm-awq clamps to ±r·max|w|; on our signed symmetric grid that would
+    make both ends tie and could flip the grid's sign.)
+    """
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    bs = k if block_size is None else int(block_size)
+    kb = num_blocks(k, bs)
+    ratios = np.broadcast_to(np.asarray(ratios, dtype=np.float32), (n, kb))
+    idx = np.arange(k) // bs
+    wb = np.pad(w, ((0, 0), (0, kb * bs - k))).reshape(n, kb, bs)
+    if symmetric:
+        bhi, blo = wb.max(axis=-1), wb.min(axis=-1)
+        e = np.where(np.abs(bhi) > np.abs(blo), bhi, blo) * ratios
+        mid = 1 << (bits - 1)
+        far = e * np.float32(-(mid - 1) / mid)  # the grid's other end: (qmax - mid)·scale = -(mid - 1)/mid · e
+        lo, hi = np.minimum(e, far), np.maximum(e, far)
+    else:
+        lo = np.minimum(wb.min(axis=-1), 0) * ratios
+        hi = np.maximum(wb.max(axis=-1), 0) * ratios
+    return np.clip(w, lo[:, idx], hi[:, idx]).astype(np.float32)

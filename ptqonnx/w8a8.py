@@ -1,0 +1,140 @@
+"""The W8A8 step of a compile (`--w8a8`, with `--method smoothquant` or `rtn`): calibrate, smooth, check, plan.
+
+1. one ORT run on the float model: per-channel |x| max of every group's activation; |x| max, min/max (and a
+   bounded row sample for `alpha auto`, `percentile` or smoothed `ort-cpu` grids) of every quantized input;
+2. SmoothQuant only: s per scaling group (`numerics.smoothquant`), folded by `FoldScalesPass`; the folded
+   float graph is run against the original on two calibration feeds and must agree to a max relative error
+   of 1e-4 per output, else nothing is quantized (RuntimeError: an internal folding bug, never user error);
+3. statistics of each smoothed activation x / s (`TensorStats.scaled`: per-channel maxima and the sample are
+   exact; the per-tensor min/max are not, so a symmetric range is max_j absmax_j / s_j and an asymmetric one
+   comes from the rescaled sample);
+4. returns the lowering passes: `LowerToQdqPass` (INT8 symmetric per-channel weights, re-read after folding)
+   and `QuantizeActivationsPass` (per-tensor static activation grids).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqonnx.calibration.observers import TensorStats
+from ptqonnx.graph import LinearSite, Skip, find_linear_sites
+from ptqonnx.numerics.smoothquant import (
+    ActivationQParams, activation_scale, auto_alpha, percentile_absmax, percentile_range, smooth_scales,
+)
+from ptqonnx.recipe import CompileConfig, W8A8Config
+
+__all__ = ["FOLD_TOLERANCE", "SAMPLE_ROWS", "prepare_w8a8", "activation_grid"]
+
+logger = logging.getLogger(__name__)
+
+FOLD_TOLERANCE = 1e-4
+SAMPLE_ROWS = 1024
+
+
+def activation_grid(stats: TensorStats, cfg: W8A8Config) -> ActivationQParams:
+    """The per-tensor grid of one (maybe rescaled) activation from its statistics."""
+    if cfg.calib_range == "percentile":
+        if cfg.symmetric:
+            a = percentile_absmax(stats.sample, cfg.percentile)
+            return activation_scale(-a, a, True)
+        return activation_scale(*percentile_range(stats.sample, cfg.percentile), False)
+    if cfg.symmetric:
+        a = float(stats.absmax.max())
+        return activation_scale(-a, a, True)
+    if stats.min is not None:
+        return activation_scale(stats.min, stats.max, False)
+    return activation_scale(float(stats.sample.min()), float(stats.sample.max()), False)
+
+
+def _max_rel_error(ref_model: ir.Model, model: ir.Model, feeds: list) -> float:
+    from ptqonnx.runtime.ort import make_session
+
+    sessions = [make_session(ir.to_proto(m).SerializeToString(), opt_level="disable") for m in (ref_model, model)]
+    names = [i.name for i in sessions[0].get_inputs()]
+    worst = 0.0
+    for feed in feeds:
+        ref, out = (s.run(None, {k: feed[k] for k in names}) for s in sessions)
+        for a, b in zip(ref, out):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)))
+    return worst
+
+
+def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report) -> tuple[
+        list, list[LinearSite], list[Skip]]:
+    """Calibrate, smooth (SmoothQuant) and plan `model` in place; returns (lowering passes, quantized sites, skips)."""
+    from ptqonnx.passes.fold_scales import FoldScalesPass
+    from ptqonnx.passes.qdq import LowerToQdqPass
+    from ptqonnx.passes.w8a8 import QuantizeActivationsPass, find_bmm_nodes, select_w8a8_sites
+    from ptqonnx.plan import plan_weights, rtn_solver
+    from ptqonnx.runtime.collect import collect_statistics
+    from ptqonnx.scaling import find_scaling_groups
+
+    wcfg, sq = cfg.w8a8, cfg.smoothquant
+    assert wcfg is not None
+    sites, skipped = select_w8a8_sites(sites, quantize_lm_head=wcfg.quantize_lm_head)
+    smooth = cfg.method == "smoothquant"
+    groups, group_skips = find_scaling_groups(model, sites) if smooth else ([], [])
+    for s in group_skips:
+        logger.info("%s: not smoothed (%s); quantized W8A8 without smoothing", s.node, s.reason)
+    bmm = find_bmm_nodes(model) if wcfg.quantize_bmm else []
+
+    auto = smooth and sq.alpha == "auto"
+    need_sample = auto or wcfg.calib_range == "percentile" or (smooth and not wcfg.symmetric)
+    kinds = {"absmax", "minmax"} | ({"sample"} if need_sample else set())
+    requests = {s.activation.name: set(kinds) for s in sites}
+    requests.update({v.name: set(kinds) for n in bmm for v in n.inputs[:2]})
+    stats = collect_statistics(model, feeds, requests, sample_rows=SAMPLE_ROWS)
+
+    scales: dict[str, np.ndarray] = {}
+    alphas: list[float] = []
+    for g in groups:
+        st = stats[g.name]
+        weights = [s.weight_nk() for s in g.sites]
+        if auto:
+            alpha, s, _ = auto_alpha(st.sample, weights, st.absmax,
+                                     lambda amax, smp: activation_grid(_view(st, amax, smp), wcfg))
+        else:
+            alpha, s = float(sq.alpha), smooth_scales(st.absmax, weights, float(sq.alpha))
+        alphas.append(alpha)
+        logger.debug("smoothquant %s: alpha %.2f, s in [%.3g, %.3g]", g.name, alpha, s.min(), s.max())
+        scales[g.name] = s
+    if scales:
+        original = model.clone()
+        fold = FoldScalesPass(scales, groups)
+        fold(model)
+        err = _max_rel_error(original, model, feeds[:2])
+        del original
+        if err > FOLD_TOLERANCE:
+            raise RuntimeError(f"internal error: the smoothed float graph differs from the original "
+                               f"(max relative error {err:.3g} > {FOLD_TOLERANCE}); nothing was quantized")
+        for name, s in scales.items():
+            stats = stats.scaled(name, s)
+        logger.info("smoothquant: %d groups (%d folded, %d with an inserted Mul), alpha %s; folded graph max "
+                    "relative error %.2g", len(groups), len(fold.folded), len(fold.inserted),
+                    f"auto (mean {np.mean(alphas):.2f})" if auto else sq.alpha, err)
+        report.calibration = (f"{len(feeds)} samples; smoothquant alpha {'auto' if auto else sq.alpha} on "
+                              f"{len(groups)} groups; folded graph max rel. error {err:.2g}")
+    else:
+        report.calibration = f"{len(feeds)} samples"
+
+    act_plan: dict[str, dict[int, ActivationQParams]] = {}
+    for s in sites:
+        act_plan[s.name] = {0: activation_grid(stats[s.activation.name], wcfg)}
+    for n in bmm:
+        act_plan[n.name] = {i: activation_grid(stats[n.inputs[i].name], wcfg) for i in (0, 1)}
+    # weights are re-read after folding: a folded weight may now live in a private copy
+    current = {s.name: s for s in find_linear_sites(model).sites}
+    sites = [current[s.name] for s in sites]
+    wplan = plan_weights(sites, rtn_solver(cfg.weights))
+    return [LowerToQdqPass(wplan), QuantizeActivationsPass(act_plan)], sites, skipped
+
+
+def _view(st: TensorStats, absmax: np.ndarray, sample: np.ndarray) -> TensorStats:
+    """`st` as it would be after smoothing (for auto alpha's candidate grids)."""
+    import dataclasses
+
+    return dataclasses.replace(st, absmax=absmax, sample=sample, min=None, max=None, minmax_stale=True)
