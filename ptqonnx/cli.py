@@ -60,16 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="quantize an ONNX model")
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method)")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="rtn",
-                   help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data)"
+    p.add_argument("--method", choices=["rtn", "gptq", "smoothquant", "awq", "awq+gptq"], default="rtn",
+                   help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data); "
+                   "smoothquant: W8A8 with activation outliers migrated into the weights (needs --w8a8)"
                    "; awq: activation-aware scales and clipping; awq+gptq: AWQ, then GPTQ")
-    p.add_argument("--wbits", type=int, choices=[4, 8], default=4, help="weight bits (default 4)")
+    p.add_argument("--wbits", type=int, choices=[4, 8], help="weight bits (default 4; 8 with --w8a8)")
     p.add_argument("--group-size", "--block-size", dest="group_size", type=int,
                    help="block length along K (default 128 for 4 bits; 8 bits default to per-channel; "
                    "0 = per-channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (default symmetric)")
-    p.add_argument("--format", choices=["matmulnbits", "qdq"], default="matmulnbits",
-                   help="com.microsoft MatMulNBits (ORT) or DequantizeLinear+MatMul (TensorRT, opset 21)")
+    p.add_argument("--format", choices=["matmulnbits", "qdq"],
+                   help="com.microsoft MatMulNBits (ORT; the default) or DequantizeLinear+MatMul (TensorRT, "
+                   "opset 21; implied by --w8a8)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4 = int8 activations inside the kernel)")
     p.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
@@ -89,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     g.add_argument("--no-insert", action="store_true",
                    help="refuse scaling groups whose 1/s no producer can absorb (no inserted Mul nodes)")
+    g = p.add_argument_group("W8A8 / SmoothQuant")
+    g.add_argument("--w8a8", action="store_true", help="INT8 weights (per channel) and INT8 activations "
+                   "(per tensor, static scales from calibration) as QDQ")
+    g.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or `auto` "
+                   "(grid search per group); default 0.5")
+    g.add_argument("--target", choices=["tensorrt", "ort-cpu"], default="tensorrt",
+                   help="tensorrt: symmetric int8 activations (default); ort-cpu: asymmetric uint8 activations")
+    g.add_argument("--calib-range", choices=["minmax", "percentile"], default="minmax",
+                   help="activation range from calibration: full min/max (default) or a percentile of |x|")
+    g.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-range percentile")
+    g.add_argument("--quantize-bmm", action="store_true", help="also quantize attention's activation MatMuls")
+    g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head in W8A8")
     _add_calib_args(p)
 
     p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz")
@@ -166,23 +180,34 @@ def _calib_config(args):
 
 
 def _compile_config(args):
-    from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, WeightQuantConfig
+    from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
 
+    if args.method == "smoothquant" and not args.w8a8:
+        raise UserError("smoothquant emits W8A8; pass --w8a8")
+    wbits = args.wbits or (8 if args.w8a8 else 4)
     group = args.group_size
     if group is None:
-        group = 128 if args.wbits == 4 else None
+        group = 128 if wbits == 4 else None
     elif group == 0:
         group = None
+    fmt = args.format or ("qdq" if args.w8a8 else "matmulnbits")
+    try:
+        alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
+    except ValueError:
+        raise UserError(f"--alpha must be a number in [0, 1] or auto, got {args.alpha!r}") from None
     try:
         weights = WeightQuantConfig(
-            bits=args.wbits, group_size=group, symmetric=not args.asym, format=args.format,
+            bits=wbits, group_size=group, symmetric=not args.asym, format=fmt,
             accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head,
             quantize_embeddings=args.quantize_embeddings, exclude=tuple(args.exclude),
         )
         gptq = GptqConfig(damp=args.damp, act_order=not args.no_act_order, sequential=not args.one_shot,
                           device=args.device)
+        w8a8 = W8A8Config(target=args.target, calib_range=args.calib_range, percentile=args.percentile,
+                          quantize_bmm=args.quantize_bmm, quantize_lm_head=args.quantize_lm_head) if args.w8a8 else None
         awq = AwqConfig(grid=args.awq_grid, clip=not args.no_clip, no_insert=args.no_insert, device=args.device)
-        return CompileConfig(method=args.method, weights=weights, gptq=gptq, awq=awq)
+        return CompileConfig(method=args.method, weights=weights, gptq=gptq, awq=awq,
+                             smoothquant=SmoothQuantConfig(alpha=alpha), w8a8=w8a8)
     except ValueError as exc:
         raise UserError(f"{exc}") from None
 
@@ -204,6 +229,8 @@ def _cmd_compile(args) -> None:
           + f"; skipped {len(report.skipped)}")
     for reason, n in report.skip_summary():
         print(f"  skipped {n}: {reason}")
+    if cfg.w8a8 is not None:
+        print(f"W8A8 ({cfg.w8a8.target}): calibration {report.calibration}")
     if report.losses:
         print(f"calibration: {report.calibration}; GPTQ loss summed over layers {sum(report.losses.values()):.4g}")
     if report.awq_alpha:

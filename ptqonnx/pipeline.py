@@ -61,6 +61,8 @@ class CompileReport:
 
 def default_output_path(input_path: Path, cfg: CompileConfig) -> Path:
     w = cfg.weights
+    if cfg.w8a8 is not None:
+        return input_path.with_name(f"{input_path.stem}.{cfg.method}_w8a8.onnx")
     tag = f"{cfg.method}_w{w.bits}" + (f"g{w.group_size}" if w.group_size else "") + ("" if w.symmetric else "_asym")
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
@@ -331,14 +333,19 @@ def compile_model(
         from ptqonnx.calibration.sources import CalibConfig, calibration_batches
 
         feeds = calibration_batches(calibration or CalibConfig(), src.parent, [v.name for v in model.graph.inputs])
-    if cfg.method in ("awq", "awq+gptq"):
-        sites, plan = _plan_awq(model, sites, cfg, feeds, report, progress)
-    elif cfg.method == "gptq":
-        plan = _plan_gptq(model, sites, cfg, feeds, report, progress)
+    if cfg.w8a8 is not None:
+        from ptqonnx.w8a8 import prepare_w8a8
+
+        passes, sites, w8a8_skipped = prepare_w8a8(model, sites, cfg, feeds, report)
+        report.skipped += w8a8_skipped
     else:
-        plan = plan_weights(sites, rtn_solver(w))
-    lower = LowerToMatMulNBitsPass(plan, w.accuracy_level) if w.format == "matmulnbits" else LowerToQdqPass(plan)
-    passes = [lower]
+        if cfg.method in ("awq", "awq+gptq"):
+            sites, plan = _plan_awq(model, sites, cfg, feeds, report, progress)
+        elif cfg.method == "gptq":
+            plan = _plan_gptq(model, sites, cfg, feeds, report, progress)
+        else:
+            plan = plan_weights(sites, rtn_solver(w))
+        passes = [LowerToMatMulNBitsPass(plan, w.accuracy_level) if w.format == "matmulnbits" else LowerToQdqPass(plan)]
     emb = QuantizeEmbeddingsPass(4, w.group_size or 128, w.symmetric) if w.quantize_embeddings else None
     if emb is not None:
         passes.append(emb)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["METHODS", "FORMATS", "WeightQuantConfig", "GptqConfig", "AwqConfig", "CompileConfig"]
+__all__ = [
+    "METHODS", "FORMATS", "TARGETS", "CALIB_RANGES", "WeightQuantConfig", "GptqConfig", "AwqConfig", "SmoothQuantConfig",
+    "W8A8Config", "CompileConfig",
+]
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "smoothquant", "awq", "awq+gptq")
+TARGETS = ("tensorrt", "ort-cpu")
+CALIB_RANGES = ("minmax", "percentile")
 FORMATS = ("matmulnbits", "qdq")
 
 
@@ -78,6 +83,51 @@ class GptqConfig:
 
 
 @dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant (Xiao et al. 2023): `alpha` in [0, 1] migrates activation range into the weights
+    (s_j = max|X_j|^alpha / max|W_j|^(1-alpha)), or "auto": grid search per scaling group."""
+
+    alpha: float | str = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
+        elif not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class W8A8Config:
+    """INT8 weights (symmetric, per output channel) and INT8 activations (per tensor, static scales).
+
+    target: `tensorrt` = symmetric int8 activations, zero point 0 (TensorRT takes no other);
+    `ort-cpu` = asymmetric uint8 activations (ORT's CPU EP fuses shared uint8 Q/DQ into MatMulIntegerToFloat,
+    shared int8 ones not).
+    calib_range: `minmax` (full range) or `percentile` (clip |x| at `percentile` of the sampled rows).
+    quantize_bmm: also quantize attention's activation x activation MatMuls; quantize_lm_head: the LM head too.
+    """
+
+    target: str = "tensorrt"
+    calib_range: str = "minmax"
+    percentile: float = 99.99
+    quantize_bmm: bool = False
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.calib_range not in CALIB_RANGES:
+            raise ValueError(f"calibration range must be one of {', '.join(CALIB_RANGES)}, got {self.calib_range!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.target == "tensorrt"
+
+
+@dataclass(frozen=True)
 class AwqConfig:
     """AWQ (Lin et al. 2024): per scaling group s = mean|x|^alpha with alpha on a `grid` in [0, 1); `clip`:
     per-block range shrinking search; `no_insert`: refuse groups whose 1/s needs an explicit Mul;
@@ -108,11 +158,22 @@ class CompileConfig:
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     gptq: GptqConfig = field(default_factory=GptqConfig)
     awq: AwqConfig = field(default_factory=AwqConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    w8a8: W8A8Config | None = None  # None: weight-only
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "smoothquant" and self.w8a8 is None:
+            raise ValueError("smoothquant emits W8A8; pass --w8a8")
+        if self.w8a8 is not None:
+            w = self.weights
+            if self.method not in ("rtn", "smoothquant"):
+                raise ValueError(f"--w8a8 goes with --method smoothquant or rtn, not {self.method}")
+            if (w.bits, w.group_size, w.symmetric, w.format) != (8, None, True, "qdq") or w.quantize_embeddings:
+                raise ValueError("W8A8 weights are INT8 symmetric per output channel in QDQ form; drop --wbits, "
+                                 "--group-size, --asym, --format and --quantize-embeddings")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method != "rtn" or self.w8a8 is not None
