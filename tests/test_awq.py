@@ -90,7 +90,8 @@ def test_clipping_never_increases_a_blocks_error(symmetric):
         xg = x.astype(np.float64).reshape(-1, 4, 32)
         return np.einsum("rgb,ngb->rng", xg, d).__pow__(2).sum(0).T
 
-    clipped, plain = block_err(fake_quantize(w, 4, 32, symmetric, ratios)), block_err(fake_quantize(w, 4, 32, symmetric))
+    clipped = block_err(fake_quantize(w, 4, 32, symmetric, ratios))
+    plain = block_err(fake_quantize(w, 4, 32, symmetric))
     assert np.all(clipped <= plain * (1 + 1e-5) + 1e-9)
     assert clipped.sum() < 0.99 * plain.sum()
 
@@ -101,7 +102,8 @@ def test_clip_weight_gives_the_clip_ratio_grid(symmetric, bits):
     rng = np.random.default_rng(5)
     w = rng.standard_normal((16, 64)).astype(np.float32)
     ratios = rng.choice(clip_grid(20, 0.5), (16, 2)).astype(np.float32)
-    assert np.array_equal(fake_quantize(clip_weight(w, ratios, bits=bits, block_size=32, symmetric=symmetric), bits, 32, symmetric),
+    clamped = clip_weight(w, ratios, bits=bits, block_size=32, symmetric=symmetric)
+    assert np.array_equal(fake_quantize(clamped, bits, 32, symmetric),
                           fake_quantize(w, bits, 32, symmetric, ratios))
 
 
@@ -144,7 +146,8 @@ def _norm_graph(tmp_path, extra_consumer: bool):
     rng = np.random.default_rng(0)
     outs = "float[B, S, 32] y, float[B, S, 48] z" + (", float[B, S, 64] r" if extra_consumer else "")
     # Neg after each MatMul: a MatMul feeding a graph output directly counts as the LM head (not scaled)
-    body = "h = Mul(x, gamma)\n y1 = MatMul(h, w1)\n y = Neg(y1)\n z1 = MatMul(h, w2)\n z = Neg(z1)" + ("\n r = Relu(h)" if extra_consumer else "")
+    body = "h = Mul(x, gamma)\n y1 = MatMul(h, w1)\n y = Neg(y1)\n z1 = MatMul(h, w2)\n z = Neg(z1)"
+    body += "\n r = Relu(h)" if extra_consumer else ""
     proto = model_from_text(f"{_HDR} g (float[B, S, 64] x) => ({outs}) {{ {body} }}", {
         "gamma": rng.uniform(0.5, 1.5, 64).astype(np.float32),
         "w1": rng.standard_normal((64, 32)).astype(np.float32),

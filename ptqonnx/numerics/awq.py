@@ -250,8 +250,8 @@ def clip_weight(w: np.ndarray, ratios: np.ndarray, *, bits: int, block_size: int
     The range is the one `quantize_weight(clip_ratio=r)` gives the block, so that choosing a grid from the
     clamped block gives that grid again and the codes agree: asymmetric [r·min(min w, 0), r·max(max w, 0)];
     symmetric, with e = r·m (m the block's signed extreme; MLAS's grid runs from e to −(mid−1)/mid·e,
-    −7e/8 for 4 bits), [min(e, −7e/8), max(e, −7e/8)]. (llm-awq clamps to ±r·max|w|; on our signed symmetric grid that would
-    make both ends tie and could flip the grid's sign.)
+    −7e/8 for 4 bits), [min(e, −7e/8), max(e, −7e/8)]. (llm-awq clamps to ±r·max|w|; on our signed
+    symmetric grid that would make both ends tie and could flip the grid's sign.)
     """
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
