@@ -57,7 +57,9 @@ def _is_gemv(site: LinearSite) -> bool:
     return rows_one or site.N == 1 or site.K == 1
 
 
-def select_w8a8_sites(sites: list[LinearSite], *, quantize_lm_head: bool = False) -> tuple[list[LinearSite], list[Skip]]:
+def select_w8a8_sites(
+    sites: list[LinearSite], *, quantize_lm_head: bool = False
+) -> tuple[list[LinearSite], list[Skip]]:
     """The sites W8A8 quantizes, and a Skip (with its reason) for each one left in float."""
     chosen, skipped = [], []
     for s in sites:
@@ -103,7 +105,8 @@ class QuantizeActivationsPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        q_out: dict[int, tuple[ir.Value, ActivationQParams, ir.Value, ir.Value]] = {}  # id(x) -> Q output, grid, scale, zp
+        # id(x) -> (Q output, grid, scale, zero point)
+        q_out: dict[int, tuple[ir.Value, ActivationQParams, ir.Value, ir.Value]] = {}
         count = 0
         for node in list(graph):
             inputs = self.plan.get(node.name) if node.name else None

@@ -243,7 +243,9 @@ def test_tiny_llama_smoothquant_w8a8(tmp_path, tiny_export):
                                      32, 1))[0])[None]
     ref = run(src, {"input_ids": ids})[0]
     mse = {}
-    for name, cfg in {"bmm": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn"), "auto": _w8a8(alpha="auto")}.items():
+    configs = {"bmm": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn"), "auto": _w8a8(alpha="auto"),
+               "ort": _w8a8(target="ort-cpu")}
+    for name, cfg in configs.items():
         rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
         assert LM_HEAD_REASON in {s.reason for s in rep.skipped} and len(rep.quantized) == 14  # 15 less the LM head
         out = _loads_and_runs(rep.output_path, {"input_ids": ids})[0]
@@ -253,6 +255,8 @@ def test_tiny_llama_smoothquant_w8a8(tmp_path, tiny_export):
         # per layer: ln1 (q/k/v), attention output, ln2 (gate/up), down input; + QKᵀ and PV inputs with bmm
         assert n_q == 2 * (4 + (4 if name == "bmm" else 0)), (name, n_q)
     assert mse["auto"] <= 1.05 * mse["rtn"], mse  # no planted outliers here: auto must at least not hurt
+    # uint8 activations: ORT's CPU EP turns all 14 layers (q/k/v and gate/up share a Q) into MatMulIntegerToFloat
+    assert _optimized_ops(tmp_path / "ort.onnx", tmp_path).count("MatMulIntegerToFloat") == 14
 
 
 # -- configuration --------------------------------------------------------------------------------------
