@@ -27,7 +27,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from ptqonnx.graph import add_initializer
 from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points
 from ptqonnx.numerics.quant import QuantizedWeight
-from ptqonnx.plan import WeightPlan
+from ptqonnx.plan import WeightPlan, planned_nodes
 
 __all__ = ["LowerToMatMulNBitsPass", "MS_DOMAIN", "PER_CHANNEL_BLOCK", "matmulnbits_block_size", "as_blockwise"]
 
@@ -68,10 +68,7 @@ class LowerToMatMulNBitsPass(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         count = 0
-        for node in list(graph):
-            planned = self.plan.get(node.name) if node.name else None
-            if planned is None or planned.site.node is not node:
-                continue
+        for node, planned in planned_nodes(graph, self.plan):
             site, qw = planned.site, as_blockwise(planned.qweight)
             bs = qw.block_size
             if matmulnbits_block_size(bs) != bs:

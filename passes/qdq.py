@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
 from ptqonnx.graph import add_initializer
-from ptqonnx.plan import WeightPlan
+from ptqonnx.plan import WeightPlan, planned_nodes
 
 __all__ = ["LowerToQdqPass", "QDQ_MIN_OPSET"]
 
@@ -61,10 +61,7 @@ class LowerToQdqPass(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         count = 0
-        for node in list(graph):
-            planned = self.plan.get(node.name) if node.name else None
-            if planned is None or planned.site.node is not node:
-                continue
+        for node, planned in planned_nodes(graph, self.plan):
             site, qw = planned.site, planned.qweight
             code_type = _CODE_TYPES[(qw.bits, qw.symmetric)]
             q = qw.q.astype(np.int16)  # [N, K]

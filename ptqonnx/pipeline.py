@@ -26,7 +26,7 @@ from ptqonnx.graph import LinearSite, Skip, find_linear_sites
 from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
-from ptqonnx.plan import PlannedWeight, gptq_solver, plan_weights, rtn_solver
+from ptqonnx.plan import plan_weights, rtn_solver
 from ptqonnx.recipe import CompileConfig
 
 __all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path", "run_passes"]
@@ -34,7 +34,6 @@ __all__ = ["CompileReport", "compile_model", "load_model", "save_model", "defaul
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers above which weights go to a .data file
-FOLD_TOLERANCE = 1e-4  # max relative change of the float outputs allowed when folding scales
 
 
 @dataclass
@@ -145,153 +144,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report: CompileReport,
-               progress: Callable[[str], None] | None,
-               weight_of: Callable[[LinearSite], object] | None = None) -> dict[str, PlannedWeight]:
-    """GPTQ plan: block by block on the partly quantized model, or one-shot Hessians when the graph has no
-    residual-stream cut (or `sequential` is off). `weight_of(site)` is the W [N, K] GPTQ starts from
-    (default: the graph's weight; AWQ passes the clipped one)."""
-    from ptqonnx.blocks import find_blocks
-    from ptqonnx.numerics.gptq import hessian_from_xtx
-    from ptqonnx.numerics.quant import dequantize_weight
-
-    weight_of = weight_of or LinearSite.weight_nk
-    blocks = find_blocks(model, sites) if cfg.gptq.sequential else []
-    if len(blocks) >= 2:
-        from ptqonnx.runtime.sequential import run_sequential
-
-        plan: dict[str, PlannedWeight] = {}
-        hessians: dict[str, object] = {}
-        solve = gptq_solver(cfg.weights, cfg.gptq, lambda site: hessians[site.activation.name], report.losses)
-
-        def solve_stage(block, stage, stats):
-            hessians[stage.activation] = hessian_from_xtx(stats.xtx, stats.count)
-            updates = {}
-            for site in stage.sites:
-                qw = solve(site, weight_of(site))
-                plan[site.name] = PlannedWeight(site, qw)
-                updates[site.name] = dequantize_weight(qw)
-            del hessians[stage.activation]
-            return updates
-
-        def on_stage(block, stage, seconds):
-            if progress is not None:
-                losses = ", ".join(f"{s.weight_name} {report.losses[s.weight_name]:.4g}" for s in stage.sites)
-                progress(f"block {block.index + 1}/{len(blocks)} ({seconds:.1f} s) GPTQ loss: {losses}")
-
-        run_sequential(model, blocks, feeds, solve_stage, progress=on_stage)
-        report.calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
-        return plan
-    if cfg.gptq.sequential:
-        logger.warning("no residual-stream cut found in the graph: GPTQ falls back to one-shot Hessians "
-                       "from the float model")
-    from ptqonnx.runtime.collect import collect_statistics
-
-    stats = collect_statistics(model, feeds, {s.activation.name: {"xtx"} for s in sites})
-    report.calibration = f"one-shot, {len(feeds)} samples"
-
-    def hessian_of(site):
-        st = stats[site.activation.name]
-        return hessian_from_xtx(st.xtx, st.count)
-
-    solve = gptq_solver(cfg.weights, cfg.gptq, hessian_of, report.losses)
-    return plan_weights(sites, lambda site, _: solve(site, weight_of(site)))
-
-
-def _float_outputs(model: ir.Model, feeds: list) -> list[list]:
-    """The float model's graph outputs on `feeds` (an ORT session on a clone; the model is untouched)."""
-    from ptqonnx.runtime.collect import instrumented_session
-
-    with instrumented_session(model, []) as (sess, _):
-        names = [i.name for i in sess.get_inputs()]
-        return [sess.run(None, {k: f[k] for k in names}) for f in feeds]
-
-
-def _plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report: CompileReport,
-              progress: Callable[[str], None] | None) -> tuple[list[LinearSite], dict[str, PlannedWeight]]:
-    """AWQ (`ptqonnx.numerics.awq`): mean |x| and a row sample of every site's activation from one float
-    calibration run; a scale search per scaling group, folded exactly (checked in ORT on two calibration
-    feeds: max |y' - y| / max |y| <= FOLD_TOLERANCE per output, else RuntimeError); a clip search per site
-    on the rescaled sample; then RTN with the clip ratios (`awq`) or GPTQ on the scaled weights clamped to
-    their clipped ranges (`awq+gptq`). The LM head's group is not scaled unless `scale_lm_head` (as llm-awq,
-    which leaves lm_head alone); it is still clipped. Returns the sites re-scanned after folding and the plan.
-    """
-    import numpy as np
-
-    from ptqonnx.numerics.awq import clip_weight, search_clip, search_scales
-    from ptqonnx.passes.fold_scales import FoldScalesPass
-    from ptqonnx.plan import block_size_for
-    from ptqonnx.runtime.collect import collect_statistics
-    from ptqonnx.scaling import find_scaling_groups
-
-    acfg, w = cfg.awq, cfg.weights
-    groups, _ = find_scaling_groups(model, sites)
-    if not acfg.scale_lm_head:
-        groups = [g for g in groups if not any(s.is_lm_head for s in g.sites)]
-    refused = [g.name for g in groups if g.kind == "mul_insert"]
-    if acfg.no_insert and refused:
-        raise UserError(f"--no-insert: {len(refused)} scaling groups have no producer that can absorb 1/s "
-                        f"(their activation has other consumers or is a graph input) and would need an inserted "
-                        f"Mul: {refused[:5]}; drop --no-insert or --exclude their MatMuls")
-    stats = collect_statistics(model, feeds, {s.activation.name: {"mean_abs", "sample"} for s in sites},
-                               sample_rows=acfg.sample_rows)
-    report.calibration = f"one-shot, {len(feeds)} samples"
-    check_feeds = feeds[:2]
-    reference = _float_outputs(model, check_feeds)
-
-    scales: dict[str, np.ndarray] = {}
-    for i, g in enumerate(groups):
-        st = stats[g.name]
-        res = search_scales(st.sample, [s.weight_nk() for s in g.sites], bits=w.bits,
-                            block_size=block_size_for(w, g.K), symmetric=w.symmetric, grid=acfg.grid,
-                            mean_abs=st.mean_abs, device=acfg.device)
-        scales[g.name] = res.s
-        report.awq_alpha[g.name] = res.alpha
-        line = (f"AWQ scales {i + 1}/{len(groups)} {g.name} ({len(g.sites)} sites, {g.kind}): alpha={res.alpha:.2f}, "
-                f"output error {res.rtn_error:.4g} -> {res.error:.4g} ({res.error / max(res.rtn_error, 1e-30):.1%})")
-        logger.info(line)
-        if progress is not None:
-            progress(line)
-    fold = FoldScalesPass(scales, groups, no_insert=acfg.no_insert)
-    run_passes([fold], model)
-    report.scales_folded, report.scales_inserted = list(fold.folded), list(fold.inserted)
-    err = 0.0
-    for ref, out in zip(reference, _float_outputs(model, check_feeds)):
-        for y, y2 in zip(ref, out):
-            err = max(err, float(np.abs(y2 - y).max() / max(float(np.abs(y).max()), 1e-30)))
-    report.fold_max_rel_err = err
-    if not err <= FOLD_TOLERANCE:
-        raise RuntimeError(f"internal error: the float model changed when AWQ scales were folded (max relative "
-                           f"output error {err:.3g} > {FOLD_TOLERANCE:g} on {len(check_feeds)} calibration feeds)")
-    logger.info("AWQ: %d groups folded into their producer, %d with an inserted Mul; float outputs unchanged "
-                "(max relative error %.2g)", len(fold.folded), len(fold.inserted), err)
-    for name, s in scales.items():  # the sites now read x / s (under a new name where a Mul was inserted)
-        if name in fold.folded or name in fold.inserted:
-            stats = stats.replace(fold.renamed.get(name, name), stats[name].scaled(s))
-
-    names = {s.name for s in sites}
-    sites = [s for s in find_linear_sites(model).sites if s.name in names]  # weights are the scaled copies now
-    assert len(sites) == len(names), "folding changed the set of linear sites"
-    ratios: dict[str, np.ndarray] = {}
-    if acfg.clip:
-        for site in sites:
-            ratios[site.name] = search_clip(stats[site.activation.name].sample, site.weight_nk(), bits=w.bits,
-                                            block_size=block_size_for(w, site.K), symmetric=w.symmetric,
-                                            grid=acfg.grid, device=acfg.device)
-            logger.debug("AWQ clip %s: mean ratio %.3f", site.name, float(ratios[site.name].mean()))
-        clipped = sum(int((r < 1).sum()) for r in ratios.values())
-        logger.info("AWQ clip: %d of %d blocks clipped", clipped, sum(r.size for r in ratios.values()))
-    if cfg.method == "awq":
-        return sites, plan_weights(sites, rtn_solver(w, ratios))
-
-    def weight_of(site: LinearSite) -> np.ndarray:
-        r = ratios.get(site.name)
-        return site.weight_nk() if r is None else clip_weight(site.weight_nk(), r, bits=w.bits,
-                                                              block_size=block_size_for(w, site.K), symmetric=w.symmetric)
-
-    return sites, _plan_gptq(model, sites, cfg, feeds, report, progress, weight_of)
-
-
 def compile_model(
     input_path: str | Path,
     output_path: str | Path | None,
@@ -340,9 +192,13 @@ def compile_model(
         report.skipped += w8a8_skipped
     else:
         if cfg.method in ("awq", "awq+gptq"):
-            sites, plan = _plan_awq(model, sites, cfg, feeds, report, progress)
+            from ptqonnx.awq import plan_awq
+
+            sites, plan = plan_awq(model, sites, cfg, feeds, report, progress)
         elif cfg.method == "gptq":
-            plan = _plan_gptq(model, sites, cfg, feeds, report, progress)
+            from ptqonnx.gptq import plan_gptq
+
+            plan = plan_gptq(model, sites, cfg, feeds, report, progress)
         else:
             plan = plan_weights(sites, rtn_solver(w))
         passes = [LowerToMatMulNBitsPass(plan, w.accuracy_level) if w.format == "matmulnbits" else LowerToQdqPass(plan)]

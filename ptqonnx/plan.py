@@ -19,6 +19,7 @@ from ptqonnx.recipe import GptqConfig, WeightQuantConfig
 
 __all__ = [
     "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_solver", "plan_weights", "block_size_for",
+    "planned_nodes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ class PlannedWeight:
 WeightPlan = Mapping[str, PlannedWeight]
 # (site, W [N, K] float32) -> quantized weight
 WeightSolver = Callable[[LinearSite, np.ndarray], QuantizedWeight]
+
+
+def planned_nodes(graph, plan: WeightPlan) -> list:
+    """(node, planned weight) for the nodes of `graph` that `plan` rewrites, in graph order; a snapshot, so
+    lowering passes may edit the graph while iterating."""
+    return [(n, plan[n.name]) for n in list(graph) if n.name in plan and plan[n.name].site.node is n]
 
 
 def block_size_for(cfg: WeightQuantConfig, k: int) -> int:

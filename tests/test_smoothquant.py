@@ -222,11 +222,13 @@ def test_encoder_layernorm_gemm_end_to_end(tmp_path):
 
 
 def test_folded_graph_mismatch_refuses_before_quantizing(tmp_path, monkeypatch):
-    import ptqonnx.w8a8 as w8a8
+    from ptqonnx.passes.fold_scales import FoldScalesPass
 
     src, npz, _ = _encoder(tmp_path)
-    monkeypatch.setattr(w8a8, "_max_rel_error", lambda *a: 1.0)
-    with pytest.raises(RuntimeError, match="differs from the original"):
+    original = FoldScalesPass._scale_const  # a fold that is 1 % off must be caught, and nothing written
+    monkeypatch.setattr(FoldScalesPass, "_scale_const",
+                        lambda self, graph, ref, factor: original(self, graph, ref, factor * 1.01))
+    with pytest.raises(RuntimeError, match="float model changed"):
         compile_model(src, tmp_path / "q.onnx", _w8a8(), calibration=CalibConfig(npz=npz))
     assert not (tmp_path / "q.onnx").exists()
 

@@ -1,0 +1,88 @@
+"""Fold per-channel activation scales into the graph and prove the float model did not change.
+
+Shared by AWQ and SmoothQuant: both rewrite Y = X W as Y = (X / s)(s W), with 1/s absorbed by X's
+producer (`passes/fold_scales.py`). In exact arithmetic the float graph is unchanged; this step checks it on
+calibration feeds (ORT, optimizations off: the float semantics) before anything is quantized, and carries
+the calibration statistics over exactly (max and mean by 1/s, XᵀX by diag(1/s) . diag(1/s)).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqonnx.calibration.stats import Statistics
+from ptqonnx.passes.fold_scales import FoldScalesPass
+from ptqonnx.scaling import ScalingGroup
+
+__all__ = ["FOLD_TOLERANCE", "FoldOutcome", "fold_scales_checked", "max_relative_error"]
+
+logger = logging.getLogger(__name__)
+
+FOLD_TOLERANCE = 1e-4  # max over outputs of max|y' - y| / max|y| allowed after folding
+
+
+@dataclass(frozen=True)
+class FoldOutcome:
+    folded: tuple[str, ...]  # activations whose 1/s a producer absorbed
+    inserted: tuple[str, ...]  # activations given an explicit Mul(x, 1/s)
+    max_rel_err: float
+    stats: Statistics | None  # the statistics of the activations the sites now read
+
+
+def _outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Graph outputs on `feeds` from an unoptimized ORT session on a clone (external data handled)."""
+    from ptqonnx.runtime.collect import instrumented_session
+
+    with instrumented_session(model, [], opt_level="disable") as (sess, _):
+        names = [i.name for i in sess.get_inputs()]
+        return [sess.run(None, {k: f[k] for k in names}) for f in feeds]
+
+
+def max_relative_error(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> float:
+    """max over feeds and outputs of max|y' - y| / max|y| (float64)."""
+    worst = 0.0
+    for ref, out in zip(before, after):
+        for a, b in zip(ref, out):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)))
+    return worst
+
+
+def fold_scales_checked(
+    model: ir.Model,
+    groups: Sequence[ScalingGroup],
+    scales: Mapping[str, np.ndarray],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    stats: Statistics | None = None,
+    no_insert: bool = False,
+    what: str = "scales",
+) -> FoldOutcome:
+    """Fold `scales` (activation name -> s [K]) into `model` in place and check the float outputs on `feeds`.
+
+    Raises RuntimeError (nothing is written by the caller) when they moved by more than FOLD_TOLERANCE.
+    `stats`, when given, is returned rescaled to what the sites read now (under an inserted Mul's new name).
+    """
+    from ptqonnx.pipeline import run_passes
+
+    before = _outputs(model, feeds)
+    fold = FoldScalesPass(dict(scales), list(groups), no_insert=no_insert)
+    run_passes([fold], model)
+    err = max_relative_error(before, _outputs(model, feeds))
+    if not err <= FOLD_TOLERANCE:
+        raise RuntimeError(
+            f"internal error: the float model changed when {what} were folded (max relative output error "
+            f"{err:.3g} > {FOLD_TOLERANCE:g} on {len(feeds)} calibration feeds); nothing was written"
+        )
+    if stats is not None:
+        for name, s in scales.items():
+            if name in fold.folded or name in fold.inserted:
+                stats = stats.replace(fold.renamed.get(name, name), stats[name].scaled(s))
+    logger.info("%s: %d groups folded into their producer, %d with an inserted Mul; float outputs unchanged "
+                "(max relative error %.2g)", what, len(fold.folded), len(fold.inserted), err)
+    return FoldOutcome(tuple(fold.folded), tuple(fold.inserted), err, stats)
