@@ -10,6 +10,9 @@ of two >= max(K, 16) when K is smaller), every block of a row repeating the row'
 the same numbers, but a block size ORT's MLAS kernels are fast for (a single K-long block, e.g. 1024 or
 2048, made an INT8 prefill 1.4x slower than FP32 here).
 
+A 3-bit plan is stored as 4-bit codes (0..7) with explicit zero points (bits=4 in the node): W3's grid and
+accuracy at W4's size, since MatMulNBits has no 3-bit packing.
+
 Requires: every planned node's name is unique. Updates: the planned nodes are replaced (same output
 value, so consumers and graph outputs are untouched); the old weight initializers are left for
 `RemoveUnusedNodesPass` (never mutated: a tied embedding may still read them).
@@ -25,7 +28,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ptqonnx.graph import add_initializer
-from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points
+from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points, storage_bits
 from ptqonnx.numerics.quant import QuantizedWeight
 from ptqonnx.plan import WeightPlan, planned_nodes
 
@@ -75,18 +78,19 @@ class LowerToMatMulNBitsPass(InPlacePass):
                 raise ValueError(f"{node.name}: block size {bs} is not a power of two >= 16")
             dtype = site.float_dtype.numpy()
             base = site.weight_name
-            b = add_initializer(graph, f"{base}_Q{qw.bits}", pack_matmulnbits_weight(qw.q, qw.bits, bs))
+            bits = storage_bits(qw.bits)  # W3 codes are stored as 4-bit
+            b = add_initializer(graph, f"{base}_Q{bits}", pack_matmulnbits_weight(qw.q, bits, bs))
             scales = add_initializer(graph, f"{base}_scales", qw.scale.astype(dtype))  # [N, k_blocks]
             inputs: list[ir.Value | None] = [site.activation, b, scales]
-            if not qw.symmetric:
-                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, qw.bits)))
+            if not qw.symmetric or bits != qw.bits:  # the implicit zero point is 2^(bits-1) of the storage
+                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, bits)))
             if site.bias is not None:
                 inputs += [None] * (5 - len(inputs)) + [site.bias]
-            attrs = {"K": site.K, "N": site.N, "bits": qw.bits, "block_size": bs}
+            attrs = {"K": site.K, "N": site.N, "bits": bits, "block_size": bs}
             if self.accuracy_level is not None:
                 attrs["accuracy_level"] = self.accuracy_level
             new = ir.node(
-                "MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_Q{qw.bits}",
+                "MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_Q{bits}",
                 outputs=[ir.Value(name=f"{node.outputs[0].name}_q")],
             )
             ir.convenience.replace_nodes_and_values(

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 QDQ_MIN_OPSET = 21
 
-_CODE_TYPES = {  # (bits, symmetric) -> numpy storage type of the codes
+_CODE_TYPES = {  # (bits, symmetric) -> numpy storage type of the codes (3-bit codes fit INT4/UINT4)
+    (3, True): ml_dtypes.int4,
+    (3, False): ml_dtypes.uint4,
     (4, True): ml_dtypes.int4,
     (4, False): ml_dtypes.uint4,
     (8, True): np.int8,
@@ -51,7 +53,7 @@ class LowerToQdqPass(InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         opset = model.opset_imports.get("", 0)
-        needs_21 = any(p.qweight.bits == 4 or p.qweight.k_blocks > 1 for p in self.plan.values())
+        needs_21 = any(p.qweight.bits < 8 or p.qweight.k_blocks > 1 for p in self.plan.values())
         if needs_21 and opset < QDQ_MIN_OPSET:
             raise PreconditionError(
                 f"the model's opset is {opset}; INT4 / blocked DequantizeLinear needs opset "
@@ -92,7 +94,7 @@ class LowerToQdqPass(InPlacePass):
             graph.insert_before(node, dq)
             node.replace_input_with(1, dq.outputs[0])
             count += 1
-        if count and any(p.qweight.bits == 4 for p in self.plan.values()):
+        if count and any(p.qweight.bits < 8 for p in self.plan.values()):
             model.ir_version = max(model.ir_version or 0, 10)  # INT4/UINT4 tensors need IR version 10
         logger.info("QDQ: %d linear weights now read through DequantizeLinear", count)
         return PassResult(model, modified=count > 0)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data); "
                    "smoothquant: W8A8 with activation outliers migrated into the weights (needs --w8a8)"
                    "; awq: activation-aware scales and clipping; awq+gptq: AWQ, then GPTQ")
-    p.add_argument("--wbits", type=int, choices=[4, 8], help="weight bits (default 4; 8 with --w8a8)")
+    p.add_argument("--wbits", type=int, choices=[3, 4, 8],
+                   help="weight bits (default 4; 8 with --w8a8; 3 = a 3-bit grid stored in 4-bit containers)")
     p.add_argument("--group-size", "--block-size", dest="group_size", type=int,
                    help="block length along K (default 128 for 4 bits; 8 bits default to per-channel; "
                    "0 = per-channel)")
@@ -187,7 +188,7 @@ def _compile_config(args):
     wbits = args.wbits or (8 if args.w8a8 else 4)
     group = args.group_size
     if group is None:
-        group = 128 if wbits == 4 else None
+        group = 128 if wbits < 8 else None
     elif group == 0:
         group = None
     fmt = args.format or ("qdq" if args.w8a8 else "matmulnbits")

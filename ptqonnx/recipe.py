@@ -41,8 +41,8 @@ class WeightQuantConfig:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.bits not in (3, 4, 8):
+            raise ValueError(f"bits must be 3, 4 or 8, got {self.bits}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.group_size is not None:
@@ -53,8 +53,8 @@ class WeightQuantConfig:
                     f"group size {self.group_size} is not a power of two, which MatMulNBits requires; "
                     "use 32, 64, 128 or 256"
                 )
-        elif self.bits == 4:
-            raise ValueError("4-bit weights need a group size (e.g. 128); per-channel is for 8 bits")
+        elif self.bits < 8:
+            raise ValueError(f"{self.bits}-bit weights need a group size (e.g. 128); per-channel is for 8 bits")
         if self.accuracy_level is not None:
             if self.format != "matmulnbits":
                 raise ValueError("accuracy level applies to --format matmulnbits only")

@@ -112,7 +112,7 @@ def test_search_validation():
     with pytest.raises(ValueError, match="K=128"):
         search_scales(x, [np.zeros((4, 64), np.float32)], bits=4, block_size=32, symmetric=True)
     with pytest.raises(ValueError, match="bits"):
-        search_scales(x, ws, bits=3, block_size=32, symmetric=True)
+        search_scales(x, ws, bits=5, block_size=32, symmetric=True)
     with pytest.raises(ValueError, match="mean_abs"):
         search_scales(x, ws, bits=4, block_size=32, symmetric=True, mean_abs=np.ones(3))
     with pytest.raises(ValueError, match="max_shrink"):

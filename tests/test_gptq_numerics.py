@@ -42,7 +42,7 @@ def layer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, _hessian(x), w
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("act_order,static_groups", [(False, False), (False, True), (True, True)])
 def test_gptq_output_error_well_below_rtn(layer, bits, symmetric, act_order, static_groups):
@@ -51,7 +51,7 @@ def test_gptq_output_error_well_below_rtn(layer, bits, symmetric, act_order, sta
                         static_groups=static_groups)
     rtn = dequantize_weight(quantize_weight(w, bits, 128, symmetric))
     ratio = _out_err(x, w, res.w_hat) / _out_err(x, w, rtn)
-    assert ratio < {4: 0.55, 2: 0.7}[bits], ratio  # measured 0.28-0.48 at 4 bits, 0.35-0.64 at 2
+    assert ratio < {4: 0.55, 3: 0.6, 2: 0.7}[bits], ratio  # measured 0.28-0.48 at 4 bits, 0.28-0.51 at 3, 0.35-0.64 at 2
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_act_order_with_dynamic_groups_is_refused():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"bits": 3}, "bits"), ({"block_size": 0}, "block_size"), ({"lazy_batch": 0}, "lazy_batch"),
+    [({"bits": 5}, "bits"), ({"block_size": 0}, "block_size"), ({"lazy_batch": 0}, "lazy_batch"),
      ({"damp": -1.0}, "damp")],
 )
 def test_invalid_arguments_raise(kwargs, match):

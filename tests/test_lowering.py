@@ -198,3 +198,21 @@ def test_per_channel_matmulnbits_uses_a_fast_block_with_repeated_grids(tmp_path,
     x = np.random.default_rng(1).standard_normal((1, 4, k)).astype(np.float32)
     (y,) = run(out, {"x": x}, "all")
     np.testing.assert_allclose(y, x @ fake_quantize(w_kn.T, 8, None, False).T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w3_grid_in_4bit_containers(tmp_path, fmt, symmetric):
+    """3-bit codes (0..7) stored as INT4/UINT4 or 4-bit MatMulNBits with explicit zero points."""
+    k, n, block = 200, 24, 64
+    model, w = linear_model(k, n, seed=11)
+    out, _ = _compile(tmp_path, model, bits=3, group_size=block, symmetric=symmetric, format=fmt)
+    w_hat = fake_quantize(w.T, 3, block, symmetric)
+    per_block = w_hat.reshape(n, -1) if k % block == 0 else w_hat[:, : (k // block) * block]
+    assert all(len(np.unique(row)) <= 8 for row in per_block.reshape(n, -1, block).reshape(-1, block))
+    x = np.random.default_rng(1).standard_normal((2, 5, k)).astype(np.float32)
+    (y,) = run(out, {"x": x}, "disable")
+    np.testing.assert_allclose(y, x @ w_hat.T, rtol=1e-5, atol=1e-4)
+    if fmt == "matmulnbits":
+        node = onnx.load(out).graph.node[0]
+        assert {a.name: a.i for a in node.attribute}["bits"] == 4 and len(node.input) == 4

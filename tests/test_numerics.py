@@ -103,7 +103,7 @@ def test_low_nibble_first():
     assert pack_bits(np.array([1, 2], np.uint8), 4).tolist() == [0x21]
 
 
-@pytest.mark.parametrize("bad", [dict(bits=3), dict(block_size=0)])
+@pytest.mark.parametrize("bad", [dict(bits=5), dict(block_size=0)])
 def test_quantize_rejects_bad_arguments(bad):
     args = dict(bits=4, block_size=16) | bad
     with pytest.raises(ValueError):

@@ -49,7 +49,7 @@ def test_embedding_block_size_falls_back_to_a_divisor():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(bits=3), dict(group_size=100), dict(group_size=8), dict(format="int4"), dict(bits=4, group_size=None),
+    [dict(bits=5), dict(group_size=100), dict(group_size=8), dict(format="int4"), dict(bits=4, group_size=None),
      dict(format="qdq", accuracy_level=4), dict(accuracy_level=7)],
 )
 def test_config_validation(kwargs):

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pack_bits", "unpack_bits", "pack_matmulnbits_weight", "pack_zero_points", "blob_size"]
+__all__ = [
+    "pack_bits", "unpack_bits", "pack_matmulnbits_weight", "pack_zero_points", "blob_size", "storage_bits",
+]
+
+
+def storage_bits(bits: int) -> int:
+    """Bits per stored code: 3-bit codes (0..7) go in 4-bit containers (neither MatMulNBits nor ONNX has a
+    3-bit packing), so a W3 grid costs the size of W4 but keeps W3's accuracy."""
+    return 4 if bits == 3 else bits
 
 
 def _check_bits(bits: int) -> None:

@@ -43,7 +43,7 @@ __all__ = [
     "fake_quantize",
 ]
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
