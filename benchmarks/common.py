@@ -171,7 +171,7 @@ def write_section(name: str, lines: list[str]) -> Path:
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     (sections / f"{name}.md").write_text("\n".join(lines) + "\n")
-    order = ["foundation", "gptq"]
+    order = ["foundation", "gptq", "gptq_w3"]
     parts = sorted(sections.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
     out = HERE / "results.md"
     out.write_text("# ptqonnx benchmark results\n\nEach section is produced by the script it names, in one run on "

@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--inc-python", type=Path, default=HERE / "work" / "venv-inc" / "bin" / "python",
                     help="python of a venv with onnx-neural-compressor")
     ap.add_argument("--skip-others", action="store_true", help="only our rows (a quick re-run)")
+    ap.add_argument("--w3", action="store_true",
+                    help="the W3 table instead (ours only: the other tools' GPTQ is 4-bit only); section gptq_w3")
     args = ap.parse_args()
     setup_logging()
 
@@ -99,8 +101,15 @@ def main() -> int:
         ("ours GPTQ W4 g128 sym, LM head float", f"--keep-lm-head, act-order, sequential, {args.calib} windows",
          dict(method="gptq", weights=dict(g128, symmetric=True, keep_lm_head=True), calib=calib)),
     ]
+    if args.w3:
+        g3 = dict(bits=3, group_size=128)
+        ours = [(f"ours {m.upper()} W3 g128 {'sym' if sym else 'asym'}",
+                 "3-bit grid in 4-bit containers" + ("" if m == "rtn" else f"; act-order, sequential, {args.calib} windows"),
+                 dict(weights=dict(g3, symmetric=sym), **({} if m == "rtn" else dict(method="gptq", calib=calib))))
+                for m in ("rtn", "gptq") for sym in (True, False)]
+        args.skip_others = True
     for i, (label, settings, spec) in enumerate(ours):
-        row = Row(label, "ptqonnx", settings, q / f"ours_{i}.onnx")
+        row = Row(label, "ptqonnx", settings, q / f"ours{'_w3' if args.w3 else ''}_{i}.onnx")
         quantize_ours(row, fp32, **spec)
         rows.append(row)
     if not args.skip_others:
@@ -128,14 +137,15 @@ def main() -> int:
 
     windows = evaluate(rows, mdir, args.windows)
     lat_rows = [r for r in rows if r.label in {"FP32", "ours RTN W4 g128 sym", "ours GPTQ W4 g128 sym",
-                                               "ORT GPTQ W4 g128 sym"}]
+                                               "ORT GPTQ W4 g128 sym", "ours GPTQ W3 g128 sym"}]
     pre, threads = prefill_latency(lat_rows, args.rounds)
-    lines = header("GPTQ benchmark: SmolLM2-135M-Instruct, W4 g128", "gptq.py", threads, windows, args.rounds)
+    title = "GPTQ benchmark: SmolLM2-135M-Instruct, " + ("W3 g128" if args.w3 else "W4 g128")
+    lines = header(title, "gptq.py" + (" --w3" if args.w3 else ""), threads, windows, args.rounds)
     lines += [f"Calibration: windows of 512 tokens drawn at seeded offsets from `wikitext-2-calib/valid.txt` "
               f"({args.calib} for ours, {args.ort_calib} for the other tools). Quantize time and peak RSS are "
               "each tool's own process, from loading the model to writing it.", ""]
     lines += table(rows, pre)
-    print(write_section("gptq", lines).read_text())
+    print(write_section("gptq_w3" if args.w3 else "gptq", lines).read_text())
     return 0
 
 
