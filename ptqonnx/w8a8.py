@@ -98,14 +98,15 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
     else:
         report.calibration = f"{len(feeds)} samples"
 
+    # sites are re-read after folding: a folded weight may now live in a private copy, and a site behind an
+    # inserted Mul reads a new activation (whose statistics were carried over under that name)
+    current = {s.name: s for s in find_linear_sites(model).sites}
+    sites = [current[s.name] for s in sites]
     act_plan: dict[str, dict[int, ActivationQParams]] = {}
     for s in sites:
         act_plan[s.name] = {0: activation_grid(stats[s.activation.name], wcfg)}
     for n in bmm:
         act_plan[n.name] = {i: activation_grid(stats[n.inputs[i].name], wcfg) for i in (0, 1)}
-    # weights are re-read after folding: a folded weight may now live in a private copy
-    current = {s.name: s for s in find_linear_sites(model).sites}
-    sites = [current[s.name] for s in sites]
     wplan = plan_weights(sites, rtn_solver(cfg.weights))
     return [LowerToQdqPass(wplan), QuantizeActivationsPass(act_plan)], sites, skipped
 
