@@ -229,7 +229,10 @@ def _cmd_compile(args) -> None:
           + (f" and {report.embeddings_quantized} embedding tables" if report.embeddings_quantized else "")
           + f"; skipped {len(report.skipped)}")
     for reason, n in report.skip_summary():
-        print(f"  skipped {n}: {reason}")
+        names = [s.node for s in report.skipped if s.reason == reason]
+        shown = names if args.verbose else names[:3]
+        more = f", ... (+{len(names) - len(shown)}; -v lists all)" if len(names) > len(shown) else ""
+        print(f"  skipped {n}: {reason}: {', '.join(shown)}{more}")
     if cfg.w8a8 is not None:
         print(f"W8A8 ({cfg.w8a8.target}): calibration {report.calibration}")
     if report.losses:
