@@ -21,6 +21,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from ptqonnx.graph import add_initializer, find_embedding_gathers
 from ptqonnx.numerics.packing import pack_bits, pack_zero_points
+from ptqonnx.passes.matmul_nbits import MS_DOMAIN
 from ptqonnx.numerics.quant import quantize_weight
 
 __all__ = ["QuantizeEmbeddingsPass", "embedding_block_size"]
@@ -71,12 +72,12 @@ class QuantizeEmbeddingsPass(InPlacePass):
             new = ir.node(
                 "GatherBlockQuantized", inputs,
                 {"gather_axis": 0, "quantize_axis": 1, "block_size": bs, "bits": self.bits},
-                domain="com.microsoft", name=f"{node.name}_Q{self.bits}",
+                domain=MS_DOMAIN, name=f"{node.name}_Q{self.bits}",
                 outputs=[ir.Value(name=f"{node.outputs[0].name}_q")],
             )
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
             count += 1
         if count:
-            model.opset_imports.setdefault("com.microsoft", 1)
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         logger.info("GatherBlockQuantized: quantized %d embedding tables", count)
         return PassResult(model, modified=count > 0)

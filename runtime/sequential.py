@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 StageSolver = Callable[[Block, Stage, TensorStats], Mapping[str, np.ndarray]]
 
 
-def _block_model(model: ir.Model, block: Block, outputs: Sequence[str]) -> ir.Model:
-    graph = ir.convenience.extract(model.graph, inputs=list(block.inputs), outputs=list(outputs))
+def _block_model(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> ir.Model:
+    graph = ir.convenience.extract(model.graph, inputs=list(inputs), outputs=list(outputs))
     return ir.Model(graph, ir_version=model.ir_version)
 
 
@@ -89,8 +89,8 @@ class _Chunker:
             self.parts, self.held = [], 0
 
 
-def _stage_block(bmodel: ir.Model, block: Block, activation: str) -> Block:
-    """The inputs of the block model that `activation` depends on (a narrower extraction)."""
+def _inputs_needed(bmodel: ir.Model, activation: str) -> list[str]:
+    """The inputs of the block model that `activation` depends on (for a narrower extraction)."""
     graph = bmodel.graph
     inputs = {v.name for v in graph.inputs}
     needed: set[str] = set()
@@ -107,7 +107,7 @@ def _stage_block(bmodel: ir.Model, block: Block, activation: str) -> Block:
             continue
         prod = values[name].producer()
         todo.extend(v.name for v in prod.inputs if v is not None and v.const_value is None)
-    return Block(block.index, block.nodes, tuple(sorted(needed)), block.output)
+    return sorted(needed)
 
 
 def run_sequential(
@@ -134,7 +134,7 @@ def run_sequential(
         keep = sorted(later & produced)
         stage_outputs = [s.activation for s in block.stages if s.activation in produced]
         outputs = list(dict.fromkeys(keep + stage_outputs)) or [block.nodes[-1].outputs[0].name]
-        bmodel = _block_model(model, block, outputs)
+        bmodel = _block_model(model, block.inputs, outputs)
         privates = {s.name: _private_weight(bmodel, s) for st in block.stages for s in st.sites}
         missing = [name for name in block.inputs if name not in cache]
         if missing:
@@ -149,7 +149,7 @@ def run_sequential(
             chunk = _Chunker(observer)
             if stage.activation in produced:
                 # only the part of the block the activation needs (q/k/v's input is just the norm)
-                smodel = _block_model(bmodel, _stage_block(bmodel, block, stage.activation), [stage.activation])
+                smodel = _block_model(bmodel, _inputs_needed(bmodel, stage.activation), [stage.activation])
                 sess = make_session(ir.to_proto(smodel).SerializeToString(), threads=threads)
                 names = [v.name for v in smodel.graph.inputs]
                 for i in range(n):
