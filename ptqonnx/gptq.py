@@ -12,7 +12,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from ptqonnx.graph import LinearSite
-from ptqonnx.plan import PlannedWeight, gptq_solver, plan_weights
+from ptqonnx.plan import PlannedWeight, gptq_stage_solver
 from ptqonnx.recipe import CompileConfig
 
 __all__ = ["plan_gptq"]
@@ -31,23 +31,17 @@ def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feed
     from ptqonnx.numerics.quant import dequantize_weight
 
     weight_of = weight_of or LinearSite.weight_nk
+    solve = gptq_stage_solver(cfg.weights, cfg.gptq, report.losses)  # sites sharing an activation: one sweep
     blocks = find_blocks(model, sites) if cfg.gptq.sequential else []
     if len(blocks) >= 2:
         from ptqonnx.runtime.sequential import run_sequential
 
         plan: dict[str, PlannedWeight] = {}
-        hessians: dict[str, object] = {}
-        solve = gptq_solver(cfg.weights, cfg.gptq, lambda site: hessians[site.activation.name], report.losses)
 
         def solve_stage(block, stage, stats):
-            hessians[stage.activation] = hessian_from_xtx(stats.xtx, stats.count)
-            updates = {}
-            for site in stage.sites:
-                qw = solve(site, weight_of(site))
-                plan[site.name] = PlannedWeight(site, qw)
-                updates[site.name] = dequantize_weight(qw)
-            del hessians[stage.activation]
-            return updates
+            qws = solve(stage.sites, [weight_of(s) for s in stage.sites], hessian_from_xtx(stats.xtx, stats.count))
+            plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(stage.sites, qws))
+            return {site.name: dequantize_weight(qw) for site, qw in zip(stage.sites, qws)}
 
         def on_stage(block, stage, seconds):
             if progress is not None:
@@ -62,12 +56,15 @@ def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feed
                        "from the float model")
     from ptqonnx.runtime.collect import collect_statistics
 
-    stats = collect_statistics(model, feeds, {s.activation.name: {"xtx"} for s in sites})
+    by_activation: dict[str, list[LinearSite]] = {}
+    for s in sites:
+        by_activation.setdefault(s.activation.name, []).append(s)
+    stats = collect_statistics(model, feeds, {act: {"xtx"} for act in by_activation})
     report.calibration = f"one-shot, {len(feeds)} samples"
 
-    def hessian_of(site):
-        st = stats[site.activation.name]
-        return hessian_from_xtx(st.xtx, st.count)
-
-    solve = gptq_solver(cfg.weights, cfg.gptq, hessian_of, report.losses)
-    return plan_weights(sites, lambda site, _: solve(site, weight_of(site)))
+    plan = {}
+    for act, group in by_activation.items():
+        st = stats[act]
+        qws = solve(group, [weight_of(s) for s in group], hessian_from_xtx(st.xtx, st.count))
+        plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(group, qws))
+    return {s.name: plan[s.name] for s in sites}  # graph order

@@ -7,8 +7,9 @@ inspectable artifact between the two.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,8 @@ from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
 from ptqonnx.recipe import GptqConfig, WeightQuantConfig
 
 __all__ = [
-    "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_solver", "plan_weights", "block_size_for",
-    "planned_nodes",
+    "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_solver", "gptq_stage_solver", "plan_weights",
+    "block_size_for", "planned_nodes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,20 +70,41 @@ def plan_weights(sites: Iterable[LinearSite], solver: WeightSolver) -> dict[str,
     return plan
 
 
-def gptq_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, hessian_of: Callable[[LinearSite], np.ndarray],
-                losses: dict[str, float] | None = None) -> WeightSolver:
-    """GPTQ on the configured grid; `hessian_of(site)` gives H = 2/n XᵀX of the site's activation.
-    The grids GPTQ chose while sweeping are the ones kept (no re-derivation). Losses are recorded by
-    weight name when `losses` is given."""
+def gptq_stage_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, losses: dict[str, float] | None = None):
+    """GPTQ on the configured grid for the sites of one stage (all reading the same activation, so sharing
+    H = 2/n XᵀX): `solve(sites, weights [N_i, K], H)` -> one QuantizedWeight per site. The rows of all the
+    weights go through one sweep (GPTQ treats rows independently given H, so this equals one sweep per
+    site, with one factorization of H and one column loop instead of several). The grids GPTQ chose while
+    sweeping are the ones kept (no re-derivation). Losses are recorded by weight name when `losses` is given."""
     from ptqonnx.numerics.gptq import gptq_quantize
 
-    def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
+    def solve(sites: Sequence[LinearSite], weights: Sequence[np.ndarray],
+              hessian: np.ndarray) -> list[QuantizedWeight]:
+        ends = np.cumsum([w.shape[0] for w in weights])
         res = gptq_quantize(
-            w, hessian_of(site), bits=cfg.bits, block_size=cfg.group_size, symmetric=cfg.symmetric,
-            damp=gcfg.damp, act_order=gcfg.act_order, static_groups=gcfg.act_order, device=gcfg.device,
+            np.concatenate(weights) if len(weights) > 1 else weights[0], hessian, bits=cfg.bits,
+            block_size=cfg.group_size, symmetric=cfg.symmetric, damp=gcfg.damp, act_order=gcfg.act_order,
+            static_groups=gcfg.act_order, device=gcfg.device,
         )
-        if losses is not None:
-            losses[site.weight_name] = res.loss
-        return res.qweight
+        qw, out = res.qweight, []
+        for site, a, b in zip(sites, np.concatenate([[0], ends[:-1]]), ends):
+            rows = slice(int(a), int(b))
+            out.append(dataclasses.replace(qw, q=np.ascontiguousarray(qw.q[rows]),
+                                           scale=np.ascontiguousarray(qw.scale[rows]),
+                                           zero_point=np.ascontiguousarray(qw.zero_point[rows])))
+            if losses is not None:
+                losses[site.weight_name] = float(res.row_loss[rows].sum())
+        return out
+
+    return solve
+
+
+def gptq_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, hessian_of: Callable[[LinearSite], np.ndarray],
+                losses: dict[str, float] | None = None) -> WeightSolver:
+    """`gptq_stage_solver` for one site at a time; `hessian_of(site)` gives H of the site's activation."""
+    stage = gptq_stage_solver(cfg, gcfg, losses)
+
+    def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
+        return stage([site], [w], hessian_of(site))[0]
 
     return solve

@@ -5,26 +5,29 @@ quantized layers before it, and inside a layer sub-layer by sub-layer ("true seq
 cut into blocks along its residual stream (`ptqonnx.blocks`); for each block:
 
 1. the block's subgraph is extracted once (inputs: the cut value, cached side values, graph inputs);
-2. for each stage (linear layers sharing an activation), one ORT run over the cached block inputs of every
-   calibration sample reduces the stage's activation into statistics; `solve` turns them into weights that
-   are written back into the block (so later stages see quantized earlier ones);
-3. one more run produces the block's outputs, which become the next block's cached inputs.
+2. for each stage (linear layers sharing an activation), one ORT run over every calibration sample computes
+   the stage's activation from the nearest values already known (block inputs, earlier stages'
+   activations), which is kept for the rest of the block and reduced into statistics; `solve` turns them
+   into weights that are written back into the block (so later stages see quantized earlier ones);
+3. one more run produces the block's outputs from the kept activations, and they become the next block's
+   cached inputs.
 
-Every block runs (stages + 1) times over the calibration set: compute grows linearly with depth, and memory
-holds one block's cached inputs, never all activations of all layers.
+Each block costs about one forward pass over the calibration set (plus re-running the linear layers after
+its last stages): compute grows linearly with depth, and memory holds one block's inputs and stage
+activations, never all activations of all layers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.blocks import Block, Stage
-from ptqonnx.calibration.observers import Stat, TensorObserver, TensorStats
+from ptqonnx.calibration.observers import DEFAULT_SAMPLE_ROWS, Stat, TensorObserver, TensorStats, parse_stats
 from ptqonnx.graph import LinearSite
 from ptqonnx.runtime.ort import make_session
 
@@ -89,23 +92,25 @@ class _Chunker:
             self.parts, self.held = [], 0
 
 
-def _inputs_needed(bmodel: ir.Model, activation: str) -> list[str]:
-    """The inputs of the block model that `activation` depends on (for a narrower extraction)."""
+def _inputs_needed(bmodel: ir.Model, targets: Sequence[str], available: set[str]) -> list[str]:
+    """The values in `available` (block inputs, cached stage activations) that `targets` are computed from,
+    walking back from `targets` and stopping at the first available value on every path."""
     graph = bmodel.graph
-    inputs = {v.name for v in graph.inputs}
+    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
     needed: set[str] = set()
-    todo = [activation]
+    todo = list(targets)
     seen: set[str] = set()
-    values = {v.name: v for n in graph for v in n.outputs}
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        if name in inputs:
+        if name in available:
             needed.add(name)
             continue
         prod = values[name].producer()
+        if prod is None:
+            raise RuntimeError(f"sequential calibration: {name!r} is neither computed in the block nor available")
         todo.extend(v.name for v in prod.inputs if v is not None and v.const_value is None)
     return sorted(needed)
 
@@ -116,18 +121,37 @@ def run_sequential(
     feeds: Sequence[Mapping[str, np.ndarray]],
     solve: StageSolver,
     *,
+    kinds: Iterable[str | Stat] = (Stat.XTX,),
+    sample_rows: int = DEFAULT_SAMPLE_ROWS,
     threads: int | None = None,
     progress: Callable[[Block, Stage, float], None] | None = None,
 ) -> None:
-    """Run `solve` on every stage of every block, in order, on sequentially calibrated statistics.
+    """Run `solve` on every stage of every block, in order, on sequentially calibrated statistics (`kinds`
+    of each stage's activation; `sample_rows` rows for a `sample`).
 
     `model` is not modified (blocks are extracted copies; written-back weights live in those copies).
+    Each stage's activation is kept for the rest of its block: a later stage's activation and the block's
+    outputs are computed from the nearest kept values (the o-projection's input from the attention inputs
+    already computed, the block output from the last stage's activation), so every block costs about one
+    forward pass in ORT plus its linear layers after the stages, not one pass per stage.
     """
+    kinds = parse_stats(kinds)
     graph_inputs = {v.name for v in model.graph.inputs}
     cache: dict[str, list[np.ndarray]] = {
         name: [np.asarray(f[name]) for f in feeds] for name in graph_inputs if all(name in f for f in feeds)
     }
     n = len(feeds)
+
+    def run(bmodel: ir.Model, outputs: list[str], local: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """`outputs` for every sample, from the nearest values held in `local` (block inputs and stage
+        activations so far); per output a list over samples."""
+        inputs = _inputs_needed(bmodel, outputs, set(local))
+        smodel = _block_model(bmodel, inputs, outputs)
+        sess = make_session(ir.to_proto(smodel).SerializeToString(), threads=threads)
+        names = [v.name for v in smodel.graph.inputs]
+        results = [sess.run(outputs, {name: local[name][i] for name in names}) for i in range(n)]
+        return [[r[j] for r in results] for j in range(len(outputs))]
+
     for bi, block in enumerate(blocks):
         later = {name for b in blocks[bi + 1 :] for name in b.inputs}
         produced = {v.name for node in block.nodes for v in node.outputs}
@@ -139,26 +163,16 @@ def run_sequential(
         missing = [name for name in block.inputs if name not in cache]
         if missing:
             raise RuntimeError(f"block {bi}: inputs {missing} were not produced by earlier blocks")
-
-        def feed(i: int) -> dict[str, np.ndarray]:
-            return {name: cache[name][i] for name in block.inputs}
+        local = {name: cache[name] for name in block.inputs}  # grows by each stage's activation
 
         for stage in block.stages:
             t0 = time.perf_counter()
-            observer = TensorObserver({Stat.XTX}, xtx_chunk_dtype=np.float32)
+            if stage.activation not in local:  # else: a block input (e.g. a side value), or computed already
+                (local[stage.activation],) = run(bmodel, [stage.activation], local)
+            observer = TensorObserver(kinds, sample_rows=sample_rows, xtx_chunk_dtype=np.float32)
             chunk = _Chunker(observer)
-            if stage.activation in produced:
-                # only the part of the block the activation needs (q/k/v's input is just the norm)
-                smodel = _block_model(bmodel, _inputs_needed(bmodel, stage.activation), [stage.activation])
-                sess = make_session(ir.to_proto(smodel).SerializeToString(), threads=threads)
-                names = [v.name for v in smodel.graph.inputs]
-                for i in range(n):
-                    (x,) = sess.run([stage.activation], {name: cache[name][i] for name in names})
-                    chunk.add(x)
-                del sess, smodel
-            else:  # the activation is itself a block input (e.g. a side value): read it from the cache
-                for i in range(n):
-                    chunk.add(cache[stage.activation][i])
+            for x in local[stage.activation]:
+                chunk.add(x)
             chunk.flush()
             updates = solve(block, stage, observer.finalize())
             for site in stage.sites:
@@ -168,11 +182,9 @@ def run_sequential(
                 progress(block, stage, time.perf_counter() - t0)
 
         if keep:
-            sess = make_session(ir.to_proto(bmodel).SerializeToString(), threads=threads)
-            results = [sess.run(keep, feed(i)) for i in range(n)]
-            del sess
-            for j, name in enumerate(keep):
-                cache[name] = [r[j] for r in results]
+            for name, per_sample in zip(keep, run(bmodel, keep, local)):
+                cache[name] = per_sample
+        del local
         for name in list(cache):  # drop what no later block reads
             if name not in later:
                 del cache[name]

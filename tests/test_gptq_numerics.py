@@ -83,10 +83,17 @@ def test_qweight_dequantizes_exactly_to_swept_weights(
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("block_size,static_groups", [(32, False), (32, True), (None, False)])
 @pytest.mark.parametrize("diagonal", ["identity", "distinct"])
-def test_diagonal_hessian_reduces_to_rtn(bits, symmetric, block_size, static_groups, diagonal):
-    """Uncorrelated inputs: U is diagonal, nothing propagates, every code is RTN's (any column order)."""
+@pytest.mark.parametrize("weights", ["gaussian", "ties"])
+def test_diagonal_hessian_reduces_to_rtn(bits, symmetric, block_size, static_groups, diagonal, weights):
+    """Uncorrelated inputs: U is diagonal, nothing propagates, every code is RTN's (any column order).
+    "ties": multiples of 1/16 in [-1, 1) with -1 in every row, so symmetric grids have s = 1/8 and half
+    the codes are exact .5 ties, which must round as RTN's (and ORT's) do."""
     rng = np.random.default_rng(bits)
-    w = rng.standard_normal((16, 96)).astype(np.float32)
+    if weights == "ties":
+        w = (rng.integers(-16, 16, (16, 96)) / 16).astype(np.float32)
+        w[:, ::32] = -1.0
+    else:
+        w = rng.standard_normal((16, 96)).astype(np.float32)
     h = np.eye(96) if diagonal == "identity" else np.diag(rng.uniform(0.1, 10.0, 96))
     act_order = diagonal == "distinct" and (static_groups or block_size is None)
     res = gptq_quantize(w, h, bits=bits, block_size=block_size, symmetric=symmetric, act_order=act_order,
@@ -223,3 +230,27 @@ def test_hessian_from_xtx():
         hessian_from_xtx(np.ones((3, 4)), 10)
     with pytest.raises(ValueError):
         hessian_from_xtx(np.eye(3), 0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_stage_solver_stacks_sites_like_separate_sweeps(layer, symmetric):
+    """Sites sharing an activation go through one sweep (rows stacked): the same codes, grids and per-site
+    losses as one sweep per site (rows are independent given H)."""
+    from types import SimpleNamespace
+
+    from ptqonnx.plan import gptq_stage_solver
+    from ptqonnx.recipe import GptqConfig, WeightQuantConfig
+
+    _, h, w = layer
+    ws = [w[:40], w[40:48] * 3.0, w[48:]]  # three "sites" of different heights and ranges
+    sites = [SimpleNamespace(weight_name=f"w{i}") for i in range(3)]
+    losses: dict[str, float] = {}
+    cfg = WeightQuantConfig(bits=4, group_size=64, symmetric=symmetric)
+    qws = gptq_stage_solver(cfg, GptqConfig(), losses)(sites, ws, h)
+    for site, wi, qw in zip(sites, ws, qws):
+        alone = gptq_quantize(wi, h, bits=4, block_size=64, symmetric=symmetric)
+        assert np.mean(qw.q != alone.qweight.q) < 0.002  # float32 GEMM blocking may flip a rare tie
+        np.testing.assert_array_equal(qw.scale, alone.qweight.scale)
+        np.testing.assert_array_equal(qw.zero_point, alone.qweight.zero_point)
+        np.testing.assert_allclose(losses[site.weight_name], alone.loss, rtol=1e-3)
+        assert qw.q.flags.c_contiguous and qw.q.shape == wi.shape

@@ -23,7 +23,9 @@ and the accumulated `loss` = ½ Σ_q Σ_rows err_q² (the reference's reported "
 
 Lazy batches (Algorithm 1, "lazy batch updates"): the column loop updates only the columns of the
 current batch of `lazy_batch` columns; the rest W[:, i2:] receive the batch's errors in one GEMM
-`W[:, i2:] −= Err1 · U[i1:i2, i2:]`, which is the same arithmetic reordered.
+`W[:, i2:] −= Err1 · U[i1:i2, i2:]`, which is the same arithmetic reordered. By default the batch is the
+paper's 128 columns, shrunk for very tall weights (an LM head's 49k rows) so that the in-batch updates,
+which stream B x N floats per column, stay cache-sized: 2.2x faster there, same result up to float rounding.
 
 Details following the reference implementation (`gptq.py::fasterquant`):
 
@@ -41,7 +43,7 @@ Details following the reference implementation (`gptq.py::fasterquant`):
   plain contiguous groups (MatMulNBits has no g_idx). `static_groups` without act_order also chooses grids
   up front (the reference's semantics); act_order with dynamic groups would need g_idx and is refused.
 
-Codes come from `quantize_with_qparams` (round half away from zero, as RTN) and the returned
+Codes are `quantize_with_qparams`'s (round half away from zero, as RTN; fused into the sweep) and the returned
 `QuantizedWeight` holds exactly the grids used during the sweep, so `dequantize_weight(qweight)` equals the
 swept Ŵ bit for bit.
 """
@@ -58,7 +60,6 @@ from ptqonnx.numerics.quant import (
     QuantizedWeight,
     choose_qparams,
     num_blocks,
-    quantize_with_qparams,
 )
 
 __all__ = ["GptqResult", "gptq_quantize", "hessian_from_xtx"]
@@ -66,6 +67,7 @@ __all__ = ["GptqResult", "gptq_quantize", "hessian_from_xtx"]
 logger = logging.getLogger(__name__)
 
 _DAMP_RETRIES = 5
+_BATCH_FLOATS = 1 << 21  # default lazy batch: at most 128 columns of N floats within about this many
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class GptqResult:
     qweight: QuantizedWeight  # codes and contiguous-group grids; dequantizes exactly to w_hat
     w_hat: np.ndarray  # float32 [N, K], the fake-quantized weights of the sweep
     loss: float  # ½ Σ err²/d² over columns and rows (the reference's "error")
+    row_loss: np.ndarray  # float64 [N]: the same sum per row (rows are independent: Σ row_loss = loss)
     damp: float  # relative dampening finally used (> the requested one if Cholesky needed retries)
 
 
@@ -117,6 +120,14 @@ def _upper_cholesky_of_inverse(h_rev, damp: float) -> tuple[np.ndarray, float]:
     raise ValueError(f"GPTQ: Hessian is not positive definite even with damp={damp:g}")
 
 
+def _grid_rows(scale: np.ndarray, zero_point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grids [N, k_blocks] as contiguous rows [k_blocks, N] float32: scale, zero point and the 1/s that
+    `quantize_with_qparams` multiplies by (0 where s = 0)."""
+    s = np.ascontiguousarray(scale.T, dtype=np.float32)
+    inv = np.where(s != 0, np.float32(1.0) / np.where(s != 0, s, 1), 0).astype(np.float32)
+    return s, np.ascontiguousarray(zero_point.T, dtype=np.float32), inv
+
+
 def gptq_quantize(
     w: np.ndarray,
     hessian: np.ndarray,
@@ -127,13 +138,14 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     static_groups: bool = True,
-    lazy_batch: int = 128,
+    lazy_batch: int | None = None,
     device: str = "cpu",
 ) -> GptqResult:
     """Quantize W [N, K] with GPTQ given H = 2/n·XᵀX [K, K] (float64) of the layer's inputs.
 
     `block_size=None` quantizes per output channel; `damp` is relative to mean(diag H); `lazy_batch`
-    columns are updated column by column before one GEMM updates the rest. The result is in the
+    columns (default 128, fewer for N > 16384) are updated column by column before one GEMM updates the
+    rest. The result is in the
     original column order with plain contiguous groups. `device` is where H is factored (torch); the
     column sweep runs on the host (numpy, one torch GEMM per lazy batch). Raises ValueError on bad
     arguments, on act_order with dynamic groups, and when H + λI stays indefinite after the retries.
@@ -151,6 +163,8 @@ def gptq_quantize(
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be positive or None, got {block_size}")
+    if lazy_batch is None:  # 128, or fewer columns when B x N would pass ~2M floats (tall weights)
+        lazy_batch = int(min(128, max(16, 2 ** int(np.log2(max(_BATCH_FLOATS // max(w.shape[0], 1), 1))))))
     if damp < 0 or lazy_batch < 1:
         raise ValueError(f"need damp >= 0 and lazy_batch >= 1, got damp={damp}, lazy_batch={lazy_batch}")
     if not (np.isfinite(w).all() and np.isfinite(hessian).all()):
@@ -200,8 +214,10 @@ def gptq_quantize(
     wt = np.ascontiguousarray(w32[:, perm].T)  # [K, N] permuted, updated in place
     q_codes = np.empty((k, n), dtype=np.uint8)  # permuted order, transposed
     w_hat = np.empty((k, n), dtype=np.float32)  # permuted order, transposed
-    zp32 = zero_point.astype(np.float32)
-    loss = 0.0
+    # grids transposed [k_blocks, N] (a group's grid is a contiguous row), with 1/s as quantize_with_qparams
+    scale_t, zp_t, inv_t = _grid_rows(scale, zero_point)
+    qmax = float((1 << bits) - 1)
+    row_loss = np.zeros(n, dtype=np.float64)
     for i1 in range(0, k, lazy_batch):
         i2 = min(i1 + lazy_batch, k)
         w1 = wt[i1:i2]  # [B, N] view
@@ -216,25 +232,34 @@ def gptq_quantize(
                 if end > i2:  # the group runs past this lazy batch: add the batch's pending updates
                     cur = np.concatenate([cur, wt[i2:end] - hinv[i1:j, i2:end].T @ err1[:i]])
                 scale[:, g], zero_point[:, g] = choose_qparams(cur.T, bits, symmetric)
-                zp32[:, g] = zero_point[:, g]
+                grid = _grid_rows(scale[:, g : g + 1], zero_point[:, g : g + 1])
+                scale_t[g], zp_t[g], inv_t[g] = (a[0] for a in grid)
             col = w1[i]  # [N]
-            qc = quantize_with_qparams(col[:, None], scale[:, g], zero_point[:, g], bits)[:, 0]
-            deq = (qc.astype(np.float32) - zp32[:, g]) * scale[:, g]  # as dequantize_weight
-            q_codes[j] = qc
+            # codes as quantize_with_qparams (MLAS: roundf(w * (1/s) + z), clamped) in float32, fused: for
+            # t >= 0 roundf(t) = floor(t + 0.5) bit for bit, and t < 0 clamps to 0 either way
+            t = col * inv_t[g]
+            t += zp_t[g]
+            t += np.float32(0.5)
+            np.floor(t, out=t)
+            np.clip(t, 0.0, qmax, out=t)
+            q_codes[j] = t
+            deq = (t - zp_t[g]) * scale_t[g]  # as dequantize_weight
             w_hat[j] = deq
             e = (col - deq) / hinv1[i, i]  # [N]
             w1[i:] -= hinv1[i, i:, None] * e  # OBS update of the batch's remaining columns
             err1[i] = e
-        loss += 0.5 * float(np.sum(np.square(err1, dtype=np.float64)))
+        row_loss += 0.5 * np.sum(np.square(err1, dtype=np.float64), axis=0)
         if i2 < k:  # lazy update of all later columns: W[:, i2:] -= Err1 · U[i1:i2, i2:]
             rest, u12 = torch.from_numpy(wt[i2:]), torch.from_numpy(hinv[i1:i2, i2:])
             rest.addmm_(u12.T, torch.from_numpy(err1), alpha=-1.0)  # in place on wt
 
     inv = np.argsort(perm)
+    loss = float(row_loss.sum())
     logger.debug("GPTQ: W [%d, %d], %d-bit, block_size=%s, act_order=%s, loss=%.6g", n, k, bits, block_size,
                  act_order, loss)
     qweight = QuantizedWeight(
         q=np.ascontiguousarray(q_codes[inv].T), scale=scale, zero_point=zero_point, bits=bits,
         block_size=bs, symmetric=symmetric,
     )
-    return GptqResult(qweight=qweight, w_hat=np.ascontiguousarray(w_hat[inv].T), loss=loss, damp=damp_used)
+    return GptqResult(qweight=qweight, w_hat=np.ascontiguousarray(w_hat[inv].T), loss=loss, row_loss=row_loss,
+                      damp=damp_used)
