@@ -32,7 +32,8 @@ from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points, 
 from ptqonnx.numerics.quant import QuantizedWeight
 from ptqonnx.plan import WeightPlan, planned_nodes
 
-__all__ = ["LowerToMatMulNBitsPass", "MS_DOMAIN", "PER_CHANNEL_BLOCK", "matmulnbits_block_size", "as_blockwise"]
+__all__ = ["LowerToMatMulNBitsPass", "MS_DOMAIN", "PER_CHANNEL_BLOCK", "matmulnbits_block_size", "per_channel_block",
+           "as_blockwise"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,18 @@ def matmulnbits_block_size(block_size: int) -> int:
     return bs
 
 
+def per_channel_block(k: int) -> int:
+    """The block size a per-channel weight with K inputs is written with (also the block of K that
+    accuracy_level 4 quantizes activations in)."""
+    return PER_CHANNEL_BLOCK if k > PER_CHANNEL_BLOCK else matmulnbits_block_size(max(k, 16))
+
+
 def as_blockwise(qw: QuantizedWeight) -> QuantizedWeight:
     """A per-channel weight (one block of K per row) as an equal blockwise one with a kernel-friendly block."""
     n, k = qw.q.shape
     if qw.k_blocks != 1 or qw.block_size < k:
         return qw
-    bs = PER_CHANNEL_BLOCK if k > PER_CHANNEL_BLOCK else matmulnbits_block_size(max(k, 16))
+    bs = per_channel_block(k)
     kb = (k + bs - 1) // bs
     return dataclasses.replace(
         qw, scale=np.repeat(qw.scale, kb, axis=1), zero_point=np.repeat(qw.zero_point, kb, axis=1), block_size=bs,

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse scaling groups whose 1/s no producer can absorb (no inserted Mul nodes)")
     g = p.add_argument_group("W8A8 / SmoothQuant")
     g.add_argument("--w8a8", action="store_true", help="INT8 weights (per channel) and INT8 activations "
-                   "(per tensor, static scales from calibration) as QDQ")
+                   "(per tensor, static scales from calibration: QDQ; see --act-scales)")
     g.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or `auto` "
                    "(grid search per group); default 0.5")
     g.add_argument("--target", choices=["tensorrt", "ort-cpu"], default="tensorrt",
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-range percentile")
     g.add_argument("--quantize-bmm", action="store_true", help="also quantize attention's activation MatMuls")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head in W8A8")
+    g.add_argument("--act-scales", choices=["static", "dynamic"], default="static",
+                   help="static: per-tensor activation scales from calibration, QDQ (default); dynamic: int8 "
+                   "scales per row and block of K computed at run time by ORT's MatMulNBits (--target ort-cpu)")
+    g.add_argument("--dynamic-layers", nargs="+", default=[], metavar="PATTERN",
+                   help="with static scales, give these layers dynamic ones instead (patterns on node or weight "
+                   "names, e.g. '*down_proj*'; --target ort-cpu)")
     _add_calib_args(p)
 
     p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz")
@@ -205,7 +211,9 @@ def _compile_config(args):
         gptq = GptqConfig(damp=args.damp, act_order=not args.no_act_order, sequential=not args.one_shot,
                           device=args.device)
         w8a8 = W8A8Config(target=args.target, calib_range=args.calib_range, percentile=args.percentile,
-                          quantize_bmm=args.quantize_bmm, quantize_lm_head=args.quantize_lm_head) if args.w8a8 else None
+                          quantize_bmm=args.quantize_bmm, quantize_lm_head=args.quantize_lm_head,
+                          act_scales=args.act_scales,
+                          dynamic_layers=tuple(args.dynamic_layers)) if args.w8a8 else None
         awq = AwqConfig(grid=args.awq_grid, clip=not args.no_clip, no_insert=args.no_insert, device=args.device)
         return CompileConfig(method=args.method, weights=weights, gptq=gptq, awq=awq,
                              smoothquant=SmoothQuantConfig(alpha=alpha), w8a8=w8a8)

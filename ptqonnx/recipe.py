@@ -9,18 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
-    "METHODS", "FORMATS", "TARGETS", "CALIB_RANGES", "WeightQuantConfig", "GptqConfig", "AwqConfig", "SmoothQuantConfig",
-    "W8A8Config", "CompileConfig",
+    "METHODS", "FORMATS", "TARGETS", "CALIB_RANGES", "ACT_SCALES", "WeightQuantConfig", "GptqConfig", "AwqConfig",
+    "SmoothQuantConfig", "W8A8Config", "CompileConfig", "matches_any",
 ]
 
 METHODS = ("rtn", "gptq", "smoothquant", "awq", "awq+gptq")
 TARGETS = ("tensorrt", "ort-cpu")
 CALIB_RANGES = ("minmax", "percentile")
+ACT_SCALES = ("static", "dynamic")
 FORMATS = ("matmulnbits", "qdq")
 
 
 def _power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
+
+
+def matches_any(patterns: tuple[str, ...], *names: str) -> bool:
+    """Whether any of `names` matches any shell-style pattern (`*`, `?`, `[...]`; case-sensitive)."""
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,10 @@ class W8A8Config:
     shared int8 ones not).
     calib_range: `minmax` (full range) or `percentile` (clip |x| at `percentile` of the sampled rows).
     quantize_bmm: also quantize attention's activation x activation MatMuls; quantize_lm_head: the LM head too.
+    act_scales: `static` (per tensor, from calibration: QDQ) or `dynamic` (per row and block of K, computed at
+    run time by ORT's MatMulNBits int8 kernel, accuracy_level 4; `ort-cpu` only: TensorRT INT8 takes static
+    scales only). dynamic_layers: with static scales, the layers given dynamic ones instead (shell-style
+    patterns matched against the node name or the weight initializer's name, e.g. `*down_proj*`).
     """
 
     target: str = "tensorrt"
@@ -113,6 +125,8 @@ class W8A8Config:
     percentile: float = 99.99
     quantize_bmm: bool = False
     quantize_lm_head: bool = False
+    act_scales: str = "static"
+    dynamic_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -121,6 +135,25 @@ class W8A8Config:
             raise ValueError(f"calibration range must be one of {', '.join(CALIB_RANGES)}, got {self.calib_range!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.act_scales not in ACT_SCALES:
+            raise ValueError(f"activation scales must be one of {', '.join(ACT_SCALES)}, got {self.act_scales!r}")
+        if (self.act_scales == "dynamic" or self.dynamic_layers) and self.target != "ort-cpu":
+            raise ValueError("dynamic activation scales run in ONNX Runtime's CPU int8 MatMulNBits kernel only "
+                             "(TensorRT INT8 takes static per-tensor scales): pass --target ort-cpu, or drop "
+                             "--act-scales dynamic / --dynamic-layers")
+        if self.act_scales == "dynamic":
+            if self.dynamic_layers:
+                raise ValueError("--dynamic-layers picks layers within --act-scales static; with --act-scales "
+                                 "dynamic every layer is dynamic already: drop one of them")
+            if self.quantize_bmm:
+                raise ValueError("--quantize-bmm quantizes attention with static scales; drop it with "
+                                 "--act-scales dynamic")
+            if self.calib_range != "minmax":
+                raise ValueError("--calib-range sets static activation ranges; drop it with --act-scales dynamic")
+
+    def dynamic(self, *names: str) -> bool:
+        """Whether the layer known by `names` (node name, weight name) gets dynamic activation scales."""
+        return self.act_scales == "dynamic" or matches_any(self.dynamic_layers, *names)
 
     @property
     def symmetric(self) -> bool:

@@ -9,7 +9,15 @@
    exact; the per-tensor min/max are not, so a symmetric range is max_j absmax_j / s_j and an asymmetric one
    comes from the rescaled sample);
 4. returns the lowering passes: `LowerToQdqPass` (INT8 symmetric per-channel weights, re-read after folding)
-   and `QuantizeActivationsPass` (per-tensor static activation grids).
+   and `QuantizeActivationsPass` (per-tensor static activation grids) for the layers with static activation
+   scales; `LowerToMatMulNBitsPass` (bits 8, accuracy_level 4) for those with dynamic ones (`act_scales
+   dynamic`, or matched by `dynamic_layers`): ORT's int8 kernel then quantizes each row of the activation
+   per block of K at run time (`fake_quantize_activation_dynamic`), so these layers need no activation
+   statistics but their group's per-channel maxima (for s) and, with `alpha auto`, its sampled rows.
+
+Per-tensor static scales cannot follow LLM activations whose range changes from token to token (SmolLM2's
+down_proj inputs: a few channels reach thousands on some tokens only); dynamic scales are the ORT CPU answer,
+mixed (`dynamic_layers`) keeps the faster static QDQ everywhere else.
 """
 
 from __future__ import annotations
@@ -20,17 +28,20 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.calibration.observers import TensorStats
+from ptqonnx.errors import UserError
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
 from ptqonnx.numerics.smoothquant import (
-    ActivationQParams, activation_scale, auto_alpha, percentile_absmax, percentile_range, smooth_scales,
+    ActivationQParams, ActivationQuantizer, activation_scale, auto_alpha, fake_quantize_activation_dynamic,
+    percentile_absmax, percentile_range, smooth_scales,
 )
-from ptqonnx.recipe import CompileConfig, W8A8Config
+from ptqonnx.recipe import CompileConfig, W8A8Config, matches_any
 
-__all__ = ["SAMPLE_ROWS", "prepare_w8a8", "activation_grid"]
+__all__ = ["SAMPLE_ROWS", "DYNAMIC_ACCURACY_LEVEL", "prepare_w8a8", "activation_grid"]
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 1024
+DYNAMIC_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations quantized per row and block inside the kernel
 
 
 def activation_grid(stats: TensorStats, cfg: W8A8Config) -> ActivationQParams:
@@ -52,6 +63,7 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
         list, list[LinearSite], list[Skip]]:
     """Calibrate, smooth (SmoothQuant) and plan `model` in place; returns (lowering passes, quantized sites, skips)."""
     from ptqonnx.folding import fold_scales_checked
+    from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
     from ptqonnx.passes.qdq import LowerToQdqPass
     from ptqonnx.passes.w8a8 import QuantizeActivationsPass, find_bmm_nodes, select_w8a8_sites
     from ptqonnx.plan import plan_weights, rtn_solver
@@ -61,6 +73,12 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
     wcfg, sq = cfg.w8a8, cfg.smoothquant
     assert wcfg is not None
     sites, skipped = select_w8a8_sites(sites, quantize_lm_head=wcfg.quantize_lm_head)
+    dynamic = {s.name for s in sites if wcfg.dynamic(s.name, s.weight_name)}
+    for pattern in wcfg.dynamic_layers:
+        if not any(matches_any((pattern,), s.name, s.weight_name) for s in sites):
+            eg = f" (e.g. {sites[0].name} or {sites[0].weight_name})" if sites else ""
+            raise UserError(f"--dynamic-layers {pattern!r} matches no W8A8 layer; pass node or weight names{eg}, "
+                            "'*' allowed")
     smooth = cfg.method == "smoothquant"
     groups, group_skips = find_scaling_groups(model, sites) if smooth else ([], [])
     for s in group_skips:
@@ -70,7 +88,10 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
     auto = smooth and sq.alpha == "auto"
     need_sample = auto or wcfg.calib_range == "percentile" or (smooth and not wcfg.symmetric)
     kinds = {"absmax", "minmax"} | ({"sample"} if need_sample else set())
-    requests = {s.activation.name: set(kinds) for s in sites}
+    requests: dict[str, set[str]] = {}
+    for s in sites:  # a dynamic layer needs only its group's per-channel maxima (and rows for auto alpha)
+        dyn_kinds = ({"absmax"} if smooth else set()) | ({"sample"} if auto else set())
+        requests.setdefault(s.activation.name, set()).update(dyn_kinds if s.name in dynamic else kinds)
     requests.update({v.name: set(kinds) for n in bmm for v in n.inputs[:2]})
     stats = collect_statistics(model, feeds, requests, sample_rows=SAMPLE_ROWS)
 
@@ -81,7 +102,7 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
         weights = [s.weight_nk() for s in g.sites]
         if auto:
             alpha, s, _ = auto_alpha(st.sample, weights, st.absmax,
-                                     lambda amax, smp: activation_grid(_view(st, amax, smp), wcfg))
+                                     _searched_quantizer(st, wcfg, all(x.name in dynamic for x in g.sites)))
         else:
             alpha, s = float(sq.alpha), smooth_scales(st.absmax, weights, float(sq.alpha))
         alphas.append(alpha)
@@ -102,13 +123,24 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
     # inserted Mul reads a new activation (whose statistics were carried over under that name)
     current = {s.name: s for s in find_linear_sites(model).sites}
     sites = [current[s.name] for s in sites]
+    static = [s for s in sites if s.name not in dynamic]
     act_plan: dict[str, dict[int, ActivationQParams]] = {}
-    for s in sites:
+    for s in static:
         act_plan[s.name] = {0: activation_grid(stats[s.activation.name], wcfg)}
     for n in bmm:
         act_plan[n.name] = {i: activation_grid(stats[n.inputs[i].name], wcfg) for i in (0, 1)}
-    wplan = plan_weights(sites, rtn_solver(cfg.weights))
-    return [LowerToQdqPass(wplan), QuantizeActivationsPass(act_plan)], sites, skipped
+    solver = rtn_solver(cfg.weights)
+    passes: list = []
+    if static or bmm:
+        passes += [LowerToQdqPass(plan_weights(static, solver)), QuantizeActivationsPass(act_plan)]
+    if dynamic:
+        passes.append(LowerToMatMulNBitsPass(plan_weights([s for s in sites if s.name in dynamic], solver),
+                                             DYNAMIC_ACCURACY_LEVEL))
+    logger.info("W8A8 activations: %d layers static per tensor (QDQ), %d dynamic per row and block "
+                "(MatMulNBits int8)", len(static), len(dynamic))
+    report.calibration += (f"; activations {len(static)} layers static, {len(dynamic)} dynamic" if dynamic
+                           else "")
+    return passes, sites, skipped
 
 
 def _view(st: TensorStats, absmax: np.ndarray, sample: np.ndarray) -> TensorStats:
@@ -116,3 +148,16 @@ def _view(st: TensorStats, absmax: np.ndarray, sample: np.ndarray) -> TensorStat
     import dataclasses
 
     return dataclasses.replace(st, absmax=absmax, sample=sample, min=None, max=None, minmax_stale=True)
+
+
+def _searched_quantizer(st: TensorStats, wcfg: W8A8Config, dynamic: bool):
+    """auto alpha's (absmax / s, rows / s) -> activation quantizer: the emitted static grid, or, when every
+    layer of the group has dynamic scales, the kernel's per-row-and-block int8 at the block it will use."""
+    from ptqonnx.passes.matmul_nbits import per_channel_block
+
+    def quantizer(amax: np.ndarray, sample: np.ndarray) -> ActivationQuantizer:
+        if dynamic:
+            return lambda x: fake_quantize_activation_dynamic(x, per_channel_block(x.shape[-1]))
+        return activation_grid(_view(st, amax, sample), wcfg)
+
+    return quantizer

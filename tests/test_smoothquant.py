@@ -14,12 +14,14 @@ from onnx_ir.passes.common import NameFixPass
 
 from graphs import model_from_text, run, save
 from ptqonnx.calibration.sources import CalibConfig
+from ptqonnx.errors import UserError
 from ptqonnx.graph import find_linear_sites
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.numerics.smoothquant import (
-    ActivationQParams, activation_scale, auto_alpha, fake_quantize_activation, percentile_absmax,
-    percentile_range, smooth_scales, w8a8_group_error,
+    ActivationQParams, activation_scale, auto_alpha, fake_quantize_activation, fake_quantize_activation_dynamic,
+    percentile_absmax, percentile_range, smooth_scales, w8a8_group_error,
 )
+from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
 from ptqonnx.passes.w8a8 import GEMV_REASON, LM_HEAD_REASON, QuantizeActivationsPass, select_w8a8_sites
 from ptqonnx.pipeline import compile_model
@@ -100,6 +102,32 @@ def test_smoothing_reduces_w8a8_error_on_outlier_channels():
     assert errors[0.0] > 2 * errors[alpha]  # alpha 0 leaves the outliers in the activations
 
 
+def test_dynamic_activation_fake_quant_per_row_and_block():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 200)).astype(np.float32)
+    x[0, 1, 130:] = 0.0  # an all-zero (short) block stays zero
+    x[1, 2, 7] = 500.0  # an outlier costs resolution only in its own row and block
+    ref = np.empty_like(x)
+    for idx in np.ndindex(*x.shape[:-1]):
+        for b0 in range(0, 200, 128):
+            blk = x[idx][b0:b0 + 128]
+            a = np.float32(np.abs(blk).max())
+            ref[idx][b0:b0 + 128] = 0.0 if a == 0 else np.rint(blk * (np.float32(127) / a)) * (a / np.float32(127))
+    got = fake_quantize_activation_dynamic(x, 128)
+    np.testing.assert_array_equal(got, ref)
+    assert np.all(got[0, 1, 130:] == 0) and got[1, 2, 7] == 500.0
+    assert np.abs(got[1, 2, 128:] - x[1, 2, 128:]).max() <= np.abs(x[1, 2, 128:]).max() / 254 * 1.0001
+    with pytest.raises(ValueError, match="block size"):
+        fake_quantize_activation_dynamic(x, 0)
+    # per row and block beats a static per-tensor grid on token-varying outliers; the group error takes either
+    xs, ws = _outlier_data(seed=2, outliers=())
+    xs[::7] *= 50.0  # some tokens 50x larger
+    ones = np.ones(64, np.float32)
+    static = w8a8_group_error(xs, ws, ones, _sym_grid(np.abs(xs).max(0), xs))
+    dynamic = w8a8_group_error(xs, ws, ones, lambda v: fake_quantize_activation_dynamic(v, 64))
+    assert dynamic < 0.2 * static, (dynamic, static)
+
+
 # -- QDQ emission in ORT --------------------------------------------------------------------------------
 
 _TWO_LINEAR = """<ir_version: 10, opset_import: ["" : 21]>
@@ -141,6 +169,31 @@ def test_w8a8_qdq_matches_numpy_fake_quant(tmp_path, signed):
         assert np.all(np.abs(out - ref) <= b + 1e-4 * np.abs(ref).max())
     if not signed:  # ORT's CPU EP fuses uint8 activations shared by two MatMuls (int8 ones only with one reader)
         assert _optimized_ops(path, tmp_path).count("MatMulIntegerToFloat") == 2
+
+
+@pytest.mark.parametrize("k", [64, 200])
+def test_dynamic_matmulnbits_int8_matches_numpy_fake_quant(tmp_path, k):
+    """bits 8, accuracy_level 4: ORT quantizes each activation row per block of K (short last block) to int8."""
+    from ptqonnx.passes.matmul_nbits import per_channel_block
+    from ptqonnx.w8a8 import DYNAMIC_ACCURACY_LEVEL
+
+    rng = np.random.default_rng(k)
+    ws = [rng.standard_normal((48, k)).astype(np.float32) * 0.1, rng.standard_normal((32, k)).astype(np.float32)]
+    text = _TWO_LINEAR.replace("64]", f"{k}]")
+    model = ir.from_proto(model_from_text(text, {"w1": ws[0].T.copy(), "w2": ws[1].T.copy()}))
+    NameFixPass()(model)
+    sites = find_linear_sites(model).sites
+    assert LowerToMatMulNBitsPass(plan_weights(sites, rtn_solver(W8)), DYNAMIC_ACCURACY_LEVEL)(model).modified
+    path = tmp_path / "dyn.onnx"
+    ir.save(model, str(path))
+    onnx.checker.check_model(str(path))
+    x = rng.standard_normal((2, 12, k)).astype(np.float32)
+    x[0, 3, 5] = 40.0  # one outlier token
+    xq = fake_quantize_activation_dynamic(x, per_channel_block(k))
+    refs = [xq @ fake_quantize(w, 8, None, True).T for w in ws]
+    for level in ("disable", "all"):
+        for out, ref in zip(run(path, {"x": x}, level), refs):
+            assert _rel(out, ref) < 2e-5, (level, _rel(out, ref))
 
 
 def test_gemv_and_lm_head_are_skipped_with_reasons():
@@ -221,6 +274,35 @@ def test_encoder_layernorm_gemm_end_to_end(tmp_path):
     assert errs["sq"] < 0.5 * errs["rtn"] and errs["auto"] <= errs["sq"] * 1.05, errs
 
 
+def test_encoder_dynamic_and_mixed_activation_scales(tmp_path):
+    """--act-scales dynamic: every layer MatMulNBits int8 (Gemm's bias kept), no activation QDQ; --dynamic-layers
+    (by weight name): that layer dynamic, the rest static QDQ; both more accurate here than all static."""
+    src, npz, x = _encoder(tmp_path)
+    feeds = {"x3": x[:1]}
+    ref = run(src, feeds, "disable")[0]
+    errs = {}
+    for name, kw in {"static": {}, "dynamic": dict(act_scales="dynamic"), "mixed": dict(dynamic_layers=("w3",)),
+                     "auto": dict(act_scales="dynamic")}.items():
+        cfg = _w8a8(target="ort-cpu", alpha="auto" if name == "auto" else 0.5, **kw)
+        rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=CalibConfig(npz=npz))
+        assert len(rep.quantized) == 3 and not rep.skipped
+        errs[name] = _rel(_loads_and_runs(rep.output_path, feeds)[0], ref)
+        nodes = onnx.load(str(rep.output_path)).graph.node
+        ops = [n.op_type for n in nodes]
+        n_dyn = {"static": 0, "mixed": 1}.get(name, 3)
+        assert ops.count("MatMulNBits") == n_dyn and ops.count("QuantizeLinear") == {0: 2, 1: 1, 3: 0}[n_dyn]
+        for n in nodes:
+            if n.op_type == "MatMulNBits":
+                attrs = {a.name: a.i for a in n.attribute}
+                assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4
+        if name == "dynamic":
+            assert any(n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5] == "c2" for n in nodes)
+    assert errs["dynamic"] < errs["static"] and errs["mixed"] < errs["static"] and errs["auto"] <= 1.05 * errs["dynamic"]
+    with pytest.raises(UserError, match="'nope\\*' matches no W8A8 layer"):
+        compile_model(src, tmp_path / "x.onnx", _w8a8(target="ort-cpu", dynamic_layers=("nope*",)),
+                      calibration=CalibConfig(npz=npz))
+
+
 def test_folded_graph_mismatch_refuses_before_quantizing(tmp_path, monkeypatch):
     from ptqonnx.passes.fold_scales import FoldScalesPass
 
@@ -246,16 +328,21 @@ def test_tiny_llama_smoothquant_w8a8(tmp_path, tiny_export):
     ref = run(src, {"input_ids": ids})[0]
     mse = {}
     configs = {"bmm": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn"), "auto": _w8a8(alpha="auto"),
-               "ort": _w8a8(target="ort-cpu")}
+               "ort": _w8a8(target="ort-cpu"), "dynamic": _w8a8(target="ort-cpu", act_scales="dynamic"),
+               "mixed": _w8a8(target="ort-cpu", dynamic_layers=("*down_proj*",))}
     for name, cfg in configs.items():
         rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
         assert LM_HEAD_REASON in {s.reason for s in rep.skipped} and len(rep.quantized) == 14  # 15 less the LM head
         out = _loads_and_runs(rep.output_path, {"input_ids": ids})[0]
         assert out.shape == ref.shape and _rel(out, ref) < 0.2
         mse[name] = float(np.mean((out - ref) ** 2))
-        n_q = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(rep.output_path)).graph.node)
-        # per layer: ln1 (q/k/v), attention output, ln2 (gate/up), down input; + QKᵀ and PV inputs with bmm
-        assert n_q == 2 * (4 + (4 if name == "bmm" else 0)), (name, n_q)
+        ops = [n.op_type for n in onnx.load(str(rep.output_path)).graph.node]
+        # per layer: ln1 (q/k/v), attention output, ln2 (gate/up), down input; + QKᵀ and PV inputs with bmm;
+        # dynamic layers read no QuantizeLinear (MatMulNBits quantizes inside)
+        n_q = {"bmm": 8, "dynamic": 0, "mixed": 3}.get(name, 4)
+        assert ops.count("QuantizeLinear") == 2 * n_q and ops.count("MatMulNBits") == {"dynamic": 14, "mixed": 2}.get(
+            name, 0), (name, ops.count("QuantizeLinear"))
+    assert mse["dynamic"] <= mse["ort"] and mse["mixed"] <= 1.05 * mse["ort"], mse
     assert mse["auto"] <= 1.05 * mse["rtn"], mse  # no planted outliers here: auto must at least not hurt
     # uint8 activations: ORT's CPU EP turns all 14 layers (q/k/v and gate/up share a Q) into MatMulIntegerToFloat
     assert _optimized_ops(tmp_path / "ort.onnx", tmp_path).count("MatMulIntegerToFloat") == 14
@@ -281,6 +368,19 @@ def test_config_validation():
     with pytest.raises(ValueError, match="alpha"):
         SmoothQuantConfig(alpha="best")
     assert _w8a8().needs_calibration and _w8a8("rtn").needs_calibration
+    with pytest.raises(ValueError, match="activation scales must be one of static, dynamic"):
+        W8A8Config(act_scales="per-token")
+    for kw in (dict(act_scales="dynamic"), dict(dynamic_layers=("*down_proj*",))):  # TensorRT: static only
+        with pytest.raises(ValueError, match="pass --target ort-cpu"):
+            W8A8Config(**kw)
+    for kw, msg in ((dict(dynamic_layers=("x",)), "drop one of them"), (dict(quantize_bmm=True), "quantize-bmm"),
+                    (dict(calib_range="percentile"), "calib-range")):
+        with pytest.raises(ValueError, match=msg):
+            W8A8Config(target="ort-cpu", act_scales="dynamic", **kw)
+    mixed = W8A8Config(target="ort-cpu", dynamic_layers=("*down_proj*", "node_linear_3"))
+    assert mixed.dynamic("node_linear_6", "model.layers.0.mlp.down_proj.weight") and mixed.dynamic("node_linear_3")
+    assert not mixed.dynamic("node_linear_5", "model.layers.0.mlp.up_proj.weight")
+    assert W8A8Config(target="ort-cpu", act_scales="dynamic").dynamic("anything")
 
 
 def test_cli_smoothquant_needs_w8a8(tmp_path, capsys):
@@ -294,3 +394,10 @@ def test_cli_smoothquant_needs_w8a8(tmp_path, capsys):
     assert main(["compile", str(src), "--method", "smoothquant", "--w8a8", "--alpha", "auto",
                  "--calib-npz", str(npz), "-o", str(tmp_path / "q.onnx")]) == 0
     assert (tmp_path / "q.onnx").is_file()
+    capsys.readouterr()
+    assert main(["compile", str(src), "--w8a8", "--act-scales", "dynamic", "--calib-npz", str(npz)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TensorRT INT8 takes static per-tensor scales" in err[0], err
+    assert main(["compile", str(src), "--method", "smoothquant", "--w8a8", "--target", "ort-cpu", "--act-scales",
+                 "dynamic", "--calib-npz", str(npz), "-o", str(tmp_path / "d.onnx")]) == 0
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(tmp_path / "d.onnx")).graph.node}

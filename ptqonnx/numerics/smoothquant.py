@@ -22,6 +22,12 @@ Activation grids (ONNX QuantizeLinear: q = saturate(round_half_even(x / scale) +
   zero_point = clip(round(-lo / scale), 0, 255) (ONNX Runtime's CPU kernels take any zero point).
 
 A range of 0 gets scale 1 (every value quantizes to 0 exactly; a zero scale would divide by zero).
+
+Dynamic activation scales (`fake_quantize_activation_dynamic`): symmetric INT8 with a scale per row and per
+block of `block_size` consecutive features, taken from the values themselves at run time, as ONNX Runtime's
+MatMulNBits does with accuracy_level 4 (MLAS `QuantizeARow_CompInt8`): a = max|x_block|, q = round_half_even(
+x * (127 / a)), x_hat = q * (a / 127); an all-zero block stays 0. Finer than per-token scales (a block of a
+row, not the whole row), so an outlier channel costs resolution only inside its own block of that row.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ __all__ = [
     "CLAMP",
     "DEFAULT_ALPHA_GRID",
     "ActivationQParams",
+    "ActivationQuantizer",
     "smooth_scales",
     "activation_scale",
     "percentile_absmax",
     "percentile_range",
     "fake_quantize_activation",
+    "fake_quantize_activation_dynamic",
     "w8a8_group_error",
     "auto_alpha",
 ]
@@ -139,11 +147,31 @@ def fake_quantize_activation(x: np.ndarray, qp: ActivationQParams) -> np.ndarray
     return ((q - qp.zero_point) * scale).astype(np.float32)
 
 
-def w8a8_group_error(x: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray,
-                     act_qparams: ActivationQParams) -> float:
-    """sum_i ||Q_a(X/s) Q_w(W_i s)^T - X W_i^T||^2 / ||X W_i^T||^2 for rows x [n, K], W_i [N_i, K]."""
+def fake_quantize_activation_dynamic(x: np.ndarray, block_size: int) -> np.ndarray:
+    """INT8 fake quantization with a symmetric scale per row and per block of `block_size` along the last
+    axis, from the values themselves (MatMulNBits accuracy_level 4), float32; the last block may be short."""
+    if block_size < 1:
+        raise ValueError(f"block size must be >= 1, got {block_size}")
     x = np.asarray(x, np.float32)
-    xq = fake_quantize_activation(x / s, act_qparams)
+    k = x.shape[-1]
+    pad = (-k) % block_size
+    xb = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, block_size)
+    a = np.abs(xb).max(axis=-1, keepdims=True)  # [..., k_blocks, 1]
+    inv = np.divide(np.float32(127.0), a, out=np.zeros_like(a), where=a > 0)
+    q = np.clip(np.rint(xb * inv), -127, 127)
+    return (q * (a / np.float32(127.0))).reshape(*x.shape[:-1], -1)[..., :k].astype(np.float32)
+
+
+# an activation fake-quantizer: a static per-tensor grid, or any x -> x_hat (e.g. dynamic scales)
+ActivationQuantizer = ActivationQParams | Callable[[np.ndarray], np.ndarray]
+
+
+def w8a8_group_error(x: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray,
+                     act: ActivationQuantizer) -> float:
+    """sum_i ||Q_a(X/s) Q_w(W_i s)^T - X W_i^T||^2 / ||X W_i^T||^2 for rows x [n, K], W_i [N_i, K]; Q_a is
+    the static grid `act` or, when `act` is a function, `act` itself."""
+    x = np.asarray(x, np.float32)
+    xq = fake_quantize_activation(x / s, act) if isinstance(act, ActivationQParams) else act(x / s)
     err = 0.0
     for w in weights:
         w = np.asarray(w, np.float32)
@@ -157,7 +185,7 @@ def auto_alpha(
     x_sample: np.ndarray,
     weights: Sequence[np.ndarray],
     act_absmax: np.ndarray,
-    act_scale_fn: Callable[[np.ndarray, np.ndarray], ActivationQParams],
+    act_scale_fn: Callable[[np.ndarray, np.ndarray], ActivationQuantizer],
     grid: Sequence[float] = DEFAULT_ALPHA_GRID,
     *,
     holdout: bool = True,
@@ -165,7 +193,8 @@ def auto_alpha(
     """Alpha on `grid` minimizing `w8a8_group_error` on the sampled rows x_sample [n, K].
 
     `act_absmax` [K] is the full calibration run's per-channel maximum (what the returned s is computed
-    from); `act_scale_fn(absmax / s, rows / s)` returns the activation grid the emitted model would use.
+    from); `act_scale_fn(absmax / s, rows / s)` returns the activation grid the emitted model would use
+    (or, for dynamic scales, its fake-quantizer).
     With `holdout` (and n >= 2), each candidate's s and activation grid are fitted on the even rows only and
     its error measured on the odd rows: measured in-sample, a large alpha looks best because no calibration
     row ever exceeds its channel's range, while unseen rows do and are clipped (alpha near 1 fits every
