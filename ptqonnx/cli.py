@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="also quantize embedding Gathers to 4-bit GatherBlockQuantized")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="node names to leave in float")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                   help="layers to leave in float: node or weight names, '*' patterns allowed (e.g. '*down_proj*')")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output in ONNX Runtime")
     g = p.add_argument_group("GPTQ")
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")

@@ -27,7 +27,7 @@ from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
 from ptqonnx.plan import plan_weights, rtn_solver
-from ptqonnx.recipe import CompileConfig
+from ptqonnx.recipe import CompileConfig, matches_any
 
 __all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path", "run_passes"]
 
@@ -131,7 +131,7 @@ def _select_sites(sites: list[LinearSite], cfg: CompileConfig) -> tuple[list[Lin
     for s in sites:
         if cfg.weights.keep_lm_head and s.is_lm_head:
             skipped.append(Skip(s.name, s.node.op_type, "LM head kept in float (--keep-lm-head)"))
-        elif s.name in cfg.weights.exclude:
+        elif matches_any(cfg.weights.exclude, s.name, s.weight_name):
             skipped.append(Skip(s.name, s.node.op_type, "excluded by --exclude"))
         else:
             chosen.append(s)

@@ -3,6 +3,7 @@ encoder-style and tiny-LLaMA graphs end to end, outlier smoothing, skips and con
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,13 @@ def test_encoder_dynamic_and_mixed_activation_scales(tmp_path):
         if name == "dynamic":
             assert any(n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5] == "c2" for n in nodes)
     assert errs["dynamic"] < errs["static"] and errs["mixed"] < errs["static"] and errs["auto"] <= 1.05 * errs["dynamic"]
+    # --exclude by weight-name pattern keeps that layer in float
+    cfg = CompileConfig(method="smoothquant", weights=dataclasses.replace(W8, exclude=("w[3]",)),
+                        w8a8=W8A8Config(target="ort-cpu"))
+    rep = compile_model(src, tmp_path / "ex.onnx", cfg, calibration=CalibConfig(npz=npz))
+    assert len(rep.quantized) == 2 and [s.reason for s in rep.skipped] == ["excluded by --exclude"]
+    errs["excluded"] = _rel(_loads_and_runs(rep.output_path, feeds)[0], ref)
+    assert errs["excluded"] < errs["static"], errs
     with pytest.raises(UserError, match="'nope\\*' matches no W8A8 layer"):
         compile_model(src, tmp_path / "x.onnx", _w8a8(target="ort-cpu", dynamic_layers=("nope*",)),
                       calibration=CalibConfig(npz=npz))

@@ -167,15 +167,15 @@ ActivationQuantizer = ActivationQParams | Callable[[np.ndarray], np.ndarray]
 
 
 def w8a8_group_error(x: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray,
-                     act: ActivationQuantizer) -> float:
+                     act: ActivationQuantizer, refs: Sequence[np.ndarray] | None = None) -> float:
     """sum_i ||Q_a(X/s) Q_w(W_i s)^T - X W_i^T||^2 / ||X W_i^T||^2 for rows x [n, K], W_i [N_i, K]; Q_a is
-    the static grid `act` or, when `act` is a function, `act` itself."""
+    the static grid `act` or, when `act` is a function, `act` itself. `refs`: the X W_i^T, if already known."""
     x = np.asarray(x, np.float32)
     xq = fake_quantize_activation(x / s, act) if isinstance(act, ActivationQParams) else act(x / s)
     err = 0.0
-    for w in weights:
+    for i, w in enumerate(weights):
         w = np.asarray(w, np.float32)
-        ref = x @ w.T
+        ref = x @ w.T if refs is None else refs[i]
         out = xq @ fake_quantize(w * s, 8, None, True).T
         err += float(np.sum((out - ref) ** 2, dtype=np.float64) / max(np.sum(ref**2, dtype=np.float64), 1e-30))
     return err
@@ -211,10 +211,11 @@ def auto_alpha(
         fit, test, fit_absmax = x, x, np.asarray(act_absmax, np.float32)
     errors: dict[float, float] = {}
     best: tuple[float, float] | None = None
+    refs = [test @ np.asarray(w, np.float32).T for w in weights]
     for alpha in grid:
         s = smooth_scales(fit_absmax, weights, float(alpha))
         qp = act_scale_fn(fit_absmax / s, fit / s)
-        e = w8a8_group_error(test, weights, s, qp)
+        e = w8a8_group_error(test, weights, s, qp, refs)
         errors[float(alpha)] = e
         if best is None or e < best[0]:
             best = (e, float(alpha))
