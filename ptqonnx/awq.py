@@ -1,21 +1,35 @@
-"""AWQ planning (Lin et al. 2023): scale search per scaling group, exact fold, clip search, then RTN or GPTQ.
+"""AWQ planning (Lin et al. 2023): scale search per scaling group, clip search, then RTN or GPTQ, streamed
+block by block; the scales are folded into the graph (exactly, checked) at the end.
 
-The search math is `ptqonnx.numerics.awq`; folding and its check are `ptqonnx.folding`.
+The search math is `ptqonnx.numerics.awq`; folding and its check are `ptqonnx.folding`; the block-by-block
+calibration is `ptqonnx.runtime.sequential`. Per stage (the sites reading one activation x), from XᵀX and
+mean |x| over all calibration rows (never the activations themselves: memory is one stage's K x K):
+
+    s = search_scales(XᵀX, W_i)        W_i' = W_i diag(s),  G' = diag(1/s) XᵀX diag(1/s)  (the stats of x/s)
+    r_i = search_clip(G', W_i')         Q_i = RTN(W_i', r_i)  or  GPTQ(clip(W_i', r_i), H = 2/n G')
+
+and Q_i(x) = (x/s) Q_iᵀ is written back as the float weight dequant(Q_i) diag(1/s) (the same function), so
+later stages and blocks are calibrated on the quantized model, as sequential GPTQ. After the pass the
+scales are folded (sites' rows × s, the producer ÷ s). A producer that is itself a planned linear site
+(up_proj under down_proj's scale) then has its output rows divided by s after its codes were chosen: its
+grid is divided by the same s (Q(w/c) = Q(w)/c for c > 0, codes and zero points unchanged; row-local, so
+clipping and GPTQ's choices stand).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from ptqonnx.errors import UserError
 from ptqonnx.folding import fold_scales_checked
-from ptqonnx.gptq import plan_gptq
 from ptqonnx.graph import LinearSite, find_linear_sites
-from ptqonnx.plan import PlannedWeight, block_size_for, plan_weights, rtn_solver
+from ptqonnx.plan import PlannedWeight, block_size_for, gptq_stage_solver, rtn_solver
 from ptqonnx.recipe import CompileConfig
 from ptqonnx.scaling import find_scaling_groups
 
@@ -26,15 +40,17 @@ logger = logging.getLogger(__name__)
 
 def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report,
               progress: Callable[[str], None] | None) -> tuple[list[LinearSite], dict[str, PlannedWeight]]:
-    """AWQ (`ptqonnx.numerics.awq`): mean |x| and a row sample of every site's activation from one float
-    calibration run; a scale search per scaling group, folded exactly (checked in ORT on two calibration
-    feeds: max |y' - y| / max |y| <= FOLD_TOLERANCE per output, else RuntimeError); a clip search per site
-    on the rescaled sample; then RTN with the clip ratios (`awq`) or GPTQ on the scaled weights clamped to
-    their clipped ranges (`awq+gptq`). The LM head's group is not scaled unless `scale_lm_head` (as llm-awq,
-    which leaves lm_head alone); it is still clipped. Returns the sites re-scanned after folding and the plan.
-    """
+    """AWQ (`awq`) or AWQ then GPTQ (`awq+gptq`) on the scaled, clipped weights, block by block (see the
+    module docstring). The LM head's group is not scaled unless `scale_lm_head` (as llm-awq, which leaves
+    lm_head alone); it is still clipped. The fold is checked in ORT on two calibration feeds (max |y' - y| /
+    max |y| <= FOLD_TOLERANCE per output, else RuntimeError). Returns the sites re-scanned after folding
+    and the plan."""
+    from ptqonnx.blocks import find_blocks
+    from ptqonnx.calibration.observers import Stat
     from ptqonnx.numerics.awq import clip_weight, search_clip, search_scales
-    from ptqonnx.runtime.collect import collect_statistics
+    from ptqonnx.numerics.gptq import hessian_from_xtx
+    from ptqonnx.numerics.quant import dequantize_weight
+    from ptqonnx.runtime.sequential import run_sequential
 
     acfg, w = cfg.awq, cfg.weights
     groups, _ = find_scaling_groups(model, sites)
@@ -45,45 +61,72 @@ def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds
         raise UserError(f"--no-insert: {len(refused)} scaling groups have no producer that can absorb 1/s "
                         f"(their activation has other consumers or is a graph input) and would need an inserted "
                         f"Mul: {refused[:5]}; drop --no-insert or --exclude their MatMuls")
-    stats = collect_statistics(model, feeds, {s.activation.name: {"mean_abs", "sample"} for s in sites},
-                               sample_rows=acfg.sample_rows)
-    report.calibration = f"one-shot, {len(feeds)} samples"
+    group_of = {g.name: g for g in groups}
+    blocks = find_blocks(model, sites)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    if any(values[name].dtype is None for b in blocks for name in b.inputs if name in values):
+        ShapeInferencePass()(model)  # a block's extracted model needs its inputs' types
     scales: dict[str, np.ndarray] = {}
-    for i, g in enumerate(groups):
-        st = stats[g.name]
-        res = search_scales(st.sample, [s.weight_nk() for s in g.sites], bits=w.bits,
-                            block_size=block_size_for(w, g.K), symmetric=w.symmetric, grid=acfg.grid,
-                            mean_abs=st.mean_abs, device=acfg.device)
-        scales[g.name] = res.s
-        report.awq_alpha[g.name] = res.alpha
-        line = (f"AWQ scales {i + 1}/{len(groups)} {g.name} ({len(g.sites)} sites, {g.kind}): alpha={res.alpha:.2f}, "
-                f"output error {res.rtn_error:.4g} -> {res.error:.4g} ({res.error / max(res.rtn_error, 1e-30):.1%})")
-        logger.info(line)
-        if progress is not None:
-            progress(line)
-    fold = fold_scales_checked(model, groups, scales, feeds[:2], stats=stats, no_insert=acfg.no_insert,
-                               what="AWQ scales")
+    ratios: dict[str, np.ndarray] = {}
+    planned: dict[str, object] = {}  # site name -> QuantizedWeight of W diag(s) (before producers' row fold)
+    gptq = gptq_stage_solver(w, cfg.gptq, report.losses) if cfg.method == "awq+gptq" else None
+    rtn = rtn_solver(w, ratios)
+
+    def solve_stage(block, stage, stats):
+        k = stats.channels
+        s = np.ones(k, np.float32)
+        group = group_of.get(stage.activation)
+        if group is not None and group.name in scales:  # a group split over two blocks: searched at its first
+            s = scales[group.name]
+        elif group is not None:
+            res = search_scales(stats.xtx, [site.weight_nk() for site in group.sites], mean_abs=stats.mean_abs,
+                                bits=w.bits, block_size=block_size_for(w, k), symmetric=w.symmetric,
+                                grid=acfg.grid, device=acfg.device)
+            s = scales[group.name] = res.s
+            report.awq_alpha[group.name] = res.alpha
+            line = (f"AWQ block {block.index + 1}/{len(blocks)} {group.name} ({len(group.sites)} sites, "
+                    f"{group.kind}): alpha={res.alpha:.2f}, output error {res.rtn_error:.4g} -> {res.error:.4g} "
+                    f"({res.error / max(res.rtn_error, 1e-30):.1%})")
+            logger.info(line)
+            if progress is not None:
+                progress(line)
+        inv = 1.0 / s.astype(np.float64)
+        gram = stats.xtx * inv[:, None] * inv[None, :]  # XᵀX of x / s
+        scaled = []
+        for site in stage.sites:
+            ws = site.weight_nk() * s  # float32, as FoldScalesPass writes it
+            bs = block_size_for(w, site.K)
+            if acfg.clip:
+                ratios[site.name] = search_clip(gram, ws, bits=w.bits, block_size=bs, symmetric=w.symmetric,
+                                                grid=acfg.grid, device=acfg.device)
+                logger.debug("AWQ clip %s: mean ratio %.3f", site.name, float(ratios[site.name].mean()))
+                if gptq is not None:
+                    ws = clip_weight(ws, ratios[site.name], bits=w.bits, block_size=bs, symmetric=w.symmetric)
+            scaled.append(ws)
+        qws = (gptq(stage.sites, scaled, hessian_from_xtx(gram, stats.count)) if gptq is not None
+               else [rtn(site, ws) for site, ws in zip(stage.sites, scaled)])
+        updates = {}
+        for site, qw in zip(stage.sites, qws):
+            planned[site.name] = qw
+            updates[site.name] = (dequantize_weight(qw) / s).astype(np.float32)  # x Ŵᵀ = (x/s) Q(W s)ᵀ
+        return updates
+
+    run_sequential(model, blocks, feeds, solve_stage, kinds={Stat.XTX, Stat.MEAN_ABS})
+    report.calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
+    if ratios:
+        clipped = sum(int((r < 1).sum()) for r in ratios.values())
+        logger.info("AWQ clip: %d of %d blocks clipped", clipped, sum(r.size for r in ratios.values()))
+
+    fold = fold_scales_checked(model, groups, scales, feeds[:2], no_insert=acfg.no_insert, what="AWQ scales")
     report.scales_folded, report.scales_inserted = list(fold.folded), list(fold.inserted)
-    report.fold_max_rel_err, stats = fold.max_rel_err, fold.stats
+    report.fold_max_rel_err = fold.max_rel_err
+    for g in groups:  # a planned producer's output rows were divided by s after its codes were chosen
+        if g.name in fold.folded and g.kind == "linear_columns" and g.producer.name in planned:
+            qw = planned[g.producer.name]
+            planned[g.producer.name] = dataclasses.replace(
+                qw, scale=(qw.scale / scales[g.name].astype(np.float64)[:, None]).astype(np.float32))
 
     names = {s.name for s in sites}
     sites = [s for s in find_linear_sites(model).sites if s.name in names]  # weights are the scaled copies now
-    assert len(sites) == len(names), "folding changed the set of linear sites"
-    ratios: dict[str, np.ndarray] = {}
-    if acfg.clip:
-        for site in sites:
-            ratios[site.name] = search_clip(stats[site.activation.name].sample, site.weight_nk(), bits=w.bits,
-                                            block_size=block_size_for(w, site.K), symmetric=w.symmetric,
-                                            grid=acfg.grid, device=acfg.device)
-            logger.debug("AWQ clip %s: mean ratio %.3f", site.name, float(ratios[site.name].mean()))
-        clipped = sum(int((r < 1).sum()) for r in ratios.values())
-        logger.info("AWQ clip: %d of %d blocks clipped", clipped, sum(r.size for r in ratios.values()))
-    if cfg.method == "awq":
-        return sites, plan_weights(sites, rtn_solver(w, ratios))
-
-    def weight_of(site: LinearSite) -> np.ndarray:
-        r = ratios.get(site.name)
-        return site.weight_nk() if r is None else clip_weight(site.weight_nk(), r, bits=w.bits,
-                                                              block_size=block_size_for(w, site.K), symmetric=w.symmetric)
-
-    return sites, plan_gptq(model, sites, cfg, feeds, report, progress, weight_of)
+    assert len(sites) == len(names) == len(planned), "folding changed the set of linear sites"
+    return sites, {s.name: PlannedWeight(s, planned[s.name]) for s in sites}

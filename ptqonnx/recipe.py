@@ -164,21 +164,17 @@ class W8A8Config:
 class AwqConfig:
     """AWQ (Lin et al. 2024): per scaling group s = mean|x|^alpha with alpha on a `grid` in [0, 1); `clip`:
     per-block range shrinking search; `no_insert`: refuse groups whose 1/s needs an explicit Mul;
-    `scale_lm_head`: also scale the LM head's group (llm-awq does not); `sample_rows`: activation rows kept
-    per value for the searches; `device` for the search math (torch)."""
+    `scale_lm_head`: also scale the LM head's group (llm-awq does not); `device` for the search math (torch)."""
 
     grid: int = 20
     clip: bool = True
     no_insert: bool = False
     scale_lm_head: bool = False
-    sample_rows: int = 4096
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not 1 <= self.grid <= 1000:
             raise ValueError(f"AWQ grid must be in [1, 1000], got {self.grid}")
-        if self.sample_rows < 16:
-            raise ValueError(f"AWQ sample rows must be at least 16, got {self.sample_rows}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
 

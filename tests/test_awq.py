@@ -32,6 +32,17 @@ def _weights(seed=1, shapes=((64, K), (96, K))):
     return [rng.standard_normal(s).astype(np.float32) for s in shapes]
 
 
+def _gram(x):
+    """XᵀX in float64 and mean |x| per channel: what the searches get from the streamed statistics."""
+    x64 = x.astype(np.float64)
+    return x64.T @ x64, np.abs(x64).mean(axis=0)
+
+
+def _scales(x, ws, **kw):
+    gram, mean_abs = _gram(x)
+    return search_scales(gram, ws, mean_abs=mean_abs, bits=4, block_size=32, **kw)
+
+
 def _out_err(x, w, w_eff):
     """‖x Wᵀ − x W_effᵀ‖² in float64 (the numpy reference for the searches' objective)."""
     d = x.astype(np.float64) @ (w_eff.astype(np.float64) - w).T
@@ -52,7 +63,7 @@ def test_torch_fake_quantize_is_numpy_bit_for_bit(symmetric):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_awq_scales_beat_rtn_on_salient_channels(symmetric):
     x, ws = _salient(), _weights()
-    res = search_scales(x, ws, bits=4, block_size=32, symmetric=symmetric)
+    res = _scales(x, ws, symmetric=symmetric)
     rtn = sum(_out_err(x, w, fake_quantize(w, 4, 32, symmetric)) for w in ws)
     awq = sum(_out_err(x, w, fake_quantize(w * res.s, 4, 32, symmetric) / res.s) for w in ws)
     assert res.alpha > 0 and res.s.dtype == np.float32 and res.s.shape == (K,)
@@ -64,16 +75,15 @@ def test_awq_scales_beat_rtn_on_salient_channels(symmetric):
 
 def test_alpha_zero_reproduces_rtn():
     x, ws = _salient(), _weights()
-    res = search_scales(x, ws, bits=4, block_size=32, symmetric=True, grid=1)
+    res = _scales(x, ws, symmetric=True, grid=1)
     assert res.alpha == 0.0 and np.array_equal(res.s, np.ones(K, np.float32))
     assert res.errors[0] == pytest.approx(sum(_out_err(x, w, fake_quantize(w, 4, 32, True)) for w in ws), rel=1e-4)
-    assert search_scales(x, ws, bits=4, block_size=32, symmetric=True).errors[0] == pytest.approx(res.errors[0],
-                                                                                                  rel=1e-6)
+    assert _scales(x, ws, symmetric=True).errors[0] == pytest.approx(res.errors[0], rel=1e-6)
 
 
-def test_direct_and_gram_error_forms_agree():
-    x, ws = _salient(n=96), _weights()  # n < K: the error is formed as x ΔWᵀ, not through xᵀx
-    res = search_scales(x, ws, bits=4, block_size=32, symmetric=True, grid=5)
+def test_gram_error_is_the_output_error_with_few_rows():
+    x, ws = _salient(n=96), _weights()  # n < K: a rank-deficient xᵀx still gives ‖x ΔWᵀ‖² exactly
+    res = _scales(x, ws, symmetric=True, grid=5)
     awq = sum(_out_err(x, w, fake_quantize(w * res.s, 4, 32, True) / res.s) for w in ws)
     assert res.error == pytest.approx(awq, rel=1e-4)
 
@@ -81,7 +91,7 @@ def test_direct_and_gram_error_forms_agree():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_clipping_never_increases_a_blocks_error(symmetric):
     x, w = _salient(n=512), _weights(shapes=((48, K),))[0]
-    ratios = search_clip(x, w, bits=4, block_size=32, symmetric=symmetric)
+    ratios = search_clip(_gram(x)[0], w, bits=4, block_size=32, symmetric=symmetric)
     assert ratios.shape == (48, 4) and ratios.dtype == np.float32
     assert set(np.unique(ratios)) <= {np.float32(r) for r in clip_grid(20, 0.5)} and (ratios < 1).any()
 
@@ -107,21 +117,41 @@ def test_clip_weight_gives_the_clip_ratio_grid(symmetric, bits):
                           fake_quantize(w, bits, 32, symmetric, ratios))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_row_scale_after_quantizing_keeps_the_codes(symmetric):
+    """The planner quantizes up_proj before down_proj's 1/s is folded into up_proj's output rows, then
+    divides the row's grid by s: valid because Q(w / c) has Q(w)'s codes and zero points on a grid / c."""
+    from ptqonnx.numerics.quant import quantize_weight
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((24, 96)).astype(np.float32)
+    c = rng.uniform(0.2, 5.0, 24).astype(np.float32)
+    ratios = rng.choice(clip_grid(20, 0.5), (24, 3)).astype(np.float32)
+    a = quantize_weight(w, 4, 32, symmetric, ratios)
+    b = quantize_weight((w / c[:, None]).astype(np.float32), 4, 32, symmetric, ratios)
+    assert np.array_equal(a.q, b.q) and np.array_equal(a.zero_point, b.zero_point)
+    np.testing.assert_allclose(a.scale / c[:, None], b.scale, rtol=1e-6)
+
+
 def test_search_validation():
-    x, ws = _salient(n=64), _weights()
+    (gram, mean_abs), ws = _gram(_salient(n=64)), _weights()
     with pytest.raises(ValueError, match="K=128"):
-        search_scales(x, [np.zeros((4, 64), np.float32)], bits=4, block_size=32, symmetric=True)
+        search_scales(gram, [np.zeros((4, 64), np.float32)], mean_abs=mean_abs, bits=4, block_size=32, symmetric=True)
     with pytest.raises(ValueError, match="bits"):
-        search_scales(x, ws, bits=5, block_size=32, symmetric=True)
+        search_scales(gram, ws, mean_abs=mean_abs, bits=5, block_size=32, symmetric=True)
     with pytest.raises(ValueError, match="mean_abs"):
-        search_scales(x, ws, bits=4, block_size=32, symmetric=True, mean_abs=np.ones(3))
+        search_scales(gram, ws, mean_abs=np.ones(3), bits=4, block_size=32, symmetric=True)
+    with pytest.raises(ValueError, match="gram"):
+        search_scales(gram[:, :5], ws, mean_abs=mean_abs, bits=4, block_size=32, symmetric=True)
+    with pytest.raises(ValueError, match="K=128"):
+        search_clip(gram[:64, :64], ws[0], bits=4, block_size=32, symmetric=True)
     with pytest.raises(ValueError, match="max_shrink"):
-        search_clip(x, ws[0], bits=4, block_size=32, symmetric=True, max_shrink=1.0)
+        search_clip(gram, ws[0], bits=4, block_size=32, symmetric=True, max_shrink=1.0)
     assert np.allclose(clip_grid(20, 0.5), [1 - i / 20 for i in range(10)])
 
 
 def test_config_validation():
-    for bad in ({"grid": 0}, {"sample_rows": 4}, {"device": "tpu"}):
+    for bad in ({"grid": 0}, {"device": "tpu"}):
         with pytest.raises(ValueError):
             AwqConfig(**bad)
     assert CompileConfig(method="awq+gptq").needs_calibration

@@ -19,9 +19,10 @@ L(s*) ≤ L(1) = the RTN error: AWQ is never worse than RTN on the search data. 
 float32 exactly as `FoldScalesPass` writes it, so the planned weights are the ones the search scored.
 
 Error evaluation. With ΔW_i = Q(W_i s)/s − W_i [N_i, K] (the effective weight error in x's units),
-L(s) = Σ_i ‖x ΔW_iᵀ‖² = Σ_i tr(ΔW_i G ΔW_iᵀ), G = xᵀx [K, K]: the Gram form costs N·K² per α instead
-of n·N·K and is used when K ≤ n; otherwise x ΔWᵀ is formed directly. Both run over chunks of output
-rows (Q is row-local), so memory stays O(chunk · max(K, n)).
+L(s) = Σ_i ‖x ΔW_iᵀ‖² = Σ_i tr(ΔW_i G ΔW_iᵀ), G = xᵀx [K, K]. The searches take G, not x: it is
+accumulated over *all* calibration rows in O(K²) memory (streamed block by block, `ptqonnx.awq`), costs
+N·K² per α instead of n·N·K, and runs over chunks of output rows (Q is row-local), so memory stays
+O(chunk · K). Any positive multiple of G gives the same argmin.
 
 Clipping (llm-awq `auto_clip.py`). Per output row n and block g, shrink the block's range by a ratio
 r ∈ {1, 1 − 1/grid, …} down to 1 − max_shrink (exclusive, as the reference) and keep the r minimising the
@@ -29,7 +30,7 @@ block's own contribution to the output error,
 
     e[n, g](r) = ‖x_g (w[n, g] − Q_r(w[n, g]))ᵀ‖² = d G_gg dᵀ,   d = Q_r(w[n, g]) − w[n, g],
 
-with G_gg the g-th diagonal block of xᵀx (the reference's `(input_feat * w).sum(-1)` per group, summed
+with G_gg the g-th diagonal block of G (the reference's `(input_feat * w).sum(-1)` per group, summed
 instead of averaged over rows). r = 1 is tried first and only a strictly smaller error replaces it, so
 clipping never increases any block's error on the search data. The ratio is applied the way
 `quantize_weight(clip_ratio=r)` does (the grid of r·range, values beyond it saturate at the grid ends),
@@ -123,43 +124,49 @@ def awq_scale(mean_abs, alpha: float):
     return s / (s.max() * s.min()).sqrt()
 
 
+def _gram(gram, k: int | None = None) -> np.ndarray:
+    g = np.asarray(gram)
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0 or (k is not None and g.shape[0] != k):
+        raise ValueError(f"gram must be a square XᵀX [K, K]{'' if k is None else f' with K={k}'}, got shape {g.shape}")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("gram must be finite")
+    return g
+
+
 def search_scales(
-    x: np.ndarray,
+    gram: np.ndarray,
     weights: Sequence[np.ndarray],
     *,
+    mean_abs: np.ndarray,
     bits: int,
     block_size: int | None,
     symmetric: bool,
     grid: int = 20,
-    mean_abs: np.ndarray | None = None,
     device: str = "cpu",
 ) -> AwqScale:
-    """AWQ's per-input-channel scale for the layers W_i [N_i, K] reading x (sample rows [n, K]).
-
-    `mean_abs` [K] is s_x (defaults to mean |x| over the sample rows); `block_size=None` = per channel.
+    """AWQ's per-input-channel scale for the layers W_i [N_i, K] reading x, from G = xᵀx [K, K] and
+    s_x = `mean_abs` [K] (mean |x| per channel over the calibration rows); `block_size=None` = per channel.
     Returns the s of the α ∈ {0, 1/grid, …} with the least summed output error (ties: the smaller α).
     """
     import torch
 
     _check(bits, grid)
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty 2-D sample [n, K], got shape {x.shape}")
-    n, k = x.shape
+    g = _gram(gram)
+    k = g.shape[0]
     if not weights or any(np.ndim(w) != 2 or np.shape(w)[1] != k for w in weights):
         raise ValueError(f"weights must be a non-empty list of [N_i, K={k}] arrays, got "
                          f"{[np.shape(w) for w in weights]}")
     bs = k if block_size is None else int(block_size)
     if bs < 1:
         raise ValueError(f"block_size must be positive or None, got {block_size}")
-    dev = torch.device(device)
-    xm = np.abs(x).mean(axis=0, dtype=np.float64) if mean_abs is None else np.asarray(mean_abs, np.float64)
+    xm = np.asarray(mean_abs, np.float64)
     if xm.shape != (k,) or not np.all(np.isfinite(xm)) or np.any(xm < 0):
         raise ValueError(f"mean_abs must be finite, >= 0 and of shape ({k},), got shape {xm.shape}")
+    dev = torch.device(device)
     xm_t = torch.tensor(xm, dtype=torch.float32, device=dev)
-    xt = torch.from_numpy(x).to(dev)
-    gram = xt.T @ xt if k <= n else None  # [K, K]
+    gram_t = torch.tensor(g, dtype=torch.float32, device=dev)  # [K, K]
     ws = [torch.tensor(np.asarray(w), dtype=torch.float32, device=dev) for w in weights]
+    rows = max(1, _CHUNK_ELEMENTS // k)
 
     alphas = np.arange(grid, dtype=np.float64) / grid
     errors = np.zeros(grid, dtype=np.float64)
@@ -168,14 +175,10 @@ def search_scales(
         s = awq_scale(xm_t, float(alpha))  # [K]
         err = 0.0
         for w in ws:
-            rows = max(1, _CHUNK_ELEMENTS // max(k, n if gram is None else 0))
             for r0 in range(0, w.shape[0], rows):
                 wc = w[r0 : r0 + rows]
                 dw = torch_fake_quantize(wc * s, bits, bs, symmetric) / s - wc  # [Nc, K]
-                if gram is not None:
-                    err += float(((dw @ gram) * dw).sum(dtype=torch.float64))
-                else:
-                    err += float((xt @ dw.T).square().sum(dtype=torch.float64))
+                err += float(((dw @ gram_t) * dw).sum(dtype=torch.float64))
         errors[a] = err
         if best is None or err < errors[best[0]]:
             best = (a, s)
@@ -193,7 +196,7 @@ def clip_grid(grid: int, max_shrink: float) -> np.ndarray:
 
 
 def search_clip(
-    x: np.ndarray,
+    gram: np.ndarray,
     w: np.ndarray,
     *,
     bits: int,
@@ -201,31 +204,28 @@ def search_clip(
     symmetric: bool,
     grid: int = 20,
     max_shrink: float = 0.5,
-    n_sample_rows: int | None = None,
     device: str = "cpu",
 ) -> np.ndarray:
-    """Per-block clip ratios float32 [N, k_blocks] for W [N, K] on inputs x [n, K] (usable as
-    `quantize_weight(..., clip_ratio=ratios)`). `n_sample_rows` evenly strides x down to that many rows
-    (the reference uses 512; the Gram form makes all rows cheap, so the default keeps them all)."""
+    """Per-block clip ratios float32 [N, k_blocks] for W [N, K] read by x, from G = xᵀx [K, K] (only its
+    diagonal blocks are used); usable as `quantize_weight(..., clip_ratio=ratios)`."""
     import torch
 
     _check(bits, grid)
     ratios = clip_grid(grid, max_shrink)
-    x = np.asarray(x, dtype=np.float32)
     w = np.asarray(w, dtype=np.float32)
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.shape[0] == 0:
-        raise ValueError(f"need x [n, K] and w [N, K] with the same K, got {x.shape} and {w.shape}")
-    if n_sample_rows is not None and x.shape[0] > n_sample_rows:
-        x = x[:: x.shape[0] // n_sample_rows][:n_sample_rows]
+    if w.ndim != 2:
+        raise ValueError(f"w must be [N, K], got shape {w.shape}")
     nw, k = w.shape
+    g = _gram(gram, k)
     bs = k if block_size is None else int(block_size)
     if bs < 1:
         raise ValueError(f"block_size must be positive or None, got {block_size}")
     kb = num_blocks(k, bs)
     pad = kb * bs - k
     dev = torch.device(device)
-    xb = torch.nn.functional.pad(torch.from_numpy(x).to(dev), (0, pad)).view(-1, kb, bs)
-    gram = torch.einsum("rgb,rgc->gbc", xb, xb)  # [kb, B, B], the diagonal blocks of xᵀx
+    gp = torch.nn.functional.pad(torch.tensor(g, dtype=torch.float32, device=dev), (0, pad, 0, pad))
+    diag = torch.diagonal(gp.view(kb, bs, kb, bs), dim1=0, dim2=2)  # [B, B, kb]
+    blocks = diag.permute(2, 0, 1).contiguous()  # [kb, B, B]: the diagonal blocks of G
     wt = torch.from_numpy(w).to(dev)
     best_ratio = np.ones((nw, kb), dtype=np.float32)
     rows = max(1, _CHUNK_ELEMENTS // (k + kb * bs))
@@ -236,7 +236,7 @@ def search_clip(
         for r in ratios:
             d = torch.nn.functional.pad(torch_fake_quantize(wc, bits, bs, symmetric, float(r)) - wc, (0, pad))
             d = d.view(-1, kb, bs)  # [Nc, kb, B]
-            err = (torch.einsum("ngb,gbc->ngc", d, gram) * d).sum(-1, dtype=torch.float64)  # [Nc, kb]
+            err = (torch.einsum("ngb,gbc->ngc", d, blocks) * d).sum(-1, dtype=torch.float64)  # [Nc, kb]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, torch.full_like(best, float(r)), best)
