@@ -76,10 +76,10 @@ def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:
 OURS = """
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import CompileConfig, GptqConfig, WeightQuantConfig
+from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, WeightQuantConfig
 spec = json.loads(args[2])
 cfg = CompileConfig(method=spec.pop("method", "rtn"), gptq=GptqConfig(**spec.pop("gptq", {})),
-                    weights=WeightQuantConfig(**spec.pop("weights")))
+                    awq=AwqConfig(**spec.pop("awq", {})), weights=WeightQuantConfig(**spec.pop("weights")))
 calib = CalibConfig(**spec["calib"]) if "calib" in spec else None
 compile_model(args[0], args[1], cfg, calibration=calib)
 """
@@ -87,6 +87,54 @@ compile_model(args[0], args[1], cfg, calibration=calib)
 
 def quantize_ours(row: Row, src: Path, **spec) -> None:
     record(row, run_child(OURS, str(src), str(row.path), json.dumps(spec, default=str)))
+
+
+# calibration feeds for the other tools: the same windows as ours (ptqonnx's own window drawing)
+FEEDS = """
+from ptqonnx.calibration.sources import CalibConfig, calibration_batches
+def feeds(model_dir, n):
+    return calibration_batches(CalibConfig(text=%r, samples=n), model_dir, ["input_ids"])
+""" % str(CALIB_TEXT)
+
+# for a child in another tool's venv (no ptqonnx there): `feeds` from the npz `save_calib_inputs` wrote
+# (args[2]) and an Intel onnx-neural-compressor CalibrationDataReader over them
+INC_READER = """
+import numpy as np, onnx
+from onnx_neural_compressor import data_reader
+feeds = [{"input_ids": f} for f in np.load(args[2])["input_ids"]]
+class Reader(data_reader.CalibrationDataReader):
+    def __init__(self):
+        self.i = 0
+    def get_next(self):
+        if self.i >= len(feeds):
+            return None
+        self.i += 1
+        return feeds[self.i - 1]
+    def rewind(self):
+        self.i = 0
+"""
+
+INC_PACKAGES = ("onnx-neural-compressor==1.0", "prettytable", "scipy")  # the last two imported, not declared
+
+
+def save_calib_inputs(mdir: Path, npz: Path, n: int) -> dict:
+    """Write the first `n` calibration windows (ours) to `npz` as input_ids [n, T] for the other tools' venvs;
+    the child's result (an `error` if it failed)."""
+    return run_child(FEEDS + "import numpy as np\nnp.savez(args[1], input_ids=np.stack("
+                     "[f['input_ids'] for f in feeds(args[0], int(args[2]))]))", str(mdir), str(npz), str(n))
+
+
+def ensure_venv(python: Path, packages: tuple[str, ...]) -> str:
+    """Make the venv of `python` with `packages` if it is missing; '' when usable, else why not (for the table)."""
+    if python.is_file():
+        return ""
+    venv = python.parent.parent
+    steps = [[sys.executable, "-m", "venv", str(venv)], [str(python), "-m", "pip", "install", "-q", *packages]]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            return f"did not install: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}"
+    return ""
 
 
 def record(row: Row, res: dict) -> None:
@@ -171,7 +219,7 @@ def write_section(name: str, lines: list[str]) -> Path:
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     (sections / f"{name}.md").write_text("\n".join(lines) + "\n")
-    order = ["foundation", "gptq", "gptq_w3"]
+    order = ["foundation", "gptq", "gptq_w3", "awq"]
     parts = sorted(sections.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
     out = HERE / "results.md"
     out.write_text("# ptqonnx benchmark results\n\nEach section is produced by the script it names, in one run on "
