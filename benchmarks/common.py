@@ -76,10 +76,14 @@ def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:
 OURS = """
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, WeightQuantConfig
+from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
 spec = json.loads(args[2])
+tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists -> tuple fields
+w8a8 = spec.pop("w8a8", None)
 cfg = CompileConfig(method=spec.pop("method", "rtn"), gptq=GptqConfig(**spec.pop("gptq", {})),
-                    awq=AwqConfig(**spec.pop("awq", {})), weights=WeightQuantConfig(**spec.pop("weights")))
+                    awq=AwqConfig(**spec.pop("awq", {})), weights=WeightQuantConfig(**tuples(spec.pop("weights"))),
+                    smoothquant=SmoothQuantConfig(**spec.pop("smoothquant", {})),
+                    w8a8=None if w8a8 is None else W8A8Config(**tuples(w8a8)))
 calib = CalibConfig(**spec["calib"]) if "calib" in spec else None
 compile_model(args[0], args[1], cfg, calibration=calib)
 """
@@ -219,7 +223,7 @@ def write_section(name: str, lines: list[str]) -> Path:
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     (sections / f"{name}.md").write_text("\n".join(lines) + "\n")
-    order = ["foundation", "gptq", "gptq_w3", "awq"]
+    order = ["foundation", "gptq", "gptq_w3", "awq", "smoothquant"]
     parts = sorted(sections.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
     out = HERE / "results.md"
     out.write_text("# ptqonnx benchmark results\n\nEach section is produced by the script it names, in one run on "
