@@ -115,7 +115,8 @@ def main() -> int:
                                                "Intel onnx-neural-compressor AWQ W4 g128 sym",
                                                "NVIDIA ModelOpt int4 awq_clip g128"}]
     pre, threads = prefill_latency(lat_rows, args.rounds)
-    lines = header("AWQ benchmark: SmolLM2-135M-Instruct, W4 g128", "awq.py", threads, windows, args.rounds)
+    lines = header("AWQ benchmark: SmolLM2-135M-Instruct, W4 g128",
+                   f"awq.py --calib {args.calib} --others-calib {args.others_calib}", threads, windows, args.rounds)
     lines += [f"Calibration: windows of 512 tokens drawn at seeded offsets from `wikitext-2-calib/valid.txt` "
               f"({args.calib} for ours, {args.others_calib} for the other tools). Quantize time and peak RSS are "
               "each tool's own process, from loading the model to writing it. Ours: statistics (XᵀX and mean |x| "
