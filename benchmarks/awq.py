@@ -20,14 +20,13 @@ a tool does not install or run, the table says why.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    CALIB_TEXT, HERE, INC_PACKAGES, INC_READER, Row, ensure_export, ensure_venv, evaluate, header, prefill_latency,
-    quantize_ours, record, run_child, save_calib_inputs, setup_logging, table, write_section,
+    CALIB_TEXT, INC_PACKAGES, INC_READER, Row, arg_parser, ensure_venv, evaluate, header, prefill_latency, prepare,
+    quantize_ours, record, run_child, save_calib_inputs, table, write_section,
 )
 
 INC_AWQ = INC_READER + """
@@ -49,24 +48,10 @@ onnx.save(model, args[1])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--calib", type=int, default=64, help="calibration windows for ours (default 64)")
-    ap.add_argument("--others-calib", type=int, default=2, help="calibration windows for Intel's and ModelOpt's AWQ")
-    ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--inc-python", type=Path, default=HERE / "work" / "venv-inc" / "bin" / "python",
-                    help="python of a venv with onnx-neural-compressor")
-    ap.add_argument("--modelopt-python", type=Path, default=HERE / "work" / "venv-modelopt" / "bin" / "python",
-                    help="python of a venv with nvidia-modelopt[onnx]")
-    ap.add_argument("--skip-others", action="store_true", help="only our rows (a quick re-run)")
+    ap = arg_parser(__doc__, calib=64, others_calib=2, venvs=("--inc-python", "--modelopt-python"))
     args = ap.parse_args()
-    setup_logging()
-
-    mdir, _ = ensure_export(args.work, kv_cache=False)
+    mdir, q, _ = prepare(args, "awq")
     fp32 = mdir / "model.onnx"
-    q = args.work / "awq"
-    q.mkdir(parents=True, exist_ok=True)
     g128 = dict(bits=4, group_size=128)
     calib = dict(text=str(CALIB_TEXT), samples=args.calib)
     seq = f"sequential, {args.calib} windows"

@@ -3,6 +3,7 @@ each reports its own time and peak RSS), perplexity on the shared windows, inter
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -50,6 +51,44 @@ def ensure_export(work: Path, kv_cache: bool) -> tuple[Path, float | None]:
     t0 = time.perf_counter()
     export_causal_lm("smollm2", mdir, kv_cache=kv_cache)
     return mdir, time.perf_counter() - t0
+
+
+VENV_FLAGS = {  # flag -> (venv folder under --work, help)
+    "--inc-python": ("venv-inc", "python of a venv with onnx-neural-compressor"),
+    "--modelopt-python": ("venv-modelopt", "python of a venv with nvidia-modelopt[onnx]"),
+    "--ort-sq-python": ("venv-ortsq", "python of a venv with onnxruntime and neural-compressor 2.x "
+                        "(ORT's SmoothQuant option)"),
+}
+
+
+def arg_parser(doc: str, *, calib: int | None = None, others_calib: int | None = None,
+               others_help: str = "", venvs: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: --work, --windows, --rounds; --calib (ours) when `calib`;
+    --others-calib and --skip-others when `others_calib`; the other tools' venv pythons named in `venvs`."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="export and outputs (git-ignored)")
+    if calib is not None:
+        ap.add_argument("--calib", type=int, default=calib, help=f"calibration windows for ours (default {calib})")
+    if others_calib is not None:
+        ap.add_argument("--others-calib", type=int, default=others_calib,
+                        help=f"calibration windows for the other tools (default {others_calib}){others_help}")
+        ap.add_argument("--skip-others", action="store_true", help="only our rows (a quick re-run)")
+    ap.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    for flag in venvs:
+        folder, text = VENV_FLAGS[flag]
+        ap.add_argument(flag, type=Path, default=HERE / "work" / folder / "bin" / "python", help=text)
+    return ap
+
+
+def prepare(args: argparse.Namespace, section: str, *, kv_cache: bool = False) -> tuple[Path, Path, float | None]:
+    """Logging, the export (made once) and the section's output folder under --work:
+    (model folder, output folder, export seconds or None when it was already there)."""
+    setup_logging()
+    mdir, export_s = ensure_export(args.work, kv_cache=kv_cache)
+    out = args.work / section
+    out.mkdir(parents=True, exist_ok=True)
+    return mdir, out, export_s
 
 
 def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:

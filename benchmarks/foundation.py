@@ -12,14 +12,13 @@ RTN needs no calibration data, so the calibration text is not read here.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    HERE, Row, ensure_export, evaluate, header, prefill_latency, quantize_ours, record, run_child, setup_logging,
-    table, write_section,
+    Row, arg_parser, evaluate, header, prefill_latency, prepare, quantize_ours, record, run_child, table,
+    write_section,
 )
 
 ORT_RTN = """
@@ -34,18 +33,11 @@ onnx.save(q.model.model, args[1])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=HERE / "work", help="export and outputs (git-ignored)")
-    ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
-    args = ap.parse_args()
-    setup_logging()
+    args = arg_parser(__doc__).parse_args()
     from ptqonnx.runtime.bench import decode_runner, interleaved
 
-    mdir, export_s = ensure_export(args.work, kv_cache=True)
+    mdir, q, export_s = prepare(args, "foundation", kv_cache=True)
     fp32 = mdir / "model.onnx"
-    q = args.work / "foundation"
-    q.mkdir(parents=True, exist_ok=True)
     g128 = dict(bits=4, group_size=128)
     rows = [Row("FP32", "-", "float32 export", fp32, kv_path=mdir / "model_kv.onnx")]
     ours = [

@@ -4,10 +4,10 @@ One run, same export and the same 40 x 512 evaluation windows as the foundation 
 windows from ../shared/data/wikitext-2-calib/valid.txt (seeded offsets). Each quantizer runs in its own
 process (time and peak RSS are its own). Writes benchmarks/results/gptq.md and rebuilds results.md.
 
-    python benchmarks/gptq.py [--calib 128] [--ort-calib 2] [--windows 40] [--rounds 5]
+    python benchmarks/gptq.py [--calib 128] [--others-calib 2] [--windows 40] [--rounds 5]
 
 ONNX Runtime's GPTQ (`MatMulNBitsQuantizer` + `GPTQWeightOnlyQuantConfig`, its bundled copy of Intel's
-ONNX weight-only GPTQ) re-runs the whole model for every weight, so it gets `--ort-calib` windows (2 by
+ONNX weight-only GPTQ) re-runs the whole model for every weight, so it gets `--others-calib` windows (2 by
 default: 128 would take hours). Intel's `onnx-neural-compressor` needs numpy < 2, so it runs from a venv of
 its own (`--inc-python`; made on first use in benchmarks/work/venv-inc: onnx-neural-compressor 1.0 plus the
 prettytable and scipy it imports without declaring); where it does not install or run, the table says so.
@@ -15,22 +15,14 @@ prettytable and scipy it imports without declaring); where it does not install o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    CALIB_TEXT, HERE, Row, ensure_export, evaluate, header, prefill_latency, quantize_ours, record, run_child,
-    setup_logging, table, write_section,
+    CALIB_TEXT, FEEDS, INC_PACKAGES, INC_READER, Row, arg_parser, ensure_venv, evaluate, header, prefill_latency,
+    prepare, quantize_ours, record, run_child, save_calib_inputs, table, write_section,
 )
-
-# calibration feeds for the other tools: the same windows as ours (ptqonnx's own window drawing)
-FEEDS = """
-from ptqonnx.calibration.sources import CalibConfig, calibration_batches
-def feeds(model_dir, n):
-    return calibration_batches(CalibConfig(text=%r, samples=n), model_dir, ["input_ids"])
-""" % str(CALIB_TEXT)
 
 ORT_GPTQ = FEEDS + """
 import onnx
@@ -44,21 +36,8 @@ q.process()
 q.model.save_model_to_file(args[1], use_external_data_format=False)
 """
 
-INC_GPTQ = """
-import numpy as np, onnx
-from onnx_neural_compressor import data_reader
+INC_GPTQ = INC_READER + """
 from onnx_neural_compressor.quantization import algorithm_entry, config as inc_config
-feeds = [{"input_ids": f} for f in np.load(args[2])["input_ids"]]
-class Reader(data_reader.CalibrationDataReader):
-    def __init__(self):
-        self.i = 0
-    def get_next(self):
-        if self.i >= len(feeds):
-            return None
-        self.i += 1
-        return feeds[self.i - 1]
-    def rewind(self):
-        self.i = 0
 cfg = inc_config.GPTQConfig(weight_bits=4, weight_group_size=128, weight_sym=args[3] == "sym")
 model = algorithm_entry.gptq_quantize_entry(args[0], cfg, Reader())
 onnx.save(model, args[1])
@@ -66,24 +45,13 @@ onnx.save(model, args[1])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--calib", type=int, default=128, help="calibration windows for ours (default 128)")
-    ap.add_argument("--ort-calib", type=int, default=2, help="calibration windows for ORT's/Intel's GPTQ")
-    ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--inc-python", type=Path, default=HERE / "work" / "venv-inc" / "bin" / "python",
-                    help="python of a venv with onnx-neural-compressor")
-    ap.add_argument("--skip-others", action="store_true", help="only our rows (a quick re-run)")
+    ap = arg_parser(__doc__, calib=128, others_calib=2, venvs=("--inc-python",),
+                    others_help=": ORT's GPTQ re-runs the model per weight")
     ap.add_argument("--w3", action="store_true",
                     help="the W3 table instead (ours only: the other tools' GPTQ is 4-bit only); section gptq_w3")
     args = ap.parse_args()
-    setup_logging()
-
-    mdir, _ = ensure_export(args.work, kv_cache=False)
+    mdir, q, _ = prepare(args, "gptq")
     fp32 = mdir / "model.onnx"
-    q = args.work / "gptq"
-    q.mkdir(parents=True, exist_ok=True)
     g128 = dict(bits=4, group_size=128)
     calib = dict(text=str(CALIB_TEXT), samples=args.calib)
     rows = [Row("FP32", "-", "float32 export", fp32)]
@@ -115,18 +83,16 @@ def main() -> int:
     if not args.skip_others:
         for sym, order in (("sym", "noact"), ("asym", "noact")):
             row = Row(f"ORT GPTQ W4 g128 {sym}{', act-order' if order == 'act' else ''}", "onnxruntime",
-                      f"GPTQWeightOnlyQuantConfig, {args.ort_calib} windows (LM head stays float: not an "
+                      f"GPTQWeightOnlyQuantConfig, {args.others_calib} windows (LM head stays float: not an "
                       "initializer)", q / f"ort_gptq_{sym}_{order}.onnx")
-            record(row, run_child(ORT_GPTQ, str(fp32), str(row.path), str(args.ort_calib), sym, order))
+            record(row, run_child(ORT_GPTQ, str(fp32), str(row.path), str(args.others_calib), sym, order))
             rows.append(row)
         npz = q / "calib_inputs.npz"
-        res = run_child(FEEDS + "import numpy as np\nnp.savez(args[1], input_ids=np.stack("
-                        "[f['input_ids'] for f in feeds(args[0], int(args[2]))]))", str(mdir), str(npz),
-                        str(args.ort_calib))
+        res = save_calib_inputs(mdir, npz, args.others_calib)
         for sym in ("sym", "asym"):
             row = Row(f"Intel onnx-neural-compressor GPTQ W4 g128 {sym}", "onnx-neural-compressor 1.0",
-                      f"GPTQConfig, {args.ort_calib} windows", q / f"inc_gptq_{sym}.onnx")
-            why = _ensure_inc(args.inc_python)
+                      f"GPTQConfig, {args.others_calib} windows", q / f"inc_gptq_{sym}.onnx")
+            why = ensure_venv(args.inc_python, INC_PACKAGES)
             if why:
                 row.note = why
             elif "error" in res:
@@ -142,27 +108,11 @@ def main() -> int:
     title = "GPTQ benchmark: SmolLM2-135M-Instruct, " + ("W3 g128" if args.w3 else "W4 g128")
     lines = header(title, "gptq.py" + (" --w3" if args.w3 else ""), threads, windows, args.rounds)
     lines += [f"Calibration: windows of 512 tokens drawn at seeded offsets from `wikitext-2-calib/valid.txt` "
-              f"({args.calib} for ours, {args.ort_calib} for the other tools). Quantize time and peak RSS are "
+              f"({args.calib} for ours, {args.others_calib} for the other tools). Quantize time and peak RSS are "
               "each tool's own process, from loading the model to writing it.", ""]
     lines += table(rows, pre)
     print(write_section("gptq_w3" if args.w3 else "gptq", lines).read_text())
     return 0
-
-
-def _ensure_inc(python: Path) -> str:
-    """Make the venv for Intel's tool if it is missing; '' when usable, else why not (for the table)."""
-    if python.is_file():
-        return ""
-    import subprocess
-
-    venv = python.parent.parent
-    steps = [[sys.executable, "-m", "venv", str(venv)],
-             [str(python), "-m", "pip", "install", "-q", "onnx-neural-compressor==1.0", "prettytable", "scipy"]]
-    for cmd in steps:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            return f"did not install: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}"
-    return ""
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ windows from ../shared/data/wikitext-2-calib/valid.txt (seeded offsets, the same
 Each quantizer runs in its own process (time and peak RSS are its own). Writes benchmarks/results/
 smoothquant.md and rebuilds results.md.
 
-    python benchmarks/smoothquant.py [--calib 32] [--other-calib 2] [--windows 40] [--rounds 5]
+    python benchmarks/smoothquant.py [--calib 32] [--others-calib 2] [--windows 40] [--rounds 5]
 
 The other tools get 2 calibration windows by default: ORT's MinMax calibrator (also inside Intel's tool) keeps
 every intermediate tensor of every window in memory until the end, about 3 GB per 512-token window of
@@ -23,14 +23,13 @@ Where a tool does not install, quantize or load, the table shows its exact error
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    CALIB_TEXT, HERE, INC_PACKAGES, INC_READER, Row, ensure_export, ensure_venv, evaluate, header, prefill_latency,
-    quantize_ours, record, run_child, save_calib_inputs, setup_logging, table, write_section,
+    CALIB_TEXT, INC_PACKAGES, INC_READER, Row, arg_parser, ensure_venv, evaluate, header, prefill_latency, prepare,
+    quantize_ours, record, run_child, save_calib_inputs, table, write_section,
 )
 
 # neural-compressor 2.6 imports six and transformers (its ONNXModel) without declaring them
@@ -77,7 +76,6 @@ def layer_errors(fp32: Path, calib: dict, alpha: float, top: int) -> list[str]:
 
     from ptqonnx.calibration.sources import CalibConfig, calibration_batches
     from ptqonnx.graph import find_linear_sites
-    from ptqonnx.numerics.quant import fake_quantize
     from ptqonnx.numerics.smoothquant import (
         activation_scale, fake_quantize_activation_dynamic, smooth_scales, w8a8_group_error,
     )
@@ -117,33 +115,20 @@ def layer_errors(fp32: Path, calib: dict, alpha: float, top: int) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--calib", type=int, default=32, help="calibration windows for ours (default 32)")
-    ap.add_argument("--other-calib", type=int, default=2,
-                    help="calibration windows for the other tools (default 2: ORT's calibrator holds ~3 GB per window)")
-    ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--inc-python", type=Path, default=HERE / "work" / "venv-inc" / "bin" / "python",
-                    help="python of a venv with onnx-neural-compressor")
-    ap.add_argument("--ort-sq-python", type=Path, default=HERE / "work" / "venv-ortsq" / "bin" / "python",
-                    help="python of a venv with onnxruntime and neural-compressor 2.x (ORT's SmoothQuant option)")
-    ap.add_argument("--skip-others", action="store_true", help="only our rows (a quick re-run)")
+    ap = arg_parser(__doc__, calib=32, others_calib=2, venvs=("--inc-python", "--ort-sq-python"),
+                    others_help=": ORT's calibrator holds ~3 GB per window")
     ap.add_argument("--no-auto", action="store_true", help="leave out the alpha auto rows (slow searches)")
     ap.add_argument("--layers", type=int, default=10, help="worst layers listed in the per-layer table (0: none)")
     args = ap.parse_args()
-    setup_logging()
     from ptqonnx.runtime.perplexity import perplexity
 
-    mdir, _ = ensure_export(args.work, kv_cache=False)
+    mdir, q, _ = prepare(args, "smoothquant")
     fp32 = mdir / "model.onnx"
-    q = args.work / "smoothquant"
-    q.mkdir(parents=True, exist_ok=True)
     rows = [Row("FP32", "-", "float32 export", fp32)]
 
     if not args.skip_others:
         npz = q / "calib_inputs.npz"
-        res = save_calib_inputs(mdir, npz, args.other_calib)
+        res = save_calib_inputs(mdir, npz, args.others_calib)
         others = [
             ("ORT quantize_static W8A8", "onnxruntime", "none", "matmul", None, ""),
             ("ORT quantize_static W8A8, linear layers", "onnxruntime", "none", "linear", None, ""),
@@ -154,7 +139,7 @@ def main() -> int:
             row = Row(label, tool, ("every MatMul/Gemm (also attention's and the tied LM head's)" if scope == "matmul"
                                     else "MatMul/Gemm with initializer weights (as ours)")
                       + f"; QDQ, int8 weights per channel, uint8 activations per tensor (MinMax), "
-                      f"{args.other_calib} windows" + ("" if alpha == "none" else f"; SmoothQuant alpha {alpha}"),
+                      f"{args.others_calib} windows" + ("" if alpha == "none" else f"; SmoothQuant alpha {alpha}"),
                       q / f"ort_static_{alpha}_{scope}.onnx")
             row.note = why or res.get("error", "")
             if not row.note:
@@ -162,7 +147,7 @@ def main() -> int:
             rows.append(row)
         row = Row("Intel SmoothQuant a0.5 W8A8", "onnx-neural-compressor 1.0",
                   f"SmoothQuantConfig(alpha=0.5): its default op types, QDQ, per-channel int8 weights, uint8 "
-                  f"activations, {args.other_calib} windows", q / "inc_sq.onnx")
+                  f"activations, {args.others_calib} windows", q / "inc_sq.onnx")
         row.note = ensure_venv(args.inc_python, INC_PACKAGES) or res.get("error", "")
         if not row.note:
             record(row, run_child(INC_SQ, str(fp32), str(row.path), str(npz), "0.5", python=args.inc_python))
@@ -213,7 +198,7 @@ def main() -> int:
                    args.rounds)
     fp = rows[0].ppl
     lines += [f"Calibration: windows of 512 tokens drawn at seeded offsets from `wikitext-2-calib/valid.txt` "
-              f"({args.calib} for ours, {args.other_calib} for the other tools). Quantize time and peak RSS are "
+              f"({args.calib} for ours, {args.others_calib} for the other tools). Quantize time and peak RSS are "
               "each tool's own process, from loading the model to writing it. W8A8: int8 weights per output "
               "channel; the LM head (tied to the embedding) stays float in every row.",
               f"Target (issue 4): perplexity within 2 % of FP32, i.e. <= {fp * 1.02:.4f}." if fp else "", ""]

@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from ptqonnx.errors import UserError
 from ptqonnx.folding import fold_scales_checked
@@ -63,9 +62,6 @@ def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds
                         f"Mul: {refused[:5]}; drop --no-insert or --exclude their MatMuls")
     group_of = {g.name: g for g in groups}
     blocks = find_blocks(model, sites)
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    if any(values[name].dtype is None for b in blocks for name in b.inputs if name in values):
-        ShapeInferencePass()(model)  # a block's extracted model needs its inputs' types
     scales: dict[str, np.ndarray] = {}
     ratios: dict[str, np.ndarray] = {}
     planned: dict[str, object] = {}  # site name -> QuantizedWeight of W diag(s) (before producers' row fold)

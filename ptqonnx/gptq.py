@@ -21,16 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report,
-               progress: Callable[[str], None] | None,
-               weight_of: Callable[[LinearSite], object] | None = None) -> dict[str, PlannedWeight]:
+               progress: Callable[[str], None] | None) -> dict[str, PlannedWeight]:
     """GPTQ plan: block by block on the partly quantized model, or one-shot Hessians when the graph has no
-    residual-stream cut (or `sequential` is off). `weight_of(site)` is the W [N, K] GPTQ starts from
-    (default: the graph's weight; AWQ passes the clipped one)."""
+    residual-stream cut (or `sequential` is off)."""
     from ptqonnx.blocks import find_blocks
     from ptqonnx.numerics.gptq import hessian_from_xtx
     from ptqonnx.numerics.quant import dequantize_weight
 
-    weight_of = weight_of or LinearSite.weight_nk
     solve = gptq_stage_solver(cfg.weights, cfg.gptq, report.losses)  # sites sharing an activation: one sweep
     blocks = find_blocks(model, sites) if cfg.gptq.sequential else []
     if len(blocks) >= 2:
@@ -39,7 +36,7 @@ def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feed
         plan: dict[str, PlannedWeight] = {}
 
         def solve_stage(block, stage, stats):
-            qws = solve(stage.sites, [weight_of(s) for s in stage.sites], hessian_from_xtx(stats.xtx, stats.count))
+            qws = solve(stage.sites, [s.weight_nk() for s in stage.sites], hessian_from_xtx(stats.xtx, stats.count))
             plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(stage.sites, qws))
             return {site.name: dequantize_weight(qw) for site, qw in zip(stage.sites, qws)}
 
@@ -65,6 +62,6 @@ def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feed
     plan = {}
     for act, group in by_activation.items():
         st = stats[act]
-        qws = solve(group, [weight_of(s) for s in group], hessian_from_xtx(st.xtx, st.count))
+        qws = solve(group, [s.weight_nk() for s in group], hessian_from_xtx(st.xtx, st.count))
         plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(group, qws))
     return {s.name: plan[s.name] for s in sites}  # graph order

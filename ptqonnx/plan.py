@@ -19,7 +19,7 @@ from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
 from ptqonnx.recipe import GptqConfig, WeightQuantConfig
 
 __all__ = [
-    "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_solver", "gptq_stage_solver", "plan_weights",
+    "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_stage_solver", "plan_weights",
     "block_size_for", "planned_nodes",
 ]
 
@@ -98,13 +98,3 @@ def gptq_stage_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, losses: dict[str
 
     return solve
 
-
-def gptq_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, hessian_of: Callable[[LinearSite], np.ndarray],
-                losses: dict[str, float] | None = None) -> WeightSolver:
-    """`gptq_stage_solver` for one site at a time; `hessian_of(site)` gives H of the site's activation."""
-    stage = gptq_stage_solver(cfg, gcfg, losses)
-
-    def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
-        return stage([site], [w], hessian_of(site))[0]
-
-    return solve

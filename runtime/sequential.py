@@ -147,6 +147,9 @@ def run_sequential(
         activations so far); per output a list over samples."""
         inputs = _inputs_needed(bmodel, outputs, set(local))
         smodel = _block_model(bmodel, inputs, outputs)
+        for v in smodel.graph.inputs:  # exporters may leave intermediate values untyped; ORT needs input types
+            if v.dtype is None:
+                v.dtype = ir.DataType.from_numpy(local[v.name][0].dtype)
         sess = make_session(ir.to_proto(smodel).SerializeToString(), threads=threads)
         names = [v.name for v in smodel.graph.inputs]
         results = [sess.run(outputs, {name: local[name][i] for name in names}) for i in range(n)]

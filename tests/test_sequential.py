@@ -160,3 +160,25 @@ def test_gptq_act_order_output_is_exact_in_ort(tmp_path, symmetric):
     rtn_err = np.abs(x @ fake_quantize(w_kn.T, 4, 64, symmetric).T - x @ w_kn).mean()
     gptq_err = np.abs(x @ res.w_hat.T - x @ w_kn).mean()
     assert gptq_err < rtn_err
+
+
+def test_sequential_runs_on_a_graph_without_value_info(tiny_export, tmp_path):
+    """Exporters may leave intermediate values untyped: the extracted block models must still load in ORT
+    (their inputs typed from the cached arrays), and the statistics must not change."""
+    import onnx
+
+    proto = onnx.load(str(tiny_export / "model.onnx"))
+    del proto.graph.value_info[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    feeds = _feeds(n=2)
+    results = []
+    for path in (tiny_export / "model.onnx", bare):
+        model = ir.load(str(path))
+        got = {}
+        run_sequential(model, find_blocks(model, find_linear_sites(model).sites), feeds,
+                       lambda block, stage, stats: got.setdefault(stage.activation, stats) and {})
+        results.append(got)
+    assert results[0].keys() == results[1].keys() and len(results[0]) >= 4
+    for name, st in results[0].items():
+        np.testing.assert_array_equal(results[1][name].xtx, st.xtx)
