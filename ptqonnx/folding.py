@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.calibration.stats import Statistics
+from ptqonnx.passes import run_passes
 from ptqonnx.passes.fold_scales import FoldScalesPass
 from ptqonnx.scaling import ScalingGroup
 
@@ -68,8 +69,6 @@ def fold_scales_checked(
     Raises RuntimeError (nothing is written by the caller) when they moved by more than FOLD_TOLERANCE.
     `stats`, when given, is returned rescaled to what the sites read now (under an inserted Mul's new name).
     """
-    from ptqonnx.pipeline import run_passes
-
     before = _outputs(model, feeds)
     fold = FoldScalesPass(dict(scales), list(groups), no_insert=no_insert)
     run_passes([fold], model)

@@ -81,8 +81,40 @@ def _attr(node: ir.Node, name: str, default):
     return default if a is None else a.value
 
 
+ACTIVATION_MATMUL_REASON = "activation x activation (e.g. attention's Q·Kᵀ, P·V): no constant weight"
+
+
+def _reads_graph_input(value: ir.Value) -> bool:
+    """Whether `value` is computed from a graph input (an activation), not from constants alone."""
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen or v.const_value is not None:
+            continue
+        seen.add(id(v))
+        prod = v.producer()
+        if prod is None:
+            if v.is_graph_input():
+                return True
+            continue
+        todo.extend(i for i in prod.inputs if i is not None)
+    return False
+
+
 def _trace_weight(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
     """Follow Cast/Transpose back to an initializer: (initializer, transposed, why-not)."""
+    source, transposed, why = _trace_chain(value)
+    if source is None and why != GRAPH_INPUT_WEIGHT_REASON and _reads_graph_input(value):
+        why = ACTIVATION_MATMUL_REASON
+    elif source is None and why.startswith("weight is computed by"):
+        why += " (constant-fold the graph first, e.g. onnxscript.optimizer.fold_constants)"
+    return source, transposed, why
+
+
+GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
+
+
+def _trace_chain(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
     transposed = False
     v = value
     for _ in range(4):
@@ -90,7 +122,7 @@ def _trace_weight(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
             return v, transposed, ""
         prod = v.producer()
         if prod is None:
-            return None, transposed, "weight is a graph input, not a constant"
+            return None, transposed, GRAPH_INPUT_WEIGHT_REASON
         if prod.op_type == "Cast" and prod.domain in ("", "ai.onnx"):
             if _attr(prod, "to", None) not in {int(t) for t in FLOAT_TYPES}:
                 return None, transposed, "weight Cast is not to a float type"

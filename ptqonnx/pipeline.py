@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
-from onnx_ir.passes import PassError, PassManager, PreconditionError
 from onnx_ir.passes import common as common_passes
 
 from ptqonnx.errors import UserError
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
+from ptqonnx.passes import run_passes
 from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
 from ptqonnx.plan import plan_weights, rtn_solver
 from ptqonnx.recipe import CompileConfig, matches_any
 
-__all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path", "run_passes"]
+__all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,19 +113,6 @@ def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> Non
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def run_passes(passes: list, model: ir.Model) -> None:
-    """Run passes in a PassManager; a failed precondition (something the user can fix) becomes a UserError."""
-    try:
-        PassManager(passes)(model)
-    except PassError as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, PreconditionError):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        raise UserError(str(cause).splitlines()[0]) from None
-
-
 def _select_sites(sites: list[LinearSite], cfg: CompileConfig) -> tuple[list[LinearSite], list[Skip]]:
     chosen, skipped = [], []
     for s in sites:
@@ -165,10 +152,10 @@ def compile_model(
         raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
     report = CompileReport(src, dst, input_bytes=_file_bytes(src))
 
-    PassManager([
+    run_passes([
         common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass(),
         common_passes.TopologicalSortPass(),
-    ])(model)
+    ], model)
     scan = find_linear_sites(model)
     sites, skipped = _select_sites(scan.sites, cfg)
     report.skipped = scan.skipped + skipped

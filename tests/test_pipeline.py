@@ -34,6 +34,25 @@ def test_scan_skips_non_constant_weight_with_reason():
     assert scan.sites == [] and scan.skipped[0].reason == "weight is a graph input, not a constant"
 
 
+ATTENTION_LIKE = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[2, 4, 8] q, float[2, 4, 8] k, float[2, 8] x) => (float[2, 4, 4] s, float[2, 3] y) {
+    kt = Transpose<perm=[0, 2, 1]>(k)
+    s = MatMul(q, kt)
+    w = Reshape(wflat, shape)
+    y = MatMul(x, w)
+}"""
+
+
+def test_scan_names_activation_matmuls_and_unfolded_weights():
+    inits = {"wflat": np.ones(24, np.float32), "shape": np.array([8, 3], np.int64)}
+    scan = find_linear_sites(ir.from_proto(model_from_text(ATTENTION_LIKE, inits)))
+    reasons = [s.reason for s in scan.skipped]  # graph order
+    assert scan.sites == [] and len(reasons) == 2
+    assert reasons[0].startswith("activation x activation")
+    assert reasons[1] == ("weight is computed by Reshape, not a constant (constant-fold the "
+                                             "graph first, e.g. onnxscript.optimizer.fold_constants)")
+
+
 def test_lowering_passes_report_unmodified_on_empty_plan():
     model = ir.from_proto(linear_model(32, 8)[0])
     assert LowerToMatMulNBitsPass({})(model).modified is False
