@@ -5,7 +5,8 @@ For a scaling group (linear sites Y_i = X W_i reading X [..., K]; see `ptqonnx.s
     Y_i = (X diag(1/s)) (diag(s) W_i)          W_i[k, :] *= s[k]   (rows of W [K, N])
 
 and X's producer absorbs the 1/s: `norm_gamma` γ /= s (β /= s); `linear_columns` W_P[:, k] /= s[k] (its
-bias too); `mul_insert` a new `Mul(X, 1/s)` feeds only the group's sites. This is the shared apply step of
+bias too; for an attention output W_v[:, channels[k]] /= s[k], the column X's channel k carries through
+P·V); `mul_insert` a new `Mul(X, 1/s)` feeds only the group's sites. This is the shared apply step of
 AWQ (Lin et al. 2024, eq. 4: Q(w·s)(x/s)) and SmoothQuant (Xiao et al. 2023, eq. 3: Y = (X diag(s)⁻¹)(diag(s) W)),
 whose scale formulas live in `ptqonnx.numerics`.
 
@@ -195,7 +196,7 @@ class FoldScalesPass(InPlacePass):
                 self.inserted.append(group.name)
             else:
                 for ref in group.absorb:
-                    self._scale_const(graph, ref, 1.0 / s)
+                    self._scale_const(graph, ref, 1.0 / group.producer_scales(s))
                 self.folded.append(group.name)
             for site in group.sites:
                 trans_b = site.node.op_type == "Gemm" and site.node.attributes.get_int("transB", 0)

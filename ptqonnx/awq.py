@@ -11,9 +11,9 @@ mean |x| over all calibration rows (never the activations themselves: memory is 
 and Q_i(x) = (x/s) Q_iᵀ is written back as the float weight dequant(Q_i) diag(1/s) (the same function), so
 later stages and blocks are calibrated on the quantized model, as sequential GPTQ. After the pass the
 scales are folded (sites' rows × s, the producer ÷ s). A producer that is itself a planned linear site
-(up_proj under down_proj's scale) then has its output rows divided by s after its codes were chosen: its
-grid is divided by the same s (Q(w/c) = Q(w)/c for c > 0, codes and zero points unchanged; row-local, so
-clipping and GPTQ's choices stand).
+(up_proj under down_proj's scale, v_proj under o_proj's) then has its output rows divided by s after its
+codes were chosen: its grid is divided by the same s (Q(w/c) = Q(w)/c for c > 0, codes and zero points
+unchanged; row-local, so clipping and GPTQ's choices stand).
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds
     report.fold_max_rel_err = fold.max_rel_err
     for g in groups:  # a planned producer's output rows were divided by s after its codes were chosen
         if g.name in fold.folded and g.kind == "linear_columns" and g.producer.name in planned:
-            qw = planned[g.producer.name]
+            qw, rows = planned[g.producer.name], g.producer_scales(scales[g.name]).astype(np.float64)
             planned[g.producer.name] = dataclasses.replace(
-                qw, scale=(qw.scale / scales[g.name].astype(np.float64)[:, None]).astype(np.float32))
+                qw, scale=(qw.scale / rows[:, None]).astype(np.float32))
 
     names = {s.name for s in sites}
     sites = [s for s in find_linear_sites(model).sites if s.name in names]  # weights are the scaled copies now

@@ -7,7 +7,8 @@
    of 1e-4 per output, else nothing is quantized (RuntimeError: an internal folding bug, never user error);
 3. statistics of each smoothed activation x / s (`TensorStats.scaled`: per-channel maxima and the sample are
    exact; the per-tensor min/max are not, so a symmetric range is max_j absmax_j / s_j and an asymmetric one
-   comes from the rescaled sample);
+   comes from the rescaled sample); with `quantize_bmm`, the attention MatMuls' inputs are measured again
+   after folding when a scale passed into V (o_proj's, folded into v_proj's columns);
 4. returns the lowering passes: `LowerToQdqPass` (INT8 symmetric per-channel weights, re-read after folding)
    and `QuantizeActivationsPass` (per-tensor static activation grids) for the layers with static activation
    scales; `LowerToMatMulNBitsPass` (bits 8, accuracy_level 4) for those with dynamic ones (`act_scales
@@ -92,7 +93,8 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
     for s in sites:  # a dynamic layer needs only its group's per-channel maxima (and rows for auto alpha)
         dyn_kinds = ({"absmax"} if smooth else set()) | ({"sample"} if auto else set())
         requests.setdefault(s.activation.name, set()).update(dyn_kinds if s.name in dynamic else kinds)
-    requests.update({v.name: set(kinds) for n in bmm for v in n.inputs[:2]})
+    bmm_requests = {v.name: set(kinds) for n in bmm for v in n.inputs[:2]}
+    requests.update(bmm_requests)
     stats = collect_statistics(model, feeds, requests, sample_rows=SAMPLE_ROWS)
 
     scales: dict[str, np.ndarray] = {}
@@ -111,6 +113,8 @@ def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, f
     if scales:
         fold = fold_scales_checked(model, groups, scales, feeds[:2], stats=stats, what="SmoothQuant scales")
         stats, err = fold.stats, fold.max_rel_err
+        if bmm and any(g.through is not None and g.name in fold.folded for g in groups):  # V now holds v / s
+            stats = stats.merged(collect_statistics(model, feeds, bmm_requests, sample_rows=SAMPLE_ROWS))
         logger.info("smoothquant: %d groups (%d folded, %d with an inserted Mul), alpha %s; folded graph max "
                     "relative error %.2g", len(groups), len(fold.folded), len(fold.inserted),
                     f"auto (mean {np.mean(alphas):.2f})" if auto else sq.alpha, err)

@@ -29,6 +29,22 @@ def tiny_export(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
+def tiny_mha_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA without grouped-query attention (kv_heads == heads: v_proj as wide as o_proj's input),
+    exported without KV cache; returns the folder."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxscript")
+    from ptqonnx.models.export import export_causal_lm
+    from ptqonnx.models.tiny import build_tiny_llama
+
+    hf = build_tiny_llama(tmp_path_factory.mktemp("tiny_mha_hf"), seed=0, heads=4, kv_heads=4)
+    out = tmp_path_factory.mktemp("tiny_mha_onnx")
+    export_causal_lm(str(hf), out, kv_cache=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_export(tmp_path_factory: pytest.TempPathFactory):
     """The real SmolLM2-135M exported once per session (no KV variant): its ExportResult.
     Skips where the model package is not installed."""

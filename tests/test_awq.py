@@ -254,7 +254,7 @@ def test_tiny_awq_beats_rtn_and_awq_gptq_runs(tmp_path, tiny_export):
     assert len(awq.quantized) == len(both.quantized) == len(rtn.quantized) == 15
     assert awq.fold_max_rel_err < 1e-5 and both.fold_max_rel_err < 1e-5
     assert awq.scales_folded and not awq.scales_inserted  # norms and up_proj absorb every 1/s here
-    assert len(awq.awq_alpha) == 2 * 3  # per layer qkv, gate/up, down (o_proj: attention output; lm_head: kept)
+    assert len(awq.awq_alpha) == 2 * 3  # per layer qkv, gate/up, down (o_proj: GQA attention output; lm_head: kept)
     assert both.calibration.startswith("sequential") and len(both.losses) == 15
 
     held_out = " ".join(tiny_corpus(400, seed=77))
@@ -264,6 +264,40 @@ def test_tiny_awq_beats_rtn_and_awq_gptq_runs(tmp_path, tiny_export):
            (("rtn", rtn), ("awq", awq), ("awq+gptq", both))}
     assert mse["awq"] < 0.9 * mse["rtn"], mse  # measured: rtn 0.085, awq 0.070, awq+gptq 0.053
     assert mse["awq+gptq"] < mse["rtn"], mse
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_tiny_without_gqa_scales_o_proj_through_v_proj(tmp_path, tiny_mha_export, monkeypatch, method):
+    """kv_heads == heads: o_proj's group (v_proj absorbs 1/s) is searched and folded, and v_proj's planned grid
+    is divided by o_proj's s like up_proj's by down_proj's (else its dequantized weight misses the fold)."""
+    import ptqonnx.awq
+    from ptqonnx.models.tiny import tiny_corpus
+    from ptqonnx.numerics.quant import dequantize_weight
+
+    plans = {}
+
+    def spy(*args, **kwargs):
+        sites, plan = plan_awq(*args, **kwargs)
+        plans.update(plan)
+        return sites, plan
+
+    plan_awq = ptqonnx.awq.plan_awq
+    monkeypatch.setattr(ptqonnx.awq, "plan_awq", spy)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(tiny_corpus(1000, seed=9)))
+    rep = compile_model(tiny_mha_export / "model.onnx", tmp_path / "q.onnx",
+                        CompileConfig(method=method, weights=WeightQuantConfig(bits=4, group_size=32)),
+                        calibration=CalibConfig(text=text, samples=4, seq_len=32))
+    assert len(rep.awq_alpha) == 2 * 4  # per layer qkv, o (through v), gate/up, down; lm_head: kept
+    assert sorted(rep.scales_folded) == sorted(rep.awq_alpha) and not rep.scales_inserted
+    assert rep.fold_max_rel_err < 1e-5
+    o_inputs = {p.site.activation.name for p in plans.values() if p.site.weight_name.endswith("o_proj.weight")}
+    assert len(o_inputs) == 2 and o_inputs <= set(rep.awq_alpha)
+    # RTN W4 g32 of the folded float weights here: 0.085..0.089 (v_proj's grid left undivided: 0.10..0.15);
+    # GPTQ moves weights by design
+    for p in plans.values() if method == "awq" else ():
+        w = p.site.weight_nk()
+        assert np.linalg.norm(dequantize_weight(p.qweight) - w) < 0.095 * np.linalg.norm(w), p.site.weight_name
 
 
 @pytest.mark.slow

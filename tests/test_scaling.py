@@ -222,29 +222,102 @@ def test_scale_validation() -> None:
             FoldScalesPass(bad, groups)
 
 
+def _short_names(grp: ScalingGroup) -> tuple[str, ...]:
+    """The group's sites as q_proj, down_proj, ... (lm_head.weight for the head)."""
+    return tuple(sorted(s.weight_name.split(".")[-2] if "layers" in s.weight_name else s.weight_name
+                        for s in grp.sites))
+
+
+def _tiny_groups(o_proj: bool) -> list[tuple[tuple[str, ...], str]]:
+    """The tiny LLaMA's expected groups in graph order, with or without o_proj's (v→o) group."""
+    expected = []
+    for _layer in range(2):
+        expected += [(("k_proj", "q_proj", "v_proj"), "norm_gamma")]
+        expected += [(("o_proj",), "linear_columns")] if o_proj else []
+        expected += [(("gate_proj", "up_proj"), "norm_gamma"), (("down_proj",), "linear_columns")]
+    return expected + [(("lm_head.weight",), "norm_gamma")]
+
+
 def test_tiny_llama_groups_and_exact_fold(tiny_export: Path, tmp_path: Path) -> None:
     proto = onnx.load(str(tiny_export / "model.onnx"))
     lm_head_before = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "lm_head.weight"))
     ids = np.random.default_rng(0).integers(0, 300, (2, 9), dtype=np.int64)
     groups, skipped, _, model = _fold_and_compare(tmp_path, proto, {"input_ids": ids}, tol=1e-4)
-
-    def names(grp: ScalingGroup) -> tuple[str, ...]:
-        return tuple(sorted(s.weight_name.split(".")[-2] if "layers" in s.weight_name else s.weight_name
-                            for s in grp.sites))
-
-    expected = []
-    for _layer in range(2):
-        expected += [(("k_proj", "q_proj", "v_proj"), "norm_gamma"), (("gate_proj", "up_proj"), "norm_gamma"),
-                     (("down_proj",), "linear_columns")]
-    expected.append((("lm_head.weight",), "norm_gamma"))
-    assert [(names(g), g.kind) for g in groups] == expected
+    assert [(_short_names(g), g.kind) for g in groups] == _tiny_groups(o_proj=False)
     for g in groups:
         if g.kind == "linear_columns":
             assert g.producer.inputs[1].name.endswith("up_proj.weight")
-    assert len(skipped) == 2 and all(s.reason == ATTENTION_SKIP_REASON for s in skipped)
+    # grouped-query attention (4 heads, 2 kv heads): v_proj has 32 outputs, o_proj reads 64
+    assert len(skipped) == 2 and all(s.reason.startswith(f"{ATTENTION_SKIP_REASON}: grouped-query attention (")
+                                     and "v_proj.weight 32 outputs, this layer reads 64" in s.reason
+                                     for s in skipped)
     # the tied table: the Gather still reads the original values, the LM head a scaled copy
     gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None)
     assert gather.inputs[0].name == "lm_head.weight"
     np.testing.assert_array_equal(gather.inputs[0].const_value.numpy(), lm_head_before)
     head = next(n for n in model.graph if n.outputs[0].name == "logits")
     assert head.inputs[1].producer().inputs[0].name == "lm_head.weight_scaled"
+
+
+def test_tiny_llama_without_gqa_folds_o_proj_into_v_proj(tiny_mha_export: Path, tmp_path: Path) -> None:
+    """kv_heads == heads: o_proj's scale passes through P·V into v_proj's output columns (identity map)."""
+    proto = onnx.load(str(tiny_mha_export / "model.onnx"))
+    ids = np.random.default_rng(0).integers(0, 300, (2, 9), dtype=np.int64)
+    groups, skipped, fold, _ = _fold_and_compare(tmp_path, proto, {"input_ids": ids}, tol=1e-4)
+    assert not skipped
+    assert [(_short_names(g), g.kind) for g in groups] == _tiny_groups(o_proj=True)
+    o_groups = [g for g in groups if _short_names(g) == ("o_proj",)]
+    for g in o_groups:
+        assert g.producer.inputs[1].name.endswith("v_proj.weight") and g.channels is None
+        assert g.through is not None and g.through.op_type == "MatMul"
+    assert {g.name for g in o_groups} <= set(fold.folded)
+
+
+def _attention_graph(o_perm: str, v_op: str = "Identity") -> onnx.ModelProto:
+    """Two-head attention with static shapes: v = x Wv + b (then `v_op`), heads split by Reshape/Transpose,
+    P·V merged back through Transpose<perm=`o_perm`> and Reshape, read by o = MatMul(., Wo)."""
+    text = HDR + f"""
+    g (float[2, 3, {K}] x) => (float[2, 3, 8] y) {{
+        q = MatMul(x, wq)
+        k = MatMul(x, wk)
+        v0 = MatMul(x, wv)
+        v1 = Add(v0, bv)
+        v = {v_op}(v1)
+        qh = Reshape(q, heads)
+        qt = Transpose<perm=[0, 2, 1, 3]>(qh)
+        kh = Reshape(k, heads)
+        kt = Transpose<perm=[0, 2, 3, 1]>(kh)
+        sc = MatMul(qt, kt)
+        pr = Softmax<axis=-1>(sc)
+        vh = Reshape(v, heads)
+        vt = Transpose<perm=[0, 2, 1, 3]>(vh)
+        a = MatMul(pr, vt)
+        at = Transpose<perm={o_perm}>(a)
+        am = Reshape(at, merged)
+        y = MatMul(am, wo)
+    }}"""
+    rng = np.random.default_rng(7)
+    inits = {"wq": _w(rng, K, K), "wk": _w(rng, K, K), "wv": _w(rng, K, K), "bv": _w(rng, K), "wo": _w(rng, K, 8),
+             "heads": np.array([2, 3, 2, K // 2]), "merged": np.array([2, 3, K])}
+    return onnx.shape_inference.infer_shapes(model_from_text(text, inits))
+
+
+def test_attention_heads_merged_dim_major_fold_through_a_permutation(tmp_path: Path) -> None:
+    """P·V [b, h, s, d] merged as [b, s, d, h]: o's channel d*2 + h carries v's column h*8 + d (and its bias)."""
+    groups, skipped, _, _ = _fold_and_compare(tmp_path, _attention_graph("[0, 2, 3, 1]"), {"x": _x(0, (2, 3, K))})
+    assert not skipped
+    (o,) = [g for g in groups if g.site_names and g.sites[0].weight_name == "wo"]
+    assert o.kind == "linear_columns" and o.producer.inputs[1].name == "wv"
+    assert sorted((r.node.op_type, r.index) for r in o.absorb) == [("Add", 1), ("MatMul", 1)]
+    assert o.channels == tuple(h * (K // 2) + d for d in range(K // 2) for h in range(2))
+
+
+@pytest.mark.parametrize(("o_perm", "v_op", "reason"), [
+    ("[0, 2, 1, 3]", "Relu", "V is not a layout of a linear layer's output (reached Relu)"),
+    ("[0, 3, 1, 2]", "Identity", "its channels are not a permutation of V's columns"),  # merges the sequence axis
+])
+def test_attention_outputs_that_cannot_take_v_scales_are_skipped(o_perm: str, v_op: str, reason: str) -> None:
+    model = ir.from_proto(_attention_graph(o_perm, v_op))
+    groups, skipped = find_scaling_groups(model, find_linear_sites(model).sites)
+    assert [s.reason for s in skipped] == [f"{ATTENTION_SKIP_REASON}: {reason}"]
+    assert [g.sites[0].weight_name for g in groups] == ["wq"]  # q, k, v read x: one group

@@ -4,6 +4,7 @@ encoder-style and tiny-LLaMA graphs end to end, outlier smoothing, skips and con
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from ptqonnx.numerics.smoothquant import (
 )
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
-from ptqonnx.passes.w8a8 import GEMV_REASON, LM_HEAD_REASON, QuantizeActivationsPass, select_w8a8_sites
+from ptqonnx.passes.w8a8 import (
+    GEMV_REASON, LM_HEAD_REASON, QuantizeActivationsPass, find_bmm_nodes, select_w8a8_sites,
+)
 from ptqonnx.pipeline import compile_model
 from ptqonnx.plan import plan_weights, rtn_solver
 from ptqonnx.recipe import CompileConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
@@ -323,16 +326,21 @@ def test_folded_graph_mismatch_refuses_before_quantizing(tmp_path, monkeypatch):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_tiny_llama_smoothquant_w8a8(tmp_path, tiny_export):
+def _tiny_calib_and_ids(tmp_path: Path, export: Path) -> tuple[CalibConfig, np.ndarray]:
+    """4 calibration windows of 32 tokens and one held-out window for a tiny LLaMA export."""
     from ptqonnx.models.tiny import tiny_corpus
     from ptqonnx.text import eval_windows, load_tokenizer, tokenize
 
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(tiny_corpus(600, seed=3)))
-    calib = CalibConfig(text=text, samples=4, seq_len=32)
-    src = tiny_export / "model.onnx"
-    ids = np.array(list(eval_windows(tokenize(" ".join(tiny_corpus(200, seed=77)), load_tokenizer(tiny_export)),
+    ids = np.array(list(eval_windows(tokenize(" ".join(tiny_corpus(200, seed=77)), load_tokenizer(export)),
                                      32, 1))[0])[None]
+    return CalibConfig(text=text, samples=4, seq_len=32), ids
+
+
+def test_tiny_llama_smoothquant_w8a8(tmp_path, tiny_export):
+    calib, ids = _tiny_calib_and_ids(tmp_path, tiny_export)
+    src = tiny_export / "model.onnx"
     ref = run(src, {"input_ids": ids})[0]
     mse = {}
     configs = {"bmm": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn"), "auto": _w8a8(alpha="auto"),
@@ -354,6 +362,30 @@ def test_tiny_llama_smoothquant_w8a8(tmp_path, tiny_export):
     assert mse["auto"] <= 1.05 * mse["rtn"], mse  # no planted outliers here: auto must at least not hurt
     # uint8 activations: ORT's CPU EP turns all 14 layers (q/k/v and gate/up share a Q) into MatMulIntegerToFloat
     assert _optimized_ops(tmp_path / "ort.onnx", tmp_path).count("MatMulIntegerToFloat") == 14
+
+
+def _pv_input_scales(path: Path) -> list[tuple[float, float]]:
+    """(K's, V's) activation scale per layer: the second inputs of QKᵀ and P·V, as QDQ reads them."""
+    dqs = [n.inputs[1].producer() for n in find_bmm_nodes(ir.load(str(path)))]  # weights' DQs too: skipped
+    scales = [float(dq.inputs[1].const_value.numpy()) for dq in dqs if dq.inputs[0].const_value is None]
+    return list(zip(scales[0::2], scales[1::2]))
+
+
+def test_tiny_llama_without_gqa_smooths_o_proj_through_v_proj(tmp_path, tiny_mha_export, caplog):
+    """kv_heads == heads: o_proj's group is smoothed too (v_proj's columns absorb 1/s): 8 groups, all folded;
+    with quantize_bmm, P·V's V holds v / s and is measured again after folding (K is not: same grid as rtn)."""
+    calib, ids = _tiny_calib_and_ids(tmp_path, tiny_mha_export)
+    src = tiny_mha_export / "model.onnx"
+    ref = run(src, {"input_ids": ids})[0]
+    bmm_scales = {}
+    for name, cfg in {"smooth": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn", quantize_bmm=True)}.items():
+        with caplog.at_level(logging.INFO, logger="ptqonnx.w8a8"):
+            rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
+        assert len(rep.quantized) == 14 and _rel(_loads_and_runs(rep.output_path, {"input_ids": ids})[0], ref) < 0.2
+        bmm_scales[name] = _pv_input_scales(rep.output_path)
+    assert "smoothquant: 8 groups (8 folded, 0 with an inserted Mul)" in caplog.text
+    for (k_s, v_s), (k_r, v_r) in zip(bmm_scales["smooth"], bmm_scales["rtn"], strict=True):
+        assert abs(k_s / k_r - 1) < 1e-4 and abs(v_s / v_r - 1) > 0.1, (k_s, k_r, v_s, v_r)
 
 
 # -- configuration --------------------------------------------------------------------------------------
