@@ -10,6 +10,19 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIB_TEXT = SHARED_DATA / "wikitext-2-calib" / "valid.txt"  # calibration only
+TEST_TEXT = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"  # evaluation only
+
+
+def real_windows(export, n: int, chars: int = 40_000) -> list:
+    """The first `n` 512-token windows of the first `chars` characters of WikiText-2 test, tokenized with the
+    exported model's tokenizer (`export`: an ExportResult)."""
+    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
+
+    return list(eval_windows(tokenize(read_text(TEST_TEXT)[:chars], load_tokenizer(export.out_dir)), 512, n))
+
+
 def model_from_text(text: str, initializers: dict[str, np.ndarray]) -> onnx.ModelProto:
     model = onnx.parser.parse_model(text)
     for name, arr in initializers.items():

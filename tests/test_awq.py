@@ -3,8 +3,6 @@ fold (checked in ORT), its refusal with --no-insert, and AWQ vs RTN on the tiny 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -299,20 +297,3 @@ def test_tiny_without_gqa_scales_o_proj_through_v_proj(tmp_path, tiny_mha_export
         w = p.site.weight_nk()
         assert np.linalg.norm(dequantize_weight(p.qweight) - w) < 0.095 * np.linalg.norm(w), p.site.weight_name
 
-
-@pytest.mark.slow
-def test_smollm2_awq_beats_rtn(smollm2_export, tmp_path):
-    """On the real model (its fold checked inside the compile): AWQ W4 g128 sym, 8 calibration windows, has a
-    lower perplexity than RTN at the same grid."""
-    from ptqonnx.runtime.perplexity import perplexity
-    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
-
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    src = smollm2_export.model_path
-    weights = WeightQuantConfig(bits=4, group_size=128, symmetric=True)
-    rtn = compile_model(src, tmp_path / "rtn.onnx", CompileConfig(weights=weights))
-    awq = compile_model(src, tmp_path / "awq.onnx", CompileConfig(method="awq", weights=weights),
-                        calibration=CalibConfig(text=data / "wikitext-2-calib" / "valid.txt", samples=8))
-    windows = eval_windows(tokenize(read_text(data / "wikitext-2-raw" / "wiki.test.raw")[:40_000],
-                                    load_tokenizer(smollm2_export.out_dir)), 512, 3)
-    assert perplexity(awq.output_path, windows).ppl < perplexity(rtn.output_path, windows).ppl

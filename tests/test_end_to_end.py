@@ -16,7 +16,7 @@ from ptqonnx.cli import main
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
 from ptqonnx.recipe import CompileConfig, WeightQuantConfig
-from graphs import run
+from graphs import real_windows, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -112,7 +112,6 @@ def test_smollm2_rtn_is_byte_identical_to_onnxruntime_rtn(smollm2_export, tmp_pa
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     from ptqonnx.runtime.perplexity import perplexity
-    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
 
     src = smollm2_export.model_path
     ours = tmp_path / "ours.onnx"
@@ -132,6 +131,5 @@ def test_smollm2_rtn_is_byte_identical_to_onnxruntime_rtn(smollm2_export, tmp_pa
     compile_model(src, keep, CompileConfig(weights=WeightQuantConfig(symmetric=False, keep_lm_head=True)))
     ort_path = tmp_path / "ort.onnx"
     onnx.save(ort_q.model.model, str(ort_path))
-    text_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    windows = eval_windows(tokenize(read_text(text_path)[:30_000], load_tokenizer(smollm2_export.out_dir)), 512, 2)
+    windows = real_windows(smollm2_export, 2, chars=30_000)
     assert perplexity(keep, windows).ppl == pytest.approx(perplexity(ort_path, windows).ppl, rel=1e-6)

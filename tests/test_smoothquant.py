@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx_ir.passes.common import NameFixPass
 
-from graphs import model_from_text, run, save
+from graphs import CALIB_TEXT, model_from_text, real_windows, run, save
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.errors import UserError
 from ptqonnx.graph import find_linear_sites
@@ -448,13 +448,10 @@ def test_smollm2_smoothquant_w8a8(smollm2_export, tmp_path):
     """On the real model: smoothing beats unsmoothed static W8A8 by far (the paper's point), and dynamic
     activation scales on ORT's CPU stay within 2 % of the float perplexity (the issue's target)."""
     from ptqonnx.runtime.perplexity import perplexity
-    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
     src = smollm2_export.model_path
-    calib = CalibConfig(text=data / "wikitext-2-calib" / "valid.txt", samples=8)
-    windows = eval_windows(tokenize(read_text(data / "wikitext-2-raw" / "wiki.test.raw")[:40_000],
-                                    load_tokenizer(smollm2_export.out_dir)), 512, 3)
+    calib = CalibConfig(text=CALIB_TEXT, samples=8)
+    windows = real_windows(smollm2_export, 3)
     ppl = {"fp32": perplexity(src, windows).ppl}
     configs = {"plain": _w8a8("rtn"), "smooth": _w8a8(), "dynamic": _w8a8(target="ort-cpu", act_scales="dynamic")}
     for name, cfg in configs.items():
