@@ -4,11 +4,13 @@ each reports its own time and peak RSS), perplexity on the shared windows, inter
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -81,10 +83,45 @@ def arg_parser(doc: str, *, calib: int | None = None, others_calib: int | None =
     return ap
 
 
+PACKAGE_PARTS = ("pyproject.toml", "README.md", "ptqonnx", "passes", "runtime", "models")  # what the build reads
+
+
+def snapshot_package(work: Path) -> Path:
+    """Install a copy of ptqonnx as it is now into `work/snapshots/<pid>` and import it from there, in this
+    process and in every child (`run_child`): editing the checkout while a benchmark runs no longer changes
+    the code it measures. Removed at exit."""
+    target = work / "snapshots" / str(os.getpid())
+    src = target.with_name(f"{target.name}-src")  # a clean copy: no stale build/ from the checkout
+    for path in (target, src):
+        shutil.rmtree(path, ignore_errors=True)
+    for part in PACKAGE_PARTS:
+        path = HERE.parent / part
+        if path.is_dir():
+            shutil.copytree(path, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / part)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+           str(target), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(src, ignore_errors=True)
+    if proc.returncode:
+        raise SystemExit(f"could not snapshot ptqonnx: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    atexit.register(shutil.rmtree, target, True)
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(target), *filter(None, [os.environ.get("PYTHONPATH")])])
+    logger.info("measuring a snapshot of ptqonnx in %s", target)
+    return target
+
+
 def prepare(args: argparse.Namespace, section: str, *, kv_cache: bool = False) -> tuple[Path, Path, float | None]:
-    """Logging, the export (made once) and the section's output folder under --work:
-    (model folder, output folder, export seconds or None when it was already there)."""
+    """Logging, a snapshot of the package (`snapshot_package`), the export (made once) and the section's output
+    folder under --work: (model folder, output folder, export seconds or None when it was already there).
+    Call before importing anything from ptqonnx."""
     setup_logging()
+    if "ptqonnx" in sys.modules:
+        raise RuntimeError("benchmarks: call prepare() before importing ptqonnx (it imports from a snapshot)")
+    snapshot_package(args.work)
     mdir, export_s = ensure_export(args.work, kv_cache=kv_cache)
     out = args.work / section
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +141,8 @@ def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:
         "result['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print('\\n@@RESULT@@' + json.dumps(result), flush=True)\n"
     )
-    proc = subprocess.run([str(python or sys.executable), "-c", wrapper, *args], capture_output=True, text=True)
+    # -P: not the working directory first on sys.path (a checkout's ptqonnx/ there would shadow the snapshot)
+    proc = subprocess.run([str(python or sys.executable), "-P", "-c", wrapper, *args], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if "@@RESULT@@" in line:  # a library's progress bar may have left the line open
             return json.loads(line.split("@@RESULT@@", 1)[1])
@@ -220,7 +258,11 @@ def size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def header(title: str, script: str, threads: int, windows, rounds: int) -> list[str]:
+def header(title: str, script: str, threads: int, windows, rounds: int, *, g128_note: bool = True) -> list[str]:
+    """The table's preamble: what produced it, the evaluation windows, how latency was measured; `g128_note`:
+    why g128 is the headline of a 4-bit weight table (not said under W8A8 tables)."""
+    note = ["SmolLM2's float weights come from a Q4_1 GGUF (4-bit asymmetric, groups of 32): a g32 asymmetric "
+            "grid gets a free advantage; the headline here is g128.", ""]
     return [
         f"# {title}",
         "",
@@ -232,10 +274,7 @@ def header(title: str, script: str, threads: int, windows, rounds: int) -> list[
         f"{rounds} interleaved rounds; the ratio is the median of per-round ratios to FP32 in the same run "
         "(timings here swing +-20 % with load).",
         "",
-        "SmolLM2's float weights come from a Q4_1 GGUF (4-bit asymmetric, groups of 32): a g32 asymmetric "
-        "grid gets a free advantage; the headline here is g128.",
-        "",
-    ]
+    ] + (note if g128_note else [])
 
 
 def table(rows: list[Row], lat, *, rss: bool = True) -> list[str]:

@@ -34,9 +34,9 @@ onnx.save(q.model.model, args[1])
 
 def main() -> int:
     args = arg_parser(__doc__).parse_args()
+    mdir, q, export_s = prepare(args, "foundation", kv_cache=True)
     from ptqonnx.runtime.bench import decode_runner, interleaved
 
-    mdir, q, export_s = prepare(args, "foundation", kv_cache=True)
     fp32 = mdir / "model.onnx"
     g128 = dict(bits=4, group_size=128)
     rows = [Row("FP32", "-", "float32 export", fp32, kv_path=mdir / "model_kv.onnx")]

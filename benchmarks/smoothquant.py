@@ -120,9 +120,9 @@ def main() -> int:
     ap.add_argument("--no-auto", action="store_true", help="leave out the alpha auto rows (slow searches)")
     ap.add_argument("--layers", type=int, default=10, help="worst layers listed in the per-layer table (0: none)")
     args = ap.parse_args()
+    mdir, q, _ = prepare(args, "smoothquant")
     from ptqonnx.runtime.perplexity import perplexity
 
-    mdir, q, _ = prepare(args, "smoothquant")
     fp32 = mdir / "model.onnx"
     rows = [Row("FP32", "-", "float32 export", fp32)]
 
@@ -195,7 +195,7 @@ def main() -> int:
             row.note, row.ppl = "", perplexity(row.path, windows, opt_level="basic").ppl
     pre, threads = prefill_latency([r for r in rows if "ORT_ENABLE_BASIC" not in r.settings], args.rounds)
     lines = header("SmoothQuant W8A8 benchmark: SmolLM2-135M-Instruct", "smoothquant.py", threads, windows,
-                   args.rounds)
+                   args.rounds, g128_note=False)
     fp = rows[0].ppl
     lines += [f"Calibration: windows of 512 tokens drawn at seeded offsets from `wikitext-2-calib/valid.txt` "
               f"({args.calib} for ours, {args.others_calib} for the other tools). Quantize time and peak RSS are "
