@@ -8,6 +8,7 @@ always handed to numerics as W [N, K] float32 (torch's layout), whatever its sto
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,36 +83,34 @@ def _attr(node: ir.Node, name: str, default):
 
 
 ACTIVATION_MATMUL_REASON = "activation x activation (e.g. attention's Q·Kᵀ, P·V): no constant weight"
+GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
 
 
-def _reads_graph_input(value: ir.Value) -> bool:
-    """Whether `value` is computed from a graph input (an activation), not from constants alone."""
+def upstream_any(value: ir.Value, pred: Callable[[ir.Value], bool]) -> bool:
+    """Whether `value` or any value it is computed from (transitively, through producers) satisfies `pred`."""
     todo, seen = [value], set()
     while todo:
         v = todo.pop()
-        if id(v) in seen or v.const_value is not None:
+        if v is None or id(v) in seen:
             continue
         seen.add(id(v))
+        if pred(v):
+            return True
         prod = v.producer()
-        if prod is None:
-            if v.is_graph_input():
-                return True
-            continue
-        todo.extend(i for i in prod.inputs if i is not None)
+        if prod is not None:
+            todo.extend(prod.inputs)
     return False
 
 
 def _trace_weight(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
     """Follow Cast/Transpose back to an initializer: (initializer, transposed, why-not)."""
     source, transposed, why = _trace_chain(value)
-    if source is None and why != GRAPH_INPUT_WEIGHT_REASON and _reads_graph_input(value):
+    if source is None and why != GRAPH_INPUT_WEIGHT_REASON and upstream_any(
+            value, lambda v: v.is_graph_input() and v.const_value is None):  # computed from an activation
         why = ACTIVATION_MATMUL_REASON
     elif source is None and why.startswith("weight is computed by"):
         why += " (constant-fold the graph first, e.g. onnxscript.optimizer.fold_constants)"
     return source, transposed, why
-
-
-GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
 
 
 def _trace_chain(value: ir.Value) -> tuple[ir.Value | None, bool, str]:

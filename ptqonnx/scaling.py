@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph import FLOAT_TYPES, LinearSite, Skip, find_linear_sites
+from ptqonnx.graph import FLOAT_TYPES, LinearSite, Skip, find_linear_sites, upstream_any
 
 __all__ = [
     "ATTENTION_SKIP_REASON",
@@ -155,18 +155,7 @@ def _channel_vector(value: ir.Value | None, k: int) -> bool:
 
 def _depends_on(value: ir.Value, target: ir.Node) -> bool:
     """Whether `value` is computed (transitively) from `target`'s outputs."""
-    seen: set[int] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        prod = v.producer() if v is not None else None
-        if prod is None or id(prod) in seen:
-            continue
-        if prod is target:
-            return True
-        seen.add(id(prod))
-        stack.extend(i for i in prod.inputs if i is not None)
-    return False
+    return upstream_any(value, lambda v: v.producer() is target)
 
 
 def _only_consumer(value: ir.Value, node: ir.Node) -> bool:
