@@ -153,7 +153,7 @@ def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:
 OURS = """
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
+from ptqonnx.config import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
 spec = json.loads(args[2])
 tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists -> tuple fields
 w8a8 = spec.pop("w8a8", None)

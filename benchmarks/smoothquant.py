@@ -82,7 +82,7 @@ def layer_errors(fp32: Path, calib: dict, alpha: float, top: int) -> list[str]:
     from ptqonnx.passes.matmul_nbits import per_channel_block
     from ptqonnx.passes.w8a8 import select_w8a8_sites
     from ptqonnx.runtime.collect import collect_statistics
-    from ptqonnx.scaling import find_scaling_groups
+    from ptqonnx.graph.scaling import find_scaling_groups
 
     model = ir.load(str(fp32))
     sites, _ = select_w8a8_sites(find_linear_sites(model).sites)

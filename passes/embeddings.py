@@ -19,7 +19,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from ptqonnx.graph import add_initializer, find_embedding_gathers
+from ptqonnx.graph import NameScope, add_initializer, find_embedding_gathers
 from ptqonnx.numerics.packing import pack_bits, pack_zero_points
 from ptqonnx.passes.matmul_nbits import MS_DOMAIN
 from ptqonnx.numerics.quant import quantize_weight
@@ -49,6 +49,7 @@ class QuantizeEmbeddingsPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
+        names = NameScope(graph)
         count = 0
         for node in find_embedding_gathers(model):
             table = node.inputs[0]
@@ -63,12 +64,12 @@ class QuantizeEmbeddingsPass(InPlacePass):
             qw = quantize_weight(table.const_value.numpy().astype("float32"), self.bits, bs, self.symmetric)
             base = table.name or node.name
             inputs = [
-                add_initializer(graph, f"{base}_Q{self.bits}", pack_bits(qw.q, self.bits)),  # [V, H*bits/8]
+                add_initializer(graph, f"{base}_Q{self.bits}", pack_bits(qw.q, self.bits), names),  # [V, H*bits/8]
                 node.inputs[1],
-                add_initializer(graph, f"{base}_scales", qw.scale.astype(table.const_value.dtype.numpy())),
+                add_initializer(graph, f"{base}_scales", qw.scale.astype(table.const_value.dtype.numpy()), names),
             ]
             if not self.symmetric:
-                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, self.bits)))
+                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, self.bits), names))
             new = ir.node(
                 "GatherBlockQuantized", inputs,
                 {"gather_axis": 0, "quantize_axis": 1, "block_size": bs, "bits": self.bits},

@@ -1,6 +1,6 @@
 """Fold per-channel activation scales into linear weights, exactly: the float graph computes the same function.
 
-For a scaling group (linear sites Y_i = X W_i reading X [..., K]; see `ptqonnx.scaling`) and s [K] > 0:
+For a scaling group (linear sites Y_i = X W_i reading X [..., K]; see `ptqonnx.graph.scaling`) and s [K] > 0:
 
     Y_i = (X diag(1/s)) (diag(s) W_i)          W_i[k, :] *= s[k]   (rows of W [K, N])
 
@@ -34,8 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
-from ptqonnx.graph import FLOAT_TYPES
-from ptqonnx.scaling import ConstRef, ScalingGroup, trace_const
+from ptqonnx.graph import FLOAT_TYPES, ConstRef, NameScope, ScalingGroup, trace_const
 
 __all__ = ["FoldScalesPass"]
 
@@ -73,7 +72,7 @@ class FoldScalesPass(InPlacePass):
         self.folded: list[str] = []
         self.inserted: list[str] = []
         self.renamed: dict[str, str] = {}
-        self._names: set[str] = set()
+        self._names: NameScope | None = None
 
     def _scaled_groups(self) -> list[tuple[ScalingGroup, np.ndarray]]:
         out = []
@@ -96,30 +95,13 @@ class FoldScalesPass(InPlacePass):
                 f"inserted Mul: {refused}"
             )
 
-    # -- naming ------------------------------------------------------------------------------------
-
-    def _fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
-
-    def _collect_names(self, graph: ir.Graph) -> None:
-        self._names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
-        for node in graph:
-            self._names.update(v.name for v in node.outputs if v.name)
-            if node.name:
-                self._names.add(node.name)
-
     # -- constant edits ----------------------------------------------------------------------------
 
     def _private_const(self, graph: ir.Graph, ref: ConstRef) -> tuple[ir.Value, int]:
         """The initializer behind `ref`, read by nothing else (copied where shared); its channel axis."""
         found = trace_const(ref.node.inputs[ref.index])
-        assert found is not None, f"{ref.node.name}: input {ref.index} is no longer a constant"
-        init, chain = found
+        assert found, f"{ref.node.name}: input {ref.index} is no longer a constant"
+        init, chain = found.initializer, list(found.chain)
         values = [ref.node.inputs[ref.index]] + [n.inputs[0] for n in chain]  # chain[i] produces values[i]
         transposes = sum(n.op_type == "Transpose" for n in chain)
         axis = ref.axis if ref.axis < 0 or transposes % 2 == 0 else 1 - ref.axis
@@ -139,15 +121,15 @@ class FoldScalesPass(InPlacePass):
               consumer: ir.Node, index: int, dtype: ir.DataType) -> ir.Value:
         """A private copy of `init` (as `dtype`) and of the `chain` nodes (node side first) feeding `consumer`."""
         data = np.asarray(init.const_value.numpy()).astype(dtype.numpy())
-        copy = ir.val(self._fresh(f"{init.name}_scaled"), const_value=ir.tensor(data, dtype=dtype))
+        copy = ir.val(self._names.fresh(f"{init.name}_scaled"), const_value=ir.tensor(data, dtype=dtype))
         copy.const_value.name = copy.name
         graph.register_initializer(copy)
         new_nodes, prev = [], copy
         for old, value in reversed(chain):  # from the initializer towards the consumer
             shape = None if value.shape is None else ir.Shape(value.shape)
-            out = ir.Value(name=self._fresh(f"{value.name}_scaled"), type=ir.TensorType(dtype), shape=shape)
+            out = ir.Value(name=self._names.fresh(f"{value.name}_scaled"), type=ir.TensorType(dtype), shape=shape)
             new_nodes.append(ir.Node(old.domain, old.op_type, [prev], old.attributes.values(),
-                                     outputs=[out], name=self._fresh(f"{old.name or old.op_type}_scaled")))
+                                     outputs=[out], name=self._names.fresh(f"{old.name or old.op_type}_scaled")))
             prev = out
         if new_nodes:
             graph.insert_before(consumer, new_nodes)
@@ -171,12 +153,12 @@ class FoldScalesPass(InPlacePass):
         x = group.activation
         dtype = x.dtype if x.dtype in FLOAT_TYPES else ir.DataType.FLOAT
         inv_s = (1.0 / s).astype(dtype.numpy())  # [K]
-        inv = ir.val(self._fresh(f"{group.name}_inv_scale"), const_value=ir.tensor(inv_s, dtype=dtype))
+        inv = ir.val(self._names.fresh(f"{group.name}_inv_scale"), const_value=ir.tensor(inv_s, dtype=dtype))
         inv.const_value.name = inv.name
         graph.register_initializer(inv)
-        out = ir.Value(name=self._fresh(f"{group.name}_scaled"), type=x.type,
+        out = ir.Value(name=self._names.fresh(f"{group.name}_scaled"), type=x.type,
                        shape=None if x.shape is None else ir.Shape(x.shape))
-        mul = ir.node("Mul", [x, inv], outputs=[out], name=self._fresh(f"{group.name}_inv_scale_Mul"))
+        mul = ir.node("Mul", [x, inv], outputs=[out], name=self._names.fresh(f"{group.name}_inv_scale_Mul"))
         first = min((s.node for s in group.sites), key=lambda n: order[id(n)])
         graph.insert_before(first, [mul])
         for site in group.sites:
@@ -187,7 +169,7 @@ class FoldScalesPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        self._collect_names(graph)
+        self._names = NameScope(graph)
         order = {id(n): i for i, n in enumerate(graph)}
         todo = self._scaled_groups()
         for group, s in todo:

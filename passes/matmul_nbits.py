@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from ptqonnx.graph import add_initializer
+from ptqonnx.graph import NameScope, add_initializer
 from ptqonnx.numerics.packing import pack_matmulnbits_weight, pack_zero_points, storage_bits
 from ptqonnx.numerics.quant import QuantizedWeight
 from ptqonnx.plan import WeightPlan, planned_nodes
@@ -77,6 +77,7 @@ class LowerToMatMulNBitsPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
+        names = NameScope(graph)
         count = 0
         for node, planned in planned_nodes(graph, self.plan):
             site, qw = planned.site, as_blockwise(planned.qweight)
@@ -86,11 +87,11 @@ class LowerToMatMulNBitsPass(InPlacePass):
             dtype = site.float_dtype.numpy()
             base = site.weight_name
             bits = storage_bits(qw.bits)  # W3 codes are stored as 4-bit
-            b = add_initializer(graph, f"{base}_Q{bits}", pack_matmulnbits_weight(qw.q, bits, bs))
-            scales = add_initializer(graph, f"{base}_scales", qw.scale.astype(dtype))  # [N, k_blocks]
+            b = add_initializer(graph, f"{base}_Q{bits}", pack_matmulnbits_weight(qw.q, bits, bs), names)
+            scales = add_initializer(graph, f"{base}_scales", qw.scale.astype(dtype), names)  # [N, k_blocks]
             inputs: list[ir.Value | None] = [site.activation, b, scales]
             if not qw.symmetric or bits != qw.bits:  # the implicit zero point is 2^(bits-1) of the storage
-                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, bits)))
+                inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, bits), names))
             if site.bias is not None:
                 inputs += [None] * (5 - len(inputs)) + [site.bias]
             attrs = {"K": site.K, "N": site.N, "bits": bits, "block_size": bs}

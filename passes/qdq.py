@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
-from ptqonnx.graph import add_initializer
+from ptqonnx.graph import NameScope, add_initializer
 from ptqonnx.plan import WeightPlan, planned_nodes
 
 __all__ = ["LowerToQdqPass", "QDQ_MIN_OPSET"]
@@ -62,6 +62,7 @@ class LowerToQdqPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
+        names = NameScope(graph)
         count = 0
         for node, planned in planned_nodes(graph, self.plan):
             site, qw = planned.site, planned.qweight
@@ -84,11 +85,11 @@ class LowerToQdqPass(InPlacePass):
                     scale, zp = scale.T, zp.T  # [k_blocks, N]
             base = site.weight_name
             inputs = [
-                add_initializer(graph, f"{base}_Q{qw.bits}", np.ascontiguousarray(q).astype(code_type)),
-                add_initializer(graph, f"{base}_scales", np.ascontiguousarray(scale).astype(site.float_dtype.numpy())),
+                add_initializer(graph, f"{base}_Q{qw.bits}", np.ascontiguousarray(q).astype(code_type), names),
+                add_initializer(graph, f"{base}_scales", np.ascontiguousarray(scale).astype(site.float_dtype.numpy()), names),
             ]
             if not qw.symmetric:
-                inputs.append(add_initializer(graph, f"{base}_zero_points", np.ascontiguousarray(zp).astype(code_type)))
+                inputs.append(add_initializer(graph, f"{base}_zero_points", np.ascontiguousarray(zp).astype(code_type), names))
             dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{node.name}_weight_DequantizeLinear",
                          outputs=[ir.Value(name=f"{node.name}_weight_dq")])
             graph.insert_before(node, dq)

@@ -34,9 +34,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
-from ptqonnx.graph import FLOAT_TYPES, LinearSite, Skip, add_initializer
+from ptqonnx.graph import FLOAT_TYPES, LinearSite, NameScope, Skip, add_initializer, trace_const
 from ptqonnx.numerics.smoothquant import ActivationQParams
-from ptqonnx.scaling import trace_const
 
 __all__ = ["W8A8_MIN_OPSET", "ActivationPlan", "QuantizeActivationsPass", "select_w8a8_sites", "find_bmm_nodes",
            "GEMV_REASON", "LM_HEAD_REASON"]
@@ -79,7 +78,7 @@ def find_bmm_nodes(model: ir.Model) -> list[ir.Node]:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         a, b = node.inputs[0], node.inputs[1]
-        if a is None or b is None or trace_const(a) is not None or trace_const(b) is not None:
+        if a is None or b is None or trace_const(a) or trace_const(b):
             continue
         if a.const_value is not None or b.const_value is not None:
             continue
@@ -105,6 +104,7 @@ class QuantizeActivationsPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
+        names = NameScope(graph)
         # id(x) -> (Q output, grid, scale, zero point)
         q_out: dict[int, tuple[ir.Value, ActivationQParams, ir.Value, ir.Value]] = {}
         count = 0
@@ -119,9 +119,9 @@ class QuantizeActivationsPass(InPlacePass):
                 base = x.name or f"{node.name}_in{index}"
                 if id(x) not in q_out:
                     dtype = x.dtype if x.dtype in FLOAT_TYPES else ir.DataType.FLOAT
-                    scale = add_initializer(graph, f"{base}_act_scale", np.array(qp.scale, dtype=dtype.numpy()))
+                    scale = add_initializer(graph, f"{base}_act_scale", np.array(qp.scale, dtype=dtype.numpy()), names)
                     zp = add_initializer(graph, f"{base}_act_zero_point",
-                                         np.array(qp.zero_point, dtype=np.int8 if qp.signed else np.uint8))
+                                         np.array(qp.zero_point, dtype=np.int8 if qp.signed else np.uint8), names)
                     q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_QuantizeLinear",
                                 outputs=[ir.Value(name=f"{base}_quantized")])
                     producer = x.producer()

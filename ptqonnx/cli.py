@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_quickstart(args) -> None:
     from ptqonnx.models.export import export_causal_lm
     from ptqonnx.pipeline import compile_model
-    from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+    from ptqonnx.config import CompileConfig, WeightQuantConfig
     from ptqonnx.runtime.bench import interleaved, prefill_runner
     from ptqonnx.runtime.perplexity import perplexity
     from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
@@ -188,7 +188,7 @@ def _calib_config(args):
 
 
 def _compile_config(args):
-    from ptqonnx.recipe import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
+    from ptqonnx.config import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
 
     if args.method == "smoothquant" and not args.w8a8:
         raise UserError("smoothquant emits W8A8; pass --w8a8")

@@ -21,20 +21,18 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ptqonnx.errors import UserError
+from ptqonnx.io import file_bytes, load_model, save_model
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
 from ptqonnx.passes import run_passes
 from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
 from ptqonnx.plan import plan_weights, rtn_solver
-from ptqonnx.recipe import CompileConfig, matches_any
+from ptqonnx.config import CompileConfig, matches_any
 
 __all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path"]
 
 logger = logging.getLogger(__name__)
-
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers above which weights go to a .data file
-
 
 @dataclass
 class CompileReport:
@@ -64,53 +62,6 @@ def default_output_path(input_path: Path, cfg: CompileConfig) -> Path:
         return input_path.with_name(f"{input_path.stem}.{cfg.method}_w8a8.onnx")
     tag = f"{cfg.method}_w{w.bits}" + (f"g{w.group_size}" if w.group_size else "") + ("" if w.symmetric else "_asym")
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
-
-
-def _file_bytes(path: Path) -> int:
-    """The model file plus any external-data files next to it that it references."""
-    total = path.stat().st_size
-    for data in path.parent.glob(path.name + ".data"):
-        total += data.stat().st_size
-    return total
-
-
-def load_model(path: str | Path) -> ir.Model:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"model file not found: {p}; pass the path of an .onnx file")
-    try:
-        return ir.load(str(p))
-    except Exception as exc:  # onnx raises DecodeError/ValueError/... for non-ONNX bytes
-        raise UserError(f"{p} is not a readable ONNX model ({type(exc).__name__}); pass an .onnx file") from None
-
-
-def _initializer_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
-def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> None:
-    """Check and write `model` to `output` atomically (temp folder beside it, then rename)."""
-    import onnx
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        tmp = tmpdir / output.name
-        external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-        ir.save(model, str(tmp), external_data=f"{output.name}.data" if external else None)
-        try:
-            onnx.checker.check_model(str(tmp))
-        except onnx.checker.ValidationError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise RuntimeError(f"internal error: the emitted model fails onnx.checker: {first}") from exc
-        if verify_ort:
-            from ptqonnx.runtime.ort import make_session
-
-            make_session(tmp)  # raises UserError with ORT's first line if it cannot load
-        for f in sorted(tmpdir.iterdir(), key=lambda f: f.suffix == ".onnx"):  # data first, model last
-            os.replace(f, output.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _select_sites(sites: list[LinearSite], cfg: CompileConfig) -> tuple[list[LinearSite], list[Skip]]:
@@ -150,7 +101,7 @@ def compile_model(
     dst = Path(output_path) if output_path else default_output_path(src, cfg)
     if dst.resolve() == src.resolve():
         raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
-    report = CompileReport(src, dst, input_bytes=_file_bytes(src))
+    report = CompileReport(src, dst, input_bytes=file_bytes(src))
 
     run_passes([
         common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass(),
@@ -173,17 +124,17 @@ def compile_model(
 
         feeds = calibration_batches(calibration or CalibConfig(), src.parent, [v.name for v in model.graph.inputs])
     if cfg.w8a8 is not None:
-        from ptqonnx.w8a8 import prepare_w8a8
+        from ptqonnx.methods.w8a8 import prepare_w8a8
 
         passes, sites, w8a8_skipped = prepare_w8a8(model, sites, cfg, feeds, report)
         report.skipped += w8a8_skipped
     else:
         if cfg.method in ("awq", "awq+gptq"):
-            from ptqonnx.awq import plan_awq
+            from ptqonnx.methods.awq import plan_awq
 
             sites, plan = plan_awq(model, sites, cfg, feeds, report, progress)
         elif cfg.method == "gptq":
-            from ptqonnx.gptq import plan_gptq
+            from ptqonnx.methods.gptq import plan_gptq
 
             plan = plan_gptq(model, sites, cfg, feeds, report, progress)
         else:
@@ -202,7 +153,7 @@ def compile_model(
         report.skipped += [Skip(n, "Gather", r) for n, r in emb.skipped]
 
     save_model(model, dst, verify_ort=verify_ort)
-    report.output_bytes = _file_bytes(dst)
+    report.output_bytes = file_bytes(dst)
     report.peak_rss_mib = _peak_rss_mib()
     report.seconds = time.perf_counter() - t0
     logger.info("compiled %s -> %s: %d linear layers quantized, %d skipped in %.1f s",

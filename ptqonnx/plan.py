@@ -16,7 +16,7 @@ import numpy as np
 
 from ptqonnx.graph import LinearSite
 from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
-from ptqonnx.recipe import GptqConfig, WeightQuantConfig
+from ptqonnx.config import GptqConfig, WeightQuantConfig
 
 __all__ = [
     "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_stage_solver", "plan_weights",

@@ -2,7 +2,7 @@
 
 GPTQ's reference quantizes a transformer layer by layer, feeding each layer the outputs of the already
 quantized layers before it, and inside a layer sub-layer by sub-layer ("true sequential"). Here the model is
-cut into blocks along its residual stream (`ptqonnx.blocks`); for each block:
+cut into blocks along its residual stream (`ptqonnx.graph.blocks`); for each block:
 
 1. the block's subgraph is extracted once (inputs: the cut value, cached side values, graph inputs);
 2. for each stage (linear layers sharing an activation), one ORT run over every calibration sample computes
@@ -26,9 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.blocks import Block, Stage
+from ptqonnx.graph import Block, LinearSite, Stage, trace_const
 from ptqonnx.calibration.observers import DEFAULT_SAMPLE_ROWS, Stat, TensorObserver, TensorStats, parse_stats
-from ptqonnx.graph import LinearSite
 from ptqonnx.runtime.ort import make_session
 
 __all__ = ["StageSolver", "run_sequential"]
@@ -52,11 +51,10 @@ def _private_weight(block_model: ir.Model, site: LinearSite) -> ir.Value | None:
     node = next((n for n in graph if n.name == site.node.name), None)
     if node is None:
         return None
-    holder, index = node, 1
-    value = node.inputs[1]
-    while value.const_value is None:  # walk the Transpose/Cast chain back to the initializer
-        holder, index = value.producer(), 0
-        value = holder.inputs[0]
+    found = trace_const(node.inputs[1])
+    assert found, f"{site.name}: the weight is no longer a constant"
+    value = found.initializer
+    holder, index = (found.chain[-1], 0) if found.chain else (node, 1)  # the node reading the initializer
     private = ir.val(f"{value.name}__seq", const_value=value.const_value)
     private.const_value.name = private.name
     graph.register_initializer(private)

@@ -12,7 +12,7 @@ from ptqonnx.errors import UserError
 from ptqonnx.numerics.awq import clip_grid, clip_weight, search_clip, search_scales, torch_fake_quantize
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import AwqConfig, CompileConfig, WeightQuantConfig
+from ptqonnx.config import AwqConfig, CompileConfig, WeightQuantConfig
 
 torch = pytest.importorskip("torch")
 
@@ -268,7 +268,7 @@ def test_tiny_awq_beats_rtn_and_awq_gptq_runs(tmp_path, tiny_export):
 def test_tiny_without_gqa_scales_o_proj_through_v_proj(tmp_path, tiny_mha_export, monkeypatch, method):
     """kv_heads == heads: o_proj's group (v_proj absorbs 1/s) is searched and folded, and v_proj's planned grid
     is divided by o_proj's s like up_proj's by down_proj's (else its dequantized weight misses the fold)."""
-    import ptqonnx.awq
+    import ptqonnx.methods.awq
     from ptqonnx.models.tiny import tiny_corpus
     from ptqonnx.numerics.quant import dequantize_weight
 
@@ -279,8 +279,8 @@ def test_tiny_without_gqa_scales_o_proj_through_v_proj(tmp_path, tiny_mha_export
         plans.update(plan)
         return sites, plan
 
-    plan_awq = ptqonnx.awq.plan_awq
-    monkeypatch.setattr(ptqonnx.awq, "plan_awq", spy)
+    plan_awq = ptqonnx.methods.awq.plan_awq
+    monkeypatch.setattr(ptqonnx.methods.awq, "plan_awq", spy)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(tiny_corpus(1000, seed=9)))
     rep = compile_model(tiny_mha_export / "model.onnx", tmp_path / "q.onnx",

@@ -15,7 +15,7 @@ import pytest
 from ptqonnx.cli import main
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+from ptqonnx.config import CompileConfig, WeightQuantConfig
 from graphs import real_windows, run
 
 torch = pytest.importorskip("torch")

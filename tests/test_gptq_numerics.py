@@ -239,7 +239,7 @@ def test_stage_solver_stacks_sites_like_separate_sweeps(layer, symmetric):
     from types import SimpleNamespace
 
     from ptqonnx.plan import gptq_stage_solver
-    from ptqonnx.recipe import GptqConfig, WeightQuantConfig
+    from ptqonnx.config import GptqConfig, WeightQuantConfig
 
     _, h, w = layer
     ws = [w[:40], w[40:48] * 3.0, w[48:]]  # three "sites" of different heights and ranges

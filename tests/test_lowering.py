@@ -10,7 +10,7 @@ import pytest
 from graphs import int8_activation_bound, linear_model, model_from_text, run, save
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+from ptqonnx.config import CompileConfig, WeightQuantConfig
 
 SHAPES = [(64, 32, 16), (100, 24, 32), (576, 40, 128), (256, 48, 64), (200, 8, 128)]
 

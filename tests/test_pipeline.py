@@ -19,7 +19,7 @@ from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass, embedding_block_si
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
 from ptqonnx.pipeline import compile_model, default_output_path
-from ptqonnx.recipe import CompileConfig, WeightQuantConfig
+from ptqonnx.config import CompileConfig, WeightQuantConfig
 
 NO_WEIGHT = """<ir_version: 10, opset_import: ["" : 21]>
 g (float[4, 8] a, float[8, 3] b) => (float[4, 3] y) { y = MatMul(a, b) }"""
@@ -121,7 +121,7 @@ def test_existing_output_replaced_only_when_complete(tmp_path):
 
 def test_external_data_model_round_trip(tmp_path, monkeypatch):
     """Large models keep weights in a .data file; force that path with a tiny threshold."""
-    monkeypatch.setattr("ptqonnx.pipeline.EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr("ptqonnx.io.EXTERNAL_DATA_THRESHOLD", 0)
     model, w = linear_model(64, 16)
     src = tmp_path / "m.onnx"
     onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",

@@ -13,7 +13,7 @@ from onnx_ir.passes import PreconditionError
 
 from ptqonnx.graph import find_linear_sites
 from ptqonnx.passes.fold_scales import FoldScalesPass
-from ptqonnx.scaling import ATTENTION_SKIP_REASON, ScalingGroup, find_scaling_groups
+from ptqonnx.graph.scaling import ATTENTION_SKIP_REASON, ScalingGroup, find_scaling_groups
 from graphs import model_from_text, run
 
 K = 16

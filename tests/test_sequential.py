@@ -10,12 +10,12 @@ import onnx_ir as ir
 import pytest
 
 from graphs import CALIB_TEXT, linear_model, real_windows, run, save
-from ptqonnx.blocks import find_blocks
+from ptqonnx.graph.blocks import find_blocks
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.graph import find_linear_sites
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.recipe import CompileConfig, GptqConfig, WeightQuantConfig
+from ptqonnx.config import CompileConfig, GptqConfig, WeightQuantConfig
 from ptqonnx.runtime.collect import collect_statistics
 from ptqonnx.runtime.sequential import run_sequential
 

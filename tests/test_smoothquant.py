@@ -30,7 +30,7 @@ from ptqonnx.passes.w8a8 import (
 )
 from ptqonnx.pipeline import compile_model
 from ptqonnx.plan import plan_weights, rtn_solver
-from ptqonnx.recipe import CompileConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
+from ptqonnx.config import CompileConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
 
 W8 = WeightQuantConfig(bits=8, group_size=None, symmetric=True, format="qdq")
 
@@ -179,7 +179,7 @@ def test_w8a8_qdq_matches_numpy_fake_quant(tmp_path, signed):
 def test_dynamic_matmulnbits_int8_matches_numpy_fake_quant(tmp_path, k):
     """bits 8, accuracy_level 4: ORT quantizes each activation row per block of K (short last block) to int8."""
     from ptqonnx.passes.matmul_nbits import per_channel_block
-    from ptqonnx.w8a8 import DYNAMIC_ACCURACY_LEVEL
+    from ptqonnx.methods.w8a8 import DYNAMIC_ACCURACY_LEVEL
 
     rng = np.random.default_rng(k)
     ws = [rng.standard_normal((48, k)).astype(np.float32) * 0.1, rng.standard_normal((32, k)).astype(np.float32)]
@@ -379,7 +379,7 @@ def test_tiny_llama_without_gqa_smooths_o_proj_through_v_proj(tmp_path, tiny_mha
     ref = run(src, {"input_ids": ids})[0]
     bmm_scales = {}
     for name, cfg in {"smooth": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn", quantize_bmm=True)}.items():
-        with caplog.at_level(logging.INFO, logger="ptqonnx.w8a8"):
+        with caplog.at_level(logging.INFO, logger="ptqonnx.methods.w8a8"):
             rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
         assert len(rep.quantized) == 14 and _rel(_loads_and_runs(rep.output_path, {"input_ids": ids})[0], ref) < 0.2
         bmm_scales[name] = _pv_input_scales(rep.output_path)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from ptqonnx.graph import LinearSite
+from ptqonnx.graph.sites import LinearSite
 
 __all__ = ["Block", "Stage", "find_blocks"]
 

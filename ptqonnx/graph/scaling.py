@@ -21,7 +21,7 @@ absorbed (found structurally, never by node names):
   Unsqueeze, Flatten, Identity, Expand) on both paths. P·V is linear in V and mixes only along V's
   sequence axis, so a per-column scale of V reaches the same (head, dim) channel of P·V: `linear_columns`
   into P_v's columns, through the channel map X channel c <- P_v column `channels[c]` (a permutation; see
-  `_channel_map`). As llm-awq, grouped-query attention (P_v narrower than X: one V head serves several
+  `ptqonnx.graph.attention.channel_map`). As llm-awq, grouped-query attention (P_v narrower than X: one V head serves several
   heads) is skipped, and so are fused attention ops, non-layout ops on the path, a V shared with other
   consumers (a KV cache) and maps that are not 1:1, each with a Skip saying which.
 * `mul_insert`: anything else but attention outputs (including an X with consumers besides the group's
@@ -39,7 +39,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph import FLOAT_TYPES, LinearSite, Skip, find_linear_sites, upstream_any
+from ptqonnx.graph.attention import ATTENTION_OPS, attention_path, channel_map, v_path
+from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
+from ptqonnx.graph.trace import ONNX_DOMAINS, attr, gemm_trans_b, trace_const, upstream_any
 
 __all__ = [
     "ATTENTION_SKIP_REASON",
@@ -47,7 +49,6 @@ __all__ = [
     "ProducerKind",
     "ScalingGroup",
     "find_scaling_groups",
-    "trace_const",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,22 +57,14 @@ ProducerKind = Literal["norm_gamma", "linear_columns", "mul_insert"]
 
 ATTENTION_SKIP_REASON = "attention output"  # prefix of every attention-output Skip's reason
 
-_ONNX = ("", "ai.onnx")
 _MS = "com.microsoft"
 # op (domain set) -> (gamma input index, beta input index or None)
 _NORMS: dict[str, tuple[tuple[str, ...], int, int | None]] = {
-    "LayerNormalization": (_ONNX, 1, 2),
-    "SimplifiedLayerNormalization": (_ONNX + (_MS,), 1, None),
+    "LayerNormalization": (ONNX_DOMAINS, 1, 2),
+    "SimplifiedLayerNormalization": (ONNX_DOMAINS + (_MS,), 1, None),
     "SkipSimplifiedLayerNormalization": ((_MS,), 2, None),
     "SkipLayerNormalization": ((_MS,), 2, 3),
 }
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
-_REPEAT_OPS = _LAYOUT_OPS | {"Expand"}  # move or repeat elements, never combine them
-_PROBE_SIZES = (3, 5, 7, 11, 13)  # sizes given to symbolic dims when following a layout: small, distinct
-_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                  "PackedMultiHeadAttention", "SparseAttention"}
-
-
 @dataclass(frozen=True)
 class ConstRef:
     """The constant `node` reads at input `index`, directly or through Cast/Transpose.
@@ -116,40 +109,12 @@ class ScalingGroup:
         return tuple(s.name for s in self.sites)
 
 
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
-def trace_const(value: ir.Value | None) -> tuple[ir.Value, list[ir.Node]] | None:
-    """Follow float Cast / 2-D Transpose back to an initializer: (initializer, chain nodes, node-side first)."""
-    chain: list[ir.Node] = []
-    v = value
-    for _ in range(4):
-        if v is None or v.is_graph_input():
-            return None
-        if v.const_value is not None:
-            return (v, chain) if v.is_initializer() else None
-        prod = v.producer()
-        if prod is None or prod.domain not in _ONNX:
-            return None
-        if prod.op_type == "Cast" and _attr(prod, "to", None) in {int(t) for t in FLOAT_TYPES}:
-            pass
-        elif prod.op_type == "Transpose" and (_attr(prod, "perm", None) in (None, [1, 0], (1, 0))):
-            pass
-        else:
-            return None
-        chain.append(prod)
-        v = prod.inputs[0]
-    return None
-
-
 def _channel_vector(value: ir.Value | None, k: int) -> bool:
     """A constant (maybe via Cast) with last axis K and no other non-unit axis: broadcasts as [K]."""
     found = trace_const(value)
-    if found is None or any(n.op_type == "Transpose" for n in found[1]):
+    if not found or any(n.op_type == "Transpose" for n in found.chain):
         return False
-    shape = tuple(found[0].const_value.shape)
+    shape = tuple(found.initializer.const_value.shape)
     return len(shape) >= 1 and shape[-1] == k and all(d == 1 for d in shape[:-1])
 
 
@@ -171,7 +136,7 @@ def _linear_output(
     if prod is None:
         return None
     bias: list[ConstRef] = []
-    if prod.op_type == "Add" and prod.domain in _ONNX:
+    if prod.op_type == "Add" and prod.domain in ONNX_DOMAINS:
         for i in (0, 1):
             inner, c = prod.inputs[i], prod.inputs[1 - i]
             if inner is not None and inner.producer() is not None and id(inner.producer()) in producers \
@@ -184,123 +149,10 @@ def _linear_output(
     site = producers.get(id(prod))
     if site is None or site.N != k:
         return None
-    gemm_trans_b = prod.op_type == "Gemm" and bool(_attr(prod, "transB", 0))
-    refs = [ConstRef(prod, 1, 0 if gemm_trans_b else 1)]  # N axis of the node's view of W
+    refs = [ConstRef(prod, 1, 0 if gemm_trans_b(prod) else 1)]  # N axis of the node's view of W
     if site.bias is not None:
         refs.append(ConstRef(prod, 2, -1))
     return prod, refs + bias
-
-
-def _attention_path(x: ir.Value) -> tuple[list[ir.Node], ir.Node] | None:
-    """X = layout(A) with A an attention op's or an activation x activation MatMul's output: (layout nodes
-    from X back, that node), else None."""
-    v, path = x, []
-    for _ in range(8):
-        prod = v.producer()
-        if prod is None:
-            return None
-        if prod.op_type in _ATTENTION_OPS:
-            return path, prod
-        if prod.op_type in ("MatMul", "Gemm") and prod.domain in _ONNX:
-            return (path, prod) if all(trace_const(i) is None for i in prod.inputs[:2]) else None
-        if prod.op_type not in _LAYOUT_OPS or prod.domain not in _ONNX:
-            return None
-        path.append(prod)
-        v = prod.inputs[0]
-    return None
-
-
-def _v_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
-    """Follow V back through element-moving ops (and a Concat with graph inputs, a KV cache): (the first
-    value made otherwise, the nodes from there towards V)."""
-    path: list[ir.Node] = []
-    for _ in range(12):
-        prod = v.producer()
-        if prod is None or prod.domain not in _ONNX:
-            break
-        if prod.op_type in _REPEAT_OPS:
-            nxt = prod.inputs[0]
-        elif prod.op_type == "Concat":
-            own = [i for i in prod.inputs if i is not None and not i.is_graph_input()]
-            if len(own) != 1:
-                break
-            nxt = own[0]
-        else:
-            break
-        path.append(prod)
-        v = nxt
-    return v, path[::-1]
-
-
-def _concrete(shape: ir.Shape | None, sizes: dict[str, int]) -> tuple[int, ...] | None:
-    """`shape` with each symbolic dim given a distinct probe size (None when a dim is unknown)."""
-    if shape is None:
-        return None
-    out = []
-    for d in shape:
-        if isinstance(d, int):
-            out.append(d)
-        elif d.value is None or len(sizes) >= len(_PROBE_SIZES) and d.value not in sizes:
-            return None
-        else:
-            out.append(sizes.setdefault(d.value, _PROBE_SIZES[len(sizes)]))
-    return tuple(out)
-
-
-def _follow(ids: np.ndarray, nodes: list[ir.Node], sizes: dict[str, int]) -> np.ndarray | None:
-    """Apply element-moving `nodes` to `ids` at their annotated output shapes (None where they disagree)."""
-    for node in nodes:
-        shape = _concrete(node.outputs[0].shape, sizes)
-        if shape is None:
-            return None
-        try:
-            if node.op_type == "Transpose":
-                perm = _attr(node, "perm", None)
-                ids = ids.transpose(perm if perm is None else tuple(perm))
-            elif node.op_type == "Expand":
-                ids = np.broadcast_to(ids, shape)
-            else:
-                ids = ids.reshape(shape)
-        except ValueError:
-            return None
-        if ids.shape != shape:
-            return None
-    return ids
-
-
-def _channel_map(top: ir.Value, k: int, v_path: list[ir.Node], pv: ir.Node,
-                 o_path: list[ir.Node]) -> tuple[int, ...] | str:
-    """X channel c -> the P_v output column it carries (both K wide), or why there is none.
-
-    Found by moving channel ids: an array over the P_v output's shape (symbolic dims set to small distinct
-    sizes) holding each element's column is pushed through the layout ops at their annotated output shapes;
-    at V it must not vary along the sequence axis (-2, which P·V sums over), P·V's output carries V's row
-    at every query position, and at X every channel must carry one column for all positions. Shapes come
-    from the model's value_info; a wrong annotation cannot pass silently since folds are checked in ORT.
-    """
-    sizes: dict[str, int] = {}
-    shape = _concrete(top.shape, sizes)
-    if shape is None or not shape or shape[-1] != k:
-        return "shapes on the v→o path unknown (run shape inference)"
-    ids = _follow(np.broadcast_to(np.arange(k), shape), v_path, sizes)
-    if ids is None or ids.ndim < 2:
-        return "shapes on the v→o path unknown or inconsistent"
-    if not (ids == ids[..., :1, :]).all():
-        return "V's sequence axis mixes channels"
-    out_shape = _concrete(pv.outputs[0].shape, sizes)
-    if out_shape is None:
-        return "shapes on the v→o path unknown (run shape inference)"
-    try:
-        ids = np.broadcast_to(ids[..., :1, :], out_shape)
-    except ValueError:
-        return "shapes on the v→o path inconsistent"
-    ids = _follow(ids, o_path[::-1], sizes)
-    if ids is None or ids.shape[-1] != k:
-        return "shapes on the v→o path unknown or inconsistent"
-    flat = ids.reshape(-1, k)
-    if not (flat == flat[:1]).all() or sorted(flat[0].tolist()) != list(range(k)):
-        return "its channels are not a permutation of V's columns"
-    return tuple(int(c) for c in flat[0])
 
 
 def _attention_producer(
@@ -308,10 +160,10 @@ def _attention_producer(
 ) -> tuple[ir.Node, list[ConstRef], tuple[int, ...] | None] | str:
     """X = layout(P·V) with V a layout of a linear site's output: (that node, its refs, the channel map or
     None for the identity), or the reason a per-channel scale does not pass to it."""
-    if pv.op_type in _ATTENTION_OPS:
+    if pv.op_type in ATTENTION_OPS:
         return f"fused {pv.op_type} (the scale cannot pass through it)"
     p, v = pv.inputs[0], pv.inputs[1]
-    top, v_path = _v_path(v)
+    top, v_nodes = v_path(v)
     width = top.shape[-1] if top.shape is not None and len(top.shape) else None
     found = _linear_output(top, width, producers) if isinstance(width, int) else None
     if found is None:
@@ -323,14 +175,14 @@ def _attention_producer(
         kind = "grouped-query attention" if k % site.N == 0 else "V narrower than the attention output"
         return (f"{kind} ({site.weight_name or site.name} {site.N} outputs, this layer reads {k}): per-channel "
                 "scales don't pass (as llm-awq)")
-    if any(n.op_type == "Concat" for n in v_path):
+    if any(n.op_type == "Concat" for n in v_nodes):
         return "V also holds tensors from outside (a KV cache Concat) that would not carry the scale"
-    chain = v_path + [pv] + o_path[::-1]  # from P_v's output to X
+    chain = v_nodes + [pv] + o_path[::-1]  # from P_v's output to X
     if not all(_only_consumer(val, user) for val, user in zip([top] + [n.outputs[0] for n in chain], chain)):
         return f"{site.name}'s output or the attention output has other consumers (the fold would change them)"
     if _depends_on(p, node):
         return "the attention probabilities depend on V (P·V is not linear in V)"
-    mapped = _channel_map(top, k, v_path, pv, o_path)
+    mapped = channel_map(top, k, v_nodes, pv, o_path)
     if isinstance(mapped, str):
         return mapped
     return node, refs, None if mapped == tuple(range(k)) else mapped
@@ -345,7 +197,7 @@ def _producer(
     op = prod.op_type
     if op in _NORMS and prod.domain in _NORMS[op][0]:
         _, gi, bi = _NORMS[op]
-        axis, rank = _attr(prod, "axis", -1), (len(x.shape) if x.shape is not None else None)
+        axis, rank = attr(prod, "axis", -1), (len(x.shape) if x.shape is not None else None)
         if prod.outputs[0] is not x or axis != -1 and (rank is None or axis != rank - 1):
             return None  # Skip*Norm: only output 0 is the normalized tensor; γ must span the last axis only
         refs = [ConstRef(prod, gi, -1)]
@@ -354,9 +206,9 @@ def _producer(
         if all(_channel_vector(prod.inputs[r.index], k) for r in refs):
             return "norm_gamma", prod, refs
         return None
-    if op == "Mul" and prod.domain in _ONNX:
+    if op == "Mul" and prod.domain in ONNX_DOMAINS:
         for i in (1, 0):  # γ is usually the second operand, but the exporter writes Mul(γ, normed)
-            if _channel_vector(prod.inputs[i], k) and trace_const(prod.inputs[1 - i]) is None:
+            if _channel_vector(prod.inputs[i], k) and not trace_const(prod.inputs[1 - i]):
                 return "norm_gamma", prod, [ConstRef(prod, i, -1)]
         for i in (1, 0):
             b, a = prod.inputs[i], prod.inputs[1 - i]
@@ -385,7 +237,7 @@ def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[
         private = not x.is_graph_output() and all(
             idx == 0 and id(n) in member_nodes for n, idx in x.uses()
         )
-        attention, channels = _attention_path(x), None
+        attention, channels = attention_path(x), None
         if attention is not None:
             found = (_attention_producer(k, producers, *attention) if private
                      else "the attention output has other consumers")

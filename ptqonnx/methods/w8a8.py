@@ -35,7 +35,7 @@ from ptqonnx.numerics.smoothquant import (
     ActivationQParams, ActivationQuantizer, activation_scale, auto_alpha, fake_quantize_activation_dynamic,
     percentile_absmax, percentile_range, smooth_scales,
 )
-from ptqonnx.recipe import CompileConfig, W8A8Config, matches_any
+from ptqonnx.config import CompileConfig, W8A8Config, matches_any
 
 __all__ = ["SAMPLE_ROWS", "DYNAMIC_ACCURACY_LEVEL", "prepare_w8a8", "activation_grid"]
 
@@ -63,13 +63,13 @@ def activation_grid(stats: TensorStats, cfg: W8A8Config) -> ActivationQParams:
 def prepare_w8a8(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report) -> tuple[
         list, list[LinearSite], list[Skip]]:
     """Calibrate, smooth (SmoothQuant) and plan `model` in place; returns (lowering passes, quantized sites, skips)."""
-    from ptqonnx.folding import fold_scales_checked
+    from ptqonnx.methods.folding import fold_scales_checked
     from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
     from ptqonnx.passes.qdq import LowerToQdqPass
     from ptqonnx.passes.w8a8 import QuantizeActivationsPass, find_bmm_nodes, select_w8a8_sites
     from ptqonnx.plan import plan_weights, rtn_solver
     from ptqonnx.runtime.collect import collect_statistics
-    from ptqonnx.scaling import find_scaling_groups
+    from ptqonnx.graph.scaling import find_scaling_groups
 
     wcfg, sq = cfg.w8a8, cfg.smoothquant
     assert wcfg is not None

@@ -1,7 +1,7 @@
 """GPTQ planning: Hessians block by block on the partly quantized model (or one-shot), then the solver.
 
 The linear algebra is `ptqonnx.numerics.gptq`; the sequential calibration is `ptqonnx.runtime.sequential`
-on the blocks `ptqonnx.blocks` finds along the residual stream.
+on the blocks `ptqonnx.graph.blocks` finds along the residual stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from ptqonnx.graph import LinearSite
 from ptqonnx.plan import PlannedWeight, gptq_stage_solver
-from ptqonnx.recipe import CompileConfig
+from ptqonnx.config import CompileConfig
 
 __all__ = ["plan_gptq"]
 
@@ -24,7 +24,7 @@ def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feed
                progress: Callable[[str], None] | None) -> dict[str, PlannedWeight]:
     """GPTQ plan: block by block on the partly quantized model, or one-shot Hessians when the graph has no
     residual-stream cut (or `sequential` is off)."""
-    from ptqonnx.blocks import find_blocks
+    from ptqonnx.graph.blocks import find_blocks
     from ptqonnx.numerics.gptq import hessian_from_xtx
     from ptqonnx.numerics.quant import dequantize_weight
 

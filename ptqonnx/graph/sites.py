@@ -8,27 +8,25 @@ always handed to numerics as W [N, K] float32 (torch's layout), whatever its sto
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from ptqonnx.graph.trace import (
+    FLOAT_TYPES, ONNX_DOMAINS, ConstTrace, Refusal, attr, gemm_trans_b, trace_const, upstream_any,
+)
+
 __all__ = [
-    "FLOAT_TYPES",
+    "ACTIVATION_MATMUL_REASON",
     "LinearSite",
     "Skip",
     "SiteScan",
     "find_linear_sites",
     "find_embedding_gathers",
-    "add_initializer",
-    "unique_name",
 ]
 
 logger = logging.getLogger(__name__)
-
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-
 
 @dataclass(frozen=True)
 class LinearSite:
@@ -77,65 +75,22 @@ class SiteScan:
     skipped: list[Skip] = field(default_factory=list)
 
 
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
 ACTIVATION_MATMUL_REASON = "activation x activation (e.g. attention's Q·Kᵀ, P·V): no constant weight"
 GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
 
 
-def upstream_any(value: ir.Value, pred: Callable[[ir.Value], bool]) -> bool:
-    """Whether `value` or any value it is computed from (transitively, through producers) satisfies `pred`."""
-    todo, seen = [value], set()
-    while todo:
-        v = todo.pop()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        if pred(v):
-            return True
-        prod = v.producer()
-        if prod is not None:
-            todo.extend(prod.inputs)
-    return False
-
-
-def _trace_weight(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
-    """Follow Cast/Transpose back to an initializer: (initializer, transposed, why-not)."""
-    source, transposed, why = _trace_chain(value)
-    if source is None and why != GRAPH_INPUT_WEIGHT_REASON and upstream_any(
+def _trace_weight(value: ir.Value) -> ConstTrace | Refusal:
+    """The weight's constant, or why there is none (an activation x activation MatMul said as such)."""
+    found = trace_const(value)
+    if found:
+        return found
+    why = found.reason
+    if why != GRAPH_INPUT_WEIGHT_REASON and upstream_any(
             value, lambda v: v.is_graph_input() and v.const_value is None):  # computed from an activation
-        why = ACTIVATION_MATMUL_REASON
-    elif source is None and why.startswith("weight is computed by"):
-        why += " (constant-fold the graph first, e.g. onnxscript.optimizer.fold_constants)"
-    return source, transposed, why
-
-
-def _trace_chain(value: ir.Value) -> tuple[ir.Value | None, bool, str]:
-    transposed = False
-    v = value
-    for _ in range(4):
-        if v.const_value is not None:
-            return v, transposed, ""
-        prod = v.producer()
-        if prod is None:
-            return None, transposed, GRAPH_INPUT_WEIGHT_REASON
-        if prod.op_type == "Cast" and prod.domain in ("", "ai.onnx"):
-            if _attr(prod, "to", None) not in {int(t) for t in FLOAT_TYPES}:
-                return None, transposed, "weight Cast is not to a float type"
-            v = prod.inputs[0]
-            continue
-        if prod.op_type == "Transpose" and prod.domain in ("", "ai.onnx"):
-            perm = _attr(prod, "perm", None)
-            if perm is not None and list(perm) != [1, 0]:
-                return None, transposed, f"weight Transpose has perm {list(perm)}"
-            transposed = not transposed
-            v = prod.inputs[0]
-            continue
-        return None, transposed, f"weight is computed by {prod.op_type}, not a constant"
-    return None, transposed, "weight is not a constant"
+        return Refusal(ACTIVATION_MATMUL_REASON)
+    if why.startswith("weight is computed by"):
+        return Refusal(why + " (constant-fold the graph first, e.g. onnxscript.optimizer.fold_constants)")
+    return found
 
 
 def _is_lm_head(node: ir.Node) -> bool:
@@ -155,24 +110,25 @@ def _scan_node(node: ir.Node) -> LinearSite | Skip:
     op = node.op_type
     skip = lambda why: Skip(node.name or "", op, why)  # noqa: E731
     if op == "Gemm":
-        if _attr(node, "transA", 0) != 0:
+        if attr(node, "transA", 0) != 0:
             return skip("Gemm with transA=1")
-        if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+        if attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
             return skip("Gemm with alpha or beta other than 1")
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return skip("no weight input")
     x, w = node.inputs[0], node.inputs[1]
     if x.dtype is not None and x.dtype not in FLOAT_TYPES:
         return skip(f"activation type {x.dtype} is not a float type")
-    source, transposed, why = _trace_weight(w)
-    if source is None:
-        return skip(why)
+    found = _trace_weight(w)
+    if not found:
+        return skip(found.reason)
+    source, transposed = found.initializer, found.transposed
     if source.const_value.dtype not in FLOAT_TYPES:
         return skip(f"weight type {source.const_value.dtype} is not a float type")
     shape = tuple(source.const_value.shape)
     if len(shape) != 2:
         return skip(f"weight has rank {len(shape)}, not 2")
-    if op == "Gemm" and _attr(node, "transB", 0):
+    if gemm_trans_b(node):
         transposed = not transposed
     n, k = shape if transposed else shape[::-1]
     bias = node.inputs[2] if op == "Gemm" and len(node.inputs) > 2 else None
@@ -188,7 +144,7 @@ def find_linear_sites(model: ir.Model) -> SiteScan:
     """All MatMul/Gemm nodes of the main graph, split into quantizable sites and skips (with reasons)."""
     scan = SiteScan()
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        if node.domain not in ONNX_DOMAINS or node.op_type not in ("MatMul", "Gemm"):
             continue
         res = _scan_node(node)
         (scan.sites if isinstance(res, LinearSite) else scan.skipped).append(res)
@@ -199,30 +155,11 @@ def find_embedding_gathers(model: ir.Model) -> list[ir.Node]:
     """Gather(axis=0) nodes reading a 2-D float initializer table [V, H] with integer indices."""
     found = []
     for node in model.graph:
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Gather" or node.domain not in ONNX_DOMAINS:
             continue
         data = node.inputs[0]
-        if data is None or data.const_value is None or _attr(node, "axis", 0) != 0:
+        if data is None or data.const_value is None or attr(node, "axis", 0) != 0:
             continue
         if data.const_value.dtype in FLOAT_TYPES and len(data.const_value.shape) == 2:
             found.append(node)
     return found
-
-
-def unique_name(graph: ir.Graph, base: str) -> str:
-    """`base`, or `base_1`, `base_2`, ... if an initializer already has that name."""
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
-def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-    """Register a new initializer under a deterministic unique name derived from `base_name`."""
-    name = unique_name(graph, base_name)
-    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array, name=name)
-    tensor.name = name
-    value = ir.val(name, const_value=tensor)
-    graph.register_initializer(value)
-    return value

@@ -1,7 +1,7 @@
 """AWQ planning (Lin et al. 2023): scale search per scaling group, clip search, then RTN or GPTQ, streamed
 block by block; the scales are folded into the graph (exactly, checked) at the end.
 
-The search math is `ptqonnx.numerics.awq`; folding and its check are `ptqonnx.folding`; the block-by-block
+The search math is `ptqonnx.numerics.awq`; folding and its check are `ptqonnx.methods.folding`; the block-by-block
 calibration is `ptqonnx.runtime.sequential`. Per stage (the sites reading one activation x), from XᵀX and
 mean |x| over all calibration rows (never the activations themselves: memory is one stage's K x K):
 
@@ -26,11 +26,11 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.errors import UserError
-from ptqonnx.folding import fold_scales_checked
+from ptqonnx.methods.folding import fold_scales_checked
 from ptqonnx.graph import LinearSite, find_linear_sites
 from ptqonnx.plan import PlannedWeight, block_size_for, gptq_stage_solver, rtn_solver
-from ptqonnx.recipe import CompileConfig
-from ptqonnx.scaling import find_scaling_groups
+from ptqonnx.config import CompileConfig
+from ptqonnx.graph.scaling import find_scaling_groups
 
 __all__ = ["plan_awq"]
 
@@ -44,7 +44,7 @@ def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds
     lm_head alone); it is still clipped. The fold is checked in ORT on two calibration feeds (max |y' - y| /
     max |y| <= FOLD_TOLERANCE per output, else RuntimeError). Returns the sites re-scanned after folding
     and the plan."""
-    from ptqonnx.blocks import find_blocks
+    from ptqonnx.graph.blocks import find_blocks
     from ptqonnx.calibration.observers import Stat
     from ptqonnx.numerics.awq import clip_weight, search_clip, search_scales
     from ptqonnx.numerics.gptq import hessian_from_xtx

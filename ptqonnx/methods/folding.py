@@ -18,7 +18,7 @@ import onnx_ir as ir
 from ptqonnx.calibration.stats import Statistics
 from ptqonnx.passes import run_passes
 from ptqonnx.passes.fold_scales import FoldScalesPass
-from ptqonnx.scaling import ScalingGroup
+from ptqonnx.graph.scaling import ScalingGroup
 
 __all__ = ["FOLD_TOLERANCE", "FoldOutcome", "fold_scales_checked", "max_relative_error"]
 
