@@ -10,6 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
+from ptqonnx.cli_options import (
+    add_calibration_flags, add_config_flags, calib_from_args, given_flags, recipe_from_args,
+)
 from ptqonnx.errors import UserError
 
 __all__ = ["main", "build_parser"]
@@ -35,15 +38,20 @@ def _positive(kind):
     return parse
 
 
-def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration data")
-    g.add_argument("--calib-text", type=Path, help="text file to draw calibration windows from "
-                   "(default: $PTQONNX_CALIB_TEXT, else WikiText-2 train via `datasets`)")
-    g.add_argument("--calib-npz", type=Path, help="model inputs by input name, first axis = samples")
-    g.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
-    g.add_argument("--calib-samples", type=_positive(int), default=128, help="number of windows (default 128)")
-    g.add_argument("--calib-seq-len", type=_positive(int), default=512, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed for window offsets (default 0)")
+_TABLES: dict[str, dict[str, list]] = {}  # "config" / "calib" -> flag table of the parser last built
+
+
+def _stage_classes() -> list:
+    from ptqonnx.registry import stage_class, stage_names
+
+    return [stage_class(n) for n in stage_names()]
+
+
+def _method_help(classes: list) -> str:
+    methods = [c.stage for c in classes if c.kind != "activations"]
+    lines = {c.stage: (c.__doc__ or "").strip().split(":")[0].split(".")[0] for c in classes}
+    return ("one method or stages joined by '+' (e.g. awq+gptq): " + "; ".join(
+        f"{m}: {lines[m]}" for m in methods) + " (default: rtn)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,67 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--no-kv-cache", action="store_true", help="skip the KV-cache variant (model_kv.onnx)")
 
+    classes = _stage_classes()
     p = sub.add_parser("compile", help="quantize an ONNX model")
-    p.add_argument("model", type=Path)
-    p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method)")
-    p.add_argument("--method", choices=["rtn", "gptq", "smoothquant", "awq", "awq+gptq"], default="rtn",
-                   help="rtn: round to nearest (no data); gptq: Hessian-guided (needs calibration data); "
-                   "smoothquant: W8A8 with activation outliers migrated into the weights (needs --w8a8)"
-                   "; awq: activation-aware scales and clipping; awq+gptq: AWQ, then GPTQ")
-    p.add_argument("--wbits", type=int, choices=[3, 4, 8],
-                   help="weight bits (default 4; 8 with --w8a8; 3 = a 3-bit grid stored in 4-bit containers)")
-    p.add_argument("--group-size", "--block-size", dest="group_size", type=int,
-                   help="block length along K (default 128 for 4 bits; 8 bits default to per-channel; "
-                   "0 = per-channel)")
-    p.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (default symmetric)")
-    p.add_argument("--format", choices=["matmulnbits", "qdq"],
-                   help="com.microsoft MatMulNBits (ORT; the default) or DequantizeLinear+MatMul (TensorRT, "
-                   "opset 21; implied by --w8a8)")
-    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy_level (4 = int8 activations inside the kernel)")
-    p.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
-    p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also quantize embedding Gathers to 4-bit GatherBlockQuantized")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
-                   help="layers to leave in float: node or weight names, '*' patterns allowed (e.g. '*down_proj*')")
-    p.add_argument("--no-verify", action="store_true", help="skip loading the output in ONNX Runtime")
-    g = p.add_argument_group("GPTQ")
-    g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
-    g.add_argument("--no-act-order", action="store_true", help="quantize columns in order, not by diag(H)")
-    g.add_argument("--one-shot", action="store_true",
-                   help="Hessians from the float model in one run (default: block by block on the quantized model)")
-    g.add_argument("--device", default="cpu", help="torch device for the GPTQ / AWQ algebra (cpu, cuda, cuda:1)")
-    g = p.add_argument_group("AWQ")
-    g.add_argument("--awq-grid", type=_positive(int), default=20, help="alpha grid points (and clip ratios"
-                   " per unit range) searched (default 20)")
-    g.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
-    g.add_argument("--no-insert", action="store_true",
-                   help="refuse scaling groups whose 1/s no producer can absorb (no inserted Mul nodes)")
-    g = p.add_argument_group("W8A8 / SmoothQuant")
-    g.add_argument("--w8a8", action="store_true", help="INT8 weights (per channel) and INT8 activations "
+    p.add_argument("model", type=Path, help="the ONNX model to quantize (never modified)")
+    p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method, "
+                   "bits and format); the recipe it ran is written beside it as OUTPUT_STEM.recipe.yaml")
+    p.add_argument("--method", default=None, metavar="METHOD", help=_method_help(classes))
+    p.add_argument("--w8a8", action="store_true", help="INT8 weights (per channel) and INT8 activations "
                    "(per tensor, static scales from calibration: QDQ; see --act-scales)")
-    g.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or `auto` "
-                   "(grid search per group); default 0.5")
-    g.add_argument("--target", choices=["tensorrt", "ort-cpu"], default="tensorrt",
-                   help="tensorrt: symmetric int8 activations (default); ort-cpu: asymmetric uint8 activations")
-    g.add_argument("--calib-range", choices=["minmax", "percentile"], default="minmax",
-                   help="activation range from calibration: full min/max (default) or a percentile of |x|")
-    g.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-range percentile")
-    g.add_argument("--quantize-bmm", action="store_true", help="also quantize attention's activation MatMuls")
-    g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head in W8A8")
-    g.add_argument("--act-scales", choices=["static", "dynamic"], default="static",
-                   help="static: per-tensor activation scales from calibration, QDQ (default); dynamic: int8 "
-                   "scales per row and block of K computed at run time by ORT's MatMulNBits (--target ort-cpu)")
-    g.add_argument("--dynamic-layers", nargs="+", default=[], metavar="PATTERN",
-                   help="with static scales, give these layers dynamic ones instead (patterns on node or weight "
-                   "names, e.g. '*down_proj*'; --target ort-cpu)")
-    _add_calib_args(p)
+    p.add_argument("--recipe", type=Path, help="a YAML recipe describing the whole compile (stages, layer "
+                   "selection, calibration); method flags are then refused, calibration flags override its own")
+    p.add_argument("--stats", type=Path, help="statistics from `ptqonnx calibrate` for the one-shot stages "
+                   "(smoothquant, w8a8, gptq --one-shot) instead of a calibration run")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the output in ONNX Runtime")
+    _TABLES["config"] = add_config_flags(p, classes)
+    _TABLES["calib"] = add_calibration_flags(p)
 
-    p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz")
-    p.add_argument("model", type=Path)
+    p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz "
+                       "(reused by `compile --stats`)")
+    p.add_argument("model", type=Path, help="the ONNX model to calibrate")
     p.add_argument("-o", "--output", type=Path, required=True, help="statistics .npz")
-    p.add_argument("--hessian", action="store_true", help="also accumulate X^T X (GPTQ's Hessian)")
-    _add_calib_args(p)
+    p.add_argument("--hessian", action="store_true", help="also accumulate X^T X (GPTQ's Hessian, for gptq "
+                   "--one-shot)")
+    p.add_argument("--sample-rows", type=_positive(int), default=None, metavar="N",
+                   help="also keep N sampled rows per activation (for --alpha auto, --calib-range percentile and "
+                   "smoothed --target ort-cpu)")
+    _TABLES["calib"] = add_calibration_flags(p)
 
     p = sub.add_parser("eval", help="perplexity of an input_ids -> logits model on a text")
     p.add_argument("model", type=Path)
@@ -143,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_quickstart(args) -> None:
     from ptqonnx.models.export import export_causal_lm
+    from ptqonnx.config import RtnConfig
     from ptqonnx.pipeline import compile_model
-    from ptqonnx.config import CompileConfig, WeightQuantConfig
     from ptqonnx.runtime.bench import interleaved, prefill_runner
     from ptqonnx.runtime.perplexity import perplexity
     from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
@@ -156,8 +129,7 @@ def _cmd_quickstart(args) -> None:
     else:
         export_causal_lm("smollm2", args.out, kv_cache=False)
         print(f"exported SmolLM2-135M to {fp32}")
-    cfg = CompileConfig(weights=WeightQuantConfig(bits=4, group_size=128, symmetric=True))
-    report = compile_model(fp32, None, cfg)
+    report = compile_model(fp32, None, RtnConfig(bits=4, group_size=128, symmetric=True))
     print(f"RTN INT4 g128: {len(report.quantized)} linear layers -> {report.output_path} "
           f"({_mib(report.output_bytes)} vs {_mib(report.input_bytes)}) in {report.seconds:.1f} s")
     windows = eval_windows(tokenize(text, load_tokenizer(args.out)), 512, args.max_windows)
@@ -177,49 +149,27 @@ def _cmd_export(args) -> None:
     print(f"exported {args.source} -> {res.model_path}" + (f" and {res.kv_model_path}" if res.kv_model_path else ""))
 
 
-def _calib_config(args):
-    from ptqonnx.calibration.sources import CalibConfig
+def _compile_recipe(args):
+    """The recipe of a `compile` command line, and the calibration it names (None: the recipe's own)."""
+    from ptqonnx.recipe import load_recipe
 
-    try:
-        return CalibConfig(text=args.calib_text, npz=args.calib_npz, tokenizer_dir=args.tokenizer,
-                           samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-def _compile_config(args):
-    from ptqonnx.config import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
-
-    if args.method == "smoothquant" and not args.w8a8:
-        raise UserError("smoothquant emits W8A8; pass --w8a8")
-    wbits = args.wbits or (8 if args.w8a8 else 4)
-    group = args.group_size
-    if group is None:
-        group = 128 if wbits < 8 else None
-    elif group == 0:
-        group = None
-    fmt = args.format or ("qdq" if args.w8a8 else "matmulnbits")
-    try:
-        alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
-    except ValueError:
-        raise UserError(f"--alpha must be a number in [0, 1] or auto, got {args.alpha!r}") from None
-    try:
-        weights = WeightQuantConfig(
-            bits=wbits, group_size=group, symmetric=not args.asym, format=fmt,
-            accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head,
-            quantize_embeddings=args.quantize_embeddings, exclude=tuple(args.exclude),
-        )
-        gptq = GptqConfig(damp=args.damp, act_order=not args.no_act_order, sequential=not args.one_shot,
-                          device=args.device)
-        w8a8 = W8A8Config(target=args.target, calib_range=args.calib_range, percentile=args.percentile,
-                          quantize_bmm=args.quantize_bmm, quantize_lm_head=args.quantize_lm_head,
-                          act_scales=args.act_scales,
-                          dynamic_layers=tuple(args.dynamic_layers)) if args.w8a8 else None
-        awq = AwqConfig(grid=args.awq_grid, clip=not args.no_clip, no_insert=args.no_insert, device=args.device)
-        return CompileConfig(method=args.method, weights=weights, gptq=gptq, awq=awq,
-                             smoothquant=SmoothQuantConfig(alpha=alpha), w8a8=w8a8)
-    except ValueError as exc:
-        raise UserError(f"{exc}") from None
+    classes = _stage_classes()
+    table = _TABLES["config"]
+    if args.recipe is not None:
+        extra = list(given_flags(args, table)) + [f for f, v in (("--method", args.method), ("--w8a8", args.w8a8))
+                                                   if v]
+        if extra:
+            raise UserError(f"--recipe describes the whole compile; drop {', '.join(extra)} or edit the recipe")
+        recipe = load_recipe(args.recipe)
+    else:
+        recipe = recipe_from_args(args.method or "rtn", args.w8a8, args, table, classes)
+    calib = calib_from_args(args, _TABLES["calib"], recipe.calibration, classes)
+    given = given_flags(args, _TABLES["calib"])
+    if given and not recipe.needs_calibration:
+        raise UserError(f"{recipe.method} needs no calibration data; drop {', '.join(given)}")
+    if args.stats is not None and not recipe.needs_calibration:
+        raise UserError(f"{recipe.method} needs no statistics; drop --stats")
+    return recipe, calib
 
 
 def _mib(n: int) -> str:
@@ -227,48 +177,38 @@ def _mib(n: int) -> str:
 
 
 def _cmd_compile(args) -> None:
-    from ptqonnx.pipeline import compile_model
+    from ptqonnx.pipeline import compile_model, recipe_path_for
 
-    cfg = _compile_config(args)
+    recipe, calib = _compile_recipe(args)
     report = compile_model(
-        args.model, args.output, cfg, calibration=_calib_config(args) if cfg.needs_calibration else None,
-        verify_ort=not args.no_verify, progress=lambda line: print(line, file=sys.stderr, flush=True),
+        args.model, args.output, recipe, calibration=calib, stats=args.stats, verify_ort=not args.no_verify,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(f"quantized {len(report.quantized)} linear layers"
-          + (f" and {report.embeddings_quantized} embedding tables" if report.embeddings_quantized else "")
-          + f"; skipped {len(report.skipped)}")
-    for reason, n in report.skip_summary():
-        names = [s.node for s in report.skipped if s.reason == reason]
-        shown = names if args.verbose else names[:3]
-        more = f", ... (+{len(names) - len(shown)}; -v lists all)" if len(names) > len(shown) else ""
-        print(f"  skipped {n}: {reason}: {', '.join(shown)}{more}")
-    if cfg.w8a8 is not None:
-        print(f"W8A8 ({cfg.w8a8.target}): calibration {report.calibration}")
-    if report.losses:
-        print(f"calibration: {report.calibration}; GPTQ loss summed over layers {sum(report.losses.values()):.4g}")
-    if report.awq_alpha:
-        alphas = sorted(report.awq_alpha.values())
-        print(f"AWQ: {len(report.scales_folded)} scale groups folded, {len(report.scales_inserted)} with an inserted "
-              f"Mul, {len(alphas) - len(report.scales_folded) - len(report.scales_inserted)} unscaled (alpha 0); "
-              f"median alpha {alphas[len(alphas) // 2]:.2f}; float outputs unchanged to {report.fold_max_rel_err:.1g}")
+    for line in report.lines(all_skips=args.verbose > 0):
+        print(line)
     print(f"wrote {report.output_path} ({_mib(report.output_bytes)}, input {_mib(report.input_bytes)}) "
-          f"in {report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB")
+          f"in {report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB; recipe "
+          f"{recipe_path_for(report.output_path)}")
 
 
 def _cmd_calibrate(args) -> None:
     from ptqonnx.calibration.sources import calibration_batches
+    from ptqonnx.config import CalibConfig
     from ptqonnx.graph import find_linear_sites
-    from ptqonnx.pipeline import load_model
+    from ptqonnx.io import load_model
+    from ptqonnx.pipeline import prepare_model
     from ptqonnx.runtime.collect import collect_statistics
 
-    model = load_model(args.model)
-    cfg = _calib_config(args)
-    kinds = {"absmax", "mean_abs", "minmax"} | ({"xtx"} if args.hessian else set())
+    model = prepare_model(load_model(args.model))
+    cfg = calib_from_args(args, _TABLES["calib"]) or CalibConfig()
+    kinds = {"absmax", "mean_abs", "minmax"} | ({"xtx"} if args.hessian else set()) | (
+        {"sample"} if args.sample_rows else set())
     names = sorted({s.activation.name for s in find_linear_sites(model).sites})
     if not names:
         raise UserError(f"{args.model} has no quantizable MatMul/Gemm to calibrate; pass a model with linear layers")
     batches = calibration_batches(cfg, args.model.parent, [v.name for v in model.graph.inputs])
-    stats = collect_statistics(model, batches, {n: set(kinds) for n in names})
+    stats = collect_statistics(model, batches, {n: set(kinds) for n in names},
+                               **({"sample_rows": args.sample_rows} if args.sample_rows else {}))
     stats.save(args.output)
     print(f"wrote statistics of {len(names)} activations to {args.output}")
 

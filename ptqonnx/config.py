@@ -1,208 +1,583 @@
-"""Frozen configuration dataclasses: the public description of one compile.
+"""Frozen configuration dataclasses: one per method (a recipe stage), the recipe's own options, calibration.
 
-Every field is checked in `__post_init__` (ValueError with the field, the value and what is allowed);
-the CLI turns those into one-line errors.
+Every field is declared once with `option(default, help, flag=...)`: its default, its help text and its CLI
+flag live here, and the CLI (`ptqonnx.cli`), the recipe loader (`ptqonnx.recipe`) and `--help` are generated
+from them. Every value is type-checked (a YAML `true` for an int field is an error, not 1) and range-checked in
+`__post_init__`; errors are `ConfigError`s whose message names the fields through `FieldRef`s, so the CLI can
+say `--damp` and a recipe can say `gptq.damp` (line 3).
+
+Stage kinds, in the order a recipe runs them (`order`):
+
+    transform (rotate, smoothquant)  ->  scaling (awq: drives the weights stage)  ->  weights (rtn, gptq)
+    ->  activations (w8a8)
+
+A new method is one `StageConfig` subclass (here or anywhere), one handler module and one
+`@register_method(Config)` line (`ptqonnx.registry`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, ClassVar
 
 __all__ = [
-    "METHODS", "FORMATS", "TARGETS", "CALIB_RANGES", "ACT_SCALES", "WeightQuantConfig", "GptqConfig", "AwqConfig",
-    "SmoothQuantConfig", "W8A8Config", "CompileConfig", "matches_any",
+    "WEIGHT_BITS", "FORMATS", "TARGETS", "CALIB_RANGES", "ACT_SCALES", "AUTO", "ConfigError", "FieldRef", "option",
+    "StageConfig", "WeightStage", "RtnConfig", "GptqConfig", "AwqConfig", "SmoothQuantConfig", "W8A8Config",
+    "CalibConfig", "Recipe", "as_recipe", "matches_any",
 ]
 
-METHODS = ("rtn", "gptq", "smoothquant", "awq", "awq+gptq")
+WEIGHT_BITS = (3, 4, 8)
+FORMATS = ("matmulnbits", "qdq")
 TARGETS = ("tensorrt", "ort-cpu")
 CALIB_RANGES = ("minmax", "percentile")
 ACT_SCALES = ("static", "dynamic")
-FORMATS = ("matmulnbits", "qdq")
+AUTO = "auto"  # group_size: 128 for 3/4 bits, per output channel for 8
+
+
+def matches_any(patterns: tuple[str, ...], *names: str) -> bool:
+    """Whether any of `names` matches any shell-style pattern (`*`, `?`, `[...]`; case-sensitive)."""
+    return any(fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+# -- errors that name fields ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldRef:
+    """A config field: `stage` is the recipe key of its stage ("" for a recipe-level option); `name` is the
+    field ("" for the stage itself, e.g. "add {0}" with FieldRef("w8a8", ""))."""
+
+    stage: str
+    name: str
+
+    def key(self) -> str:
+        """The recipe spelling: `gptq.damp`, `format` (recipe level), `a w8a8 stage` (the stage itself)."""
+        if not self.name:
+            return f"a {self.stage} stage"
+        return f"{self.stage}.{self.name}" if self.stage else self.name
+
+
+class ConfigError(ValueError):
+    """A bad configuration. `template` holds `{0}`, `{1}`, ... for the fields in `refs`, rendered by whoever
+    shows the message: CLI flags (`--damp`), recipe keys (`gptq.damp`), ..."""
+
+    def __init__(self, template: str, *refs: FieldRef) -> None:
+        self.template, self.refs = template, refs
+        super().__init__(self.render(FieldRef.key))
+
+    def render(self, name: Callable[[FieldRef], str]) -> str:
+        return self.template.format(*(name(r) for r in self.refs))
+
+
+def option(default: Any, help: str, *, flag: str | None = None, invert: bool = False,
+           choices: tuple | None = None, metavar: str | None = None, default_help: str | None = None,
+           repeat: bool = False, cli_type: type | None = None) -> Any:
+    """A config field. `flag`: its CLI flag (None: recipe and API only); `invert`: a store-true flag that sets
+    the field to False (`--asym` -> symmetric=False); `repeat`: a list option given once per value; `cli_type`:
+    how argparse parses the flag (default: from the annotation)."""
+    meta = dict(help=help, flag=flag, invert=invert, choices=choices, metavar=metavar, default_help=default_help,
+                repeat=repeat, cli_type=cli_type)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return field(default=default, metadata=meta)
+
+
+def _type_error(ref: FieldRef, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{{0}} must be {expected}, got {value!r} ({type(value).__name__})", ref)
+
+
+def _coerce(ref: FieldRef, tp: Any, value: Any) -> Any:
+    """`value` checked against the annotation `tp` (bool, int, float, str, Path, tuple[str, ...], unions)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise _type_error(ref, " or ".join(_type_name(o) for o in options), value)
+        errors = []
+        for o in options:
+            if o is type(None):
+                continue
+            try:
+                return _coerce(ref, o, value)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise _type_error(ref, " or ".join(_type_name(o) for o in options if o is not type(None)), value)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise _type_error(ref, "a list of strings", value)
+        (item, _) = typing.get_args(tp)
+        return tuple(_coerce(ref, item, v) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(ref, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(ref, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(ref, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(ref, "a string", value)
+        return value
+    if tp is Path:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str):
+            raise _type_error(ref, "a path", value)
+        return Path(value)
+    raise TypeError(f"config field {ref.key()}: unsupported annotation {tp!r}")  # a bug in a config class
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
+        tp, "a list of strings" if typing.get_origin(tp) is tuple else str(tp))
+
+
+def _check_fields(obj: Any, stage: str, skip: tuple[str, ...] = ()) -> None:
+    """Type-check (and normalize: lists to tuples, ints to floats, str to Path) every field of a frozen dataclass,
+    and check values against the field's `choices`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        ref = FieldRef(stage, f.name)
+        value = _coerce(ref, hints[f.name], getattr(obj, f.name))
+        if value is not None and f.metadata.get("choices"):
+            _choice(ref, value, f.metadata["choices"])
+        object.__setattr__(obj, f.name, value)
+
+
+def _choice(ref: FieldRef, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{{0}} must be one of {', '.join(map(str, allowed))}, got {value!r}", ref)
+
+
+def _device(ref: FieldRef, value: str) -> None:
+    if value != "cpu" and not value.startswith("cuda"):
+        raise ConfigError(f"{{0}} must be cpu or cuda[:N], got {value!r}", ref)
+
+
+# -- stages ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Base of every recipe stage. Class attributes: `stage` (recipe key and `--method` name), `kind`, `order`
+    (stages run in increasing order), `needs_calibration`, `requires` (modules the handler imports)."""
+
+    stage: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    order: ClassVar[int] = 0
+    needs_calibration: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_fields(self, self.stage)
+        self.validate()
+
+    def validate(self) -> None:
+        """Range and cross-field checks of this stage alone (override; raise ConfigError)."""
+
+    def ref(self, name: str) -> FieldRef:
+        return FieldRef(self.stage, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class WeightStage(StageConfig):
+    """A weights stage: the integer grid every weight is rounded to. `group_size` is the block length along K
+    (None = one block per output channel); `symmetric` grids have the implicit zero point 2^(bits-1)."""
+
+    kind: ClassVar[str] = "weights"
+    order: ClassVar[int] = 30
+
+    bits: int = option(4, "weight bits (3 = a 3-bit grid stored in 4-bit containers)", flag="--wbits",
+                       choices=WEIGHT_BITS)
+    group_size: int | str | None = option(
+        AUTO, "block length along K; 0 or null = per output channel", flag="--group-size",
+        metavar="N", default_help="128 for 3/4 bits, per channel for 8 bits")
+    symmetric: bool = option(True, "asymmetric grid with zero points (default: symmetric)", flag="--asym",
+                             invert=True)
+
+    def validate(self) -> None:
+        g = self.group_size
+        if isinstance(g, str):
+            if g != AUTO:
+                raise ConfigError(f"{{0}} must be an integer, null or {AUTO!r}, got {g!r}", self.ref("group_size"))
+            g = 128 if self.bits < 8 else None
+        elif g == 0:
+            g = None
+        if g is not None and g < 16:
+            raise ConfigError(f"{{0}} must be at least 16 (or 0 for per channel), got {g}", self.ref("group_size"))
+        if g is None and self.bits < 8:
+            raise ConfigError(f"{self.bits}-bit weights need a group size (e.g. 128) in {{0}}; per channel is for "
+                              "8 bits", self.ref("group_size"))
+        object.__setattr__(self, "group_size", g)
+
+
+@dataclass(frozen=True)
+class RtnConfig(WeightStage):
+    """Round to nearest on ONNX Runtime's own grid (MLAS convention): needs no data."""
+
+    stage: ClassVar[str] = "rtn"
+
+
+@dataclass(frozen=True)
+class GptqConfig(WeightStage):
+    """GPTQ (Frantar et al. 2022): `damp` x mean diag(H) dampening; `act_order` visits columns by descending
+    diag(H), with static groups so the output keeps contiguous groups; `sequential` calibrates block by block
+    on the partly quantized model (else one-shot Hessians from the float model); `device` for the algebra."""
+
+    stage: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("torch",)
+
+    damp: float = option(0.01, "dampening, a fraction of mean diag(H)", flag="--damp")
+    act_order: bool = option(True, "quantize columns in order, not by descending diag(H)", flag="--no-act-order",
+                             invert=True)
+    sequential: bool = option(True, "Hessians from the float model in one run (default: block by block on the "
+                              "partly quantized model)", flag="--one-shot", invert=True)
+    device: str = option("cpu", "torch device for the GPTQ / AWQ algebra (cpu, cuda, cuda:1)", flag="--device")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"{{0}} must be in (0, 1), got {self.damp}", self.ref("damp"))
+        _device(self.ref("device"), self.device)
+
+
+@dataclass(frozen=True)
+class AwqConfig(StageConfig):
+    """AWQ (Lin et al. 2024): per scaling group s = mean|x|^alpha with alpha on a `grid` in [0, 1); `clip`:
+    per-block range shrinking search; `no_insert`: refuse groups whose 1/s needs an explicit Mul;
+    `scale_lm_head`: also scale the LM head's group (llm-awq does not); `device` for the search math (torch).
+    Drives the weights stage after it (rtn: clipped RTN; gptq: GPTQ on the scaled, clipped weights)."""
+
+    stage: ClassVar[str] = "awq"
+    kind: ClassVar[str] = "scaling"
+    order: ClassVar[int] = 20
+    needs_calibration: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("torch",)
+
+    grid: int = option(20, "alpha grid points (and clip ratios per unit range) searched", flag="--awq-grid")
+    clip: bool = option(True, "skip the weight clipping search", flag="--no-clip", invert=True)
+    no_insert: bool = option(False, "refuse scaling groups whose 1/s no producer can absorb (no inserted Mul "
+                             "nodes)", flag="--no-insert")
+    scale_lm_head: bool = option(False, "also scale the LM head's group (llm-awq leaves it unscaled)")
+    device: str = option("cpu", "torch device for the GPTQ / AWQ algebra (cpu, cuda, cuda:1)", flag="--device")
+
+    def validate(self) -> None:
+        if not 1 <= self.grid <= 1000:
+            raise ConfigError(f"{{0}} must be in [1, 1000], got {self.grid}", self.ref("grid"))
+        _device(self.ref("device"), self.device)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(StageConfig):
+    """SmoothQuant (Xiao et al. 2023): `alpha` in [0, 1] migrates activation range into the weights
+    (s_j = max|X_j|^alpha / max|W_j|^(1-alpha)), or "auto": grid search per scaling group. Needs a w8a8 stage."""
+
+    stage: ClassVar[str] = "smoothquant"
+    kind: ClassVar[str] = "transform"
+    order: ClassVar[int] = 10
+    needs_calibration: ClassVar[bool] = True
+
+    alpha: float | str = option(0.5, "migration strength in [0, 1], or `auto` (grid search per group)",
+                                flag="--alpha", cli_type=str)
+
+    def validate(self) -> None:
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                try:
+                    object.__setattr__(self, "alpha", float(self.alpha))  # a CLI string such as "0.9"
+                except ValueError:
+                    raise ConfigError(f"{{0}} must be a number in [0, 1] or auto, got {self.alpha!r}",
+                                      self.ref("alpha")) from None
+        if not isinstance(self.alpha, str) and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{{0}} must be in [0, 1], got {self.alpha}", self.ref("alpha"))
+
+
+@dataclass(frozen=True)
+class W8A8Config(StageConfig):
+    """INT8 activations for INT8 weights (the weights stage: 8 bits, per output channel, symmetric).
+
+    calib_range: `minmax` (full range) or `percentile` (clip |x| at `percentile` of the sampled rows).
+    quantize_bmm: also quantize attention's activation x activation MatMuls; quantize_lm_head: the LM head too.
+    act_scales: `static` (per tensor, from calibration: QDQ) or `dynamic` (per row and block of K, computed at
+    run time by ORT's MatMulNBits int8 kernel, accuracy_level 4; target `ort-cpu` only: TensorRT INT8 takes
+    static scales only). dynamic_layers: with static scales, the layers given dynamic ones instead (shell-style
+    patterns matched against the node name or the weight initializer's name, e.g. `*down_proj*`).
+    The recipe's `target` picks the activation type: tensorrt = symmetric int8 (zero point 0), ort-cpu =
+    asymmetric uint8 (ORT's CPU EP fuses shared uint8 Q/DQ into MatMulIntegerToFloat, shared int8 ones not).
+    """
+
+    stage: ClassVar[str] = "w8a8"
+    kind: ClassVar[str] = "activations"
+    order: ClassVar[int] = 40
+    needs_calibration: ClassVar[bool] = True
+    WEIGHT_DEFAULTS: ClassVar[dict[str, Any]] = {"bits": 8, "group_size": None}  # of an implied weights stage
+    DEFAULT_TARGET: ClassVar[str] = "tensorrt"
+    DEFAULT_PERCENTILE: ClassVar[float] = 99.99
+
+    calib_range: str = option("minmax", "activation range from calibration: full min/max or a percentile of |x|",
+                              flag="--calib-range", choices=CALIB_RANGES)
+    percentile: float | None = option(None, "percentile for calib_range percentile", flag="--percentile",
+                                      default_help="99.99 with --calib-range percentile")
+    quantize_bmm: bool = option(False, "also quantize attention's activation MatMuls", flag="--quantize-bmm")
+    quantize_lm_head: bool = option(False, "also quantize the LM head in W8A8", flag="--quantize-lm-head")
+    act_scales: str = option("static", "static: per-tensor activation scales from calibration, QDQ; dynamic: "
+                             "int8 scales per row and block of K computed at run time by ORT's MatMulNBits "
+                             "(--target ort-cpu)", flag="--act-scales", choices=ACT_SCALES)
+    dynamic_layers: tuple[str, ...] = option(
+        (), "with static scales, give this layer dynamic ones instead (a node or weight name, '*' allowed, e.g. "
+        "'*down_proj*'; --target ort-cpu; repeat the flag for more)", flag="--dynamic-layers", metavar="PATTERN",
+        repeat=True)
+
+    def validate(self) -> None:
+        if self.percentile is not None:
+            if self.calib_range != "percentile":
+                raise ConfigError("{0} applies to {1} percentile; drop {0} or set {1} percentile",
+                                  self.ref("percentile"), self.ref("calib_range"))
+            if not 50.0 < self.percentile <= 100.0:
+                raise ConfigError(f"{{0}} must be in (50, 100], got {self.percentile}", self.ref("percentile"))
+        elif self.calib_range == "percentile":
+            object.__setattr__(self, "percentile", self.DEFAULT_PERCENTILE)
+        if self.act_scales == "dynamic":
+            if self.dynamic_layers:
+                raise ConfigError("{0} picks layers within {1} static; with {1} dynamic every layer is dynamic "
+                                  "already: drop one of them", self.ref("dynamic_layers"), self.ref("act_scales"))
+            if self.quantize_bmm:
+                raise ConfigError("{0} quantizes attention with static scales; drop it with {1} dynamic",
+                                  self.ref("quantize_bmm"), self.ref("act_scales"))
+            if self.calib_range != "minmax":
+                raise ConfigError("{0} sets static activation ranges; drop it with {1} dynamic",
+                                  self.ref("calib_range"), self.ref("act_scales"))
+
+    def dynamic(self, *names: str) -> bool:
+        """Whether the layer known by `names` (node name, weight name) gets dynamic activation scales."""
+        return self.act_scales == "dynamic" or matches_any(self.dynamic_layers, *names)
+
+
+# -- calibration ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration data comes from and how much of it.
+
+    `text`/`npz` are mutually exclusive; with neither, `PTQONNX_CALIB_TEXT` then WikiText-2 train are used.
+    `tokenizer_dir` defaults to the model's folder. `samples` windows of `seq_len` tokens, drawn with `seed`.
+    """
+
+    text: Path | None = option(None, "text file to draw calibration windows from (default: $PTQONNX_CALIB_TEXT, "
+                               "else WikiText-2 train via `datasets`)", flag="--calib-text", metavar="FILE")
+    npz: Path | None = option(None, "model inputs by input name, first axis = samples", flag="--calib-npz",
+                              metavar="FILE")
+    tokenizer_dir: Path | None = option(None, "folder with tokenizer.json (default: beside the model)",
+                                        flag="--tokenizer", metavar="DIR")
+    samples: int = option(128, "number of calibration windows", flag="--calib-samples", metavar="N")
+    seq_len: int = option(512, "tokens per calibration window", flag="--calib-seq-len", metavar="L")
+    seed: int = option(0, "seed for window offsets", flag="--seed")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "calibration")
+        ref = lambda n: FieldRef("calibration", n)  # noqa: E731
+        if self.text is not None and self.npz is not None:
+            raise ConfigError("pass either {0} or {1} calibration data, not both", ref("text"), ref("npz"))
+        for name, lo in (("samples", 1), ("seq_len", 2)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"{{0}} must be at least {lo}, got {getattr(self, name)}", ref(name))
+        if self.seed < 0:
+            raise ConfigError(f"{{0}} must be non-negative, got {self.seed}", ref("seed"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# -- the recipe -------------------------------------------------------------------------------------------
 
 
 def _power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def matches_any(patterns: tuple[str, ...], *names: str) -> bool:
-    """Whether any of `names` matches any shell-style pattern (`*`, `?`, `[...]`; case-sensitive)."""
-    from fnmatch import fnmatchcase
-
-    return any(fnmatchcase(n, p) for p in patterns for n in names if n)
-
-
 @dataclass(frozen=True)
-class WeightQuantConfig:
-    """How linear weights are quantized and emitted.
+class Recipe:
+    """A whole compile: stages in run order plus the options that are not one stage's.
 
-    bits: 4 (blockwise along K) or 8; group_size: block length along K, None = per output channel
-    (the default for 8 bits); symmetric: grid around zero with the implicit zero point 2^(bits-1).
+    Normalized on construction: a missing weights stage is implied (rtn; 8-bit per channel under w8a8),
+    `format` and `target` get the defaults of the stages present, and every combination that cannot work is
+    a ConfigError naming the fields involved.
     """
 
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
-    format: str = "matmulnbits"
-    accuracy_level: int | None = None
-    keep_lm_head: bool = False
-    quantize_embeddings: bool = False
-    exclude: tuple[str, ...] = ()
+    stages: tuple[StageConfig, ...]
+    target: str | None = option(None, "tensorrt: symmetric int8 activations; ort-cpu: asymmetric uint8 "
+                                "activations (W8A8)", flag="--target", choices=TARGETS,
+                                default_help="tensorrt with --w8a8")
+    format: str | None = option(None, "com.microsoft MatMulNBits (ONNX Runtime) or DequantizeLinear+MatMul "
+                                "(TensorRT, opset 21)", flag="--format", choices=FORMATS,
+                                default_help="matmulnbits; qdq with --w8a8")
+    accuracy_level: int | None = option(None, "MatMulNBits accuracy_level (4 = int8 activations inside the "
+                                        "kernel; an ONNX Runtime CPU knob)", flag="--accuracy-level",
+                                        choices=(0, 1, 2, 3, 4))
+    keep_lm_head: bool = option(False, "leave the LM head in float", flag="--keep-lm-head")
+    quantize_embeddings: bool = option(False, "also quantize embedding Gathers to 4-bit GatherBlockQuantized",
+                                       flag="--quantize-embeddings")
+    exclude: tuple[str, ...] = option((), "a layer to leave in float: a node or weight name, '*' patterns "
+                                      "allowed (e.g. '*down_proj*'); repeat the flag for more",
+                                      flag="--exclude", metavar="NAME", repeat=True)
+    calibration: CalibConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in (3, 4, 8):
-            raise ValueError(f"bits must be 3, 4 or 8, got {self.bits}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.group_size is not None:
-            if self.group_size < 16:
-                raise ValueError(f"group size must be at least 16, got {self.group_size}")
-            if self.format == "matmulnbits" and not _power_of_two(self.group_size):
-                raise ValueError(
-                    f"group size {self.group_size} is not a power of two, which MatMulNBits requires; "
-                    "use 32, 64, 128 or 256"
-                )
-        elif self.bits < 8:
-            raise ValueError(f"{self.bits}-bit weights need a group size (e.g. 128); per-channel is for 8 bits")
-        if self.accuracy_level is not None:
-            if self.format != "matmulnbits":
-                raise ValueError("accuracy level applies to --format matmulnbits only")
-            if self.accuracy_level not in (0, 1, 2, 3, 4):
-                raise ValueError(f"accuracy level must be 0..4, got {self.accuracy_level}")
-        if self.quantize_embeddings and self.group_size is None:
-            raise ValueError("quantizing embeddings needs a group size (GatherBlockQuantized is blockwise)")
+        stages = tuple(self.stages) if isinstance(self.stages, (list, tuple)) else (self.stages,)
+        for s in stages:
+            if not isinstance(s, StageConfig):
+                raise ConfigError(f"{{0}} must hold stage configs, got {type(s).__name__}", FieldRef("", "stages"))
+        object.__setattr__(self, "stages", stages)
+        if self.calibration is not None and not isinstance(self.calibration, CalibConfig):
+            raise ConfigError("{0} must be a CalibConfig", FieldRef("", "calibration"))
+        _check_fields(self, "", skip=("stages", "calibration"))
+        self._normalize()
 
+    # -- views --
 
-@dataclass(frozen=True)
-class GptqConfig:
-    """GPTQ (Frantar et al. 2022): `damp` x mean diag(H) dampening; `act_order` visits columns by descending
-    diag(H), with static groups so the output keeps contiguous groups; `sequential` calibrates block by block
-    on the partly quantized model (else one-shot Hessians from the float model); `device` for the algebra."""
-
-    damp: float = 0.01
-    act_order: bool = True
-    sequential: bool = True
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-
-@dataclass(frozen=True)
-class SmoothQuantConfig:
-    """SmoothQuant (Xiao et al. 2023): `alpha` in [0, 1] migrates activation range into the weights
-    (s_j = max|X_j|^alpha / max|W_j|^(1-alpha)), or "auto": grid search per scaling group."""
-
-    alpha: float | str = 0.5
-
-    def __post_init__(self) -> None:
-        if isinstance(self.alpha, str):
-            if self.alpha != "auto":
-                raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
-        elif not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-
-
-@dataclass(frozen=True)
-class W8A8Config:
-    """INT8 weights (symmetric, per output channel) and INT8 activations (per tensor, static scales).
-
-    target: `tensorrt` = symmetric int8 activations, zero point 0 (TensorRT takes no other);
-    `ort-cpu` = asymmetric uint8 activations (ORT's CPU EP fuses shared uint8 Q/DQ into MatMulIntegerToFloat,
-    shared int8 ones not).
-    calib_range: `minmax` (full range) or `percentile` (clip |x| at `percentile` of the sampled rows).
-    quantize_bmm: also quantize attention's activation x activation MatMuls; quantize_lm_head: the LM head too.
-    act_scales: `static` (per tensor, from calibration: QDQ) or `dynamic` (per row and block of K, computed at
-    run time by ORT's MatMulNBits int8 kernel, accuracy_level 4; `ort-cpu` only: TensorRT INT8 takes static
-    scales only). dynamic_layers: with static scales, the layers given dynamic ones instead (shell-style
-    patterns matched against the node name or the weight initializer's name, e.g. `*down_proj*`).
-    """
-
-    target: str = "tensorrt"
-    calib_range: str = "minmax"
-    percentile: float = 99.99
-    quantize_bmm: bool = False
-    quantize_lm_head: bool = False
-    act_scales: str = "static"
-    dynamic_layers: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.calib_range not in CALIB_RANGES:
-            raise ValueError(f"calibration range must be one of {', '.join(CALIB_RANGES)}, got {self.calib_range!r}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.act_scales not in ACT_SCALES:
-            raise ValueError(f"activation scales must be one of {', '.join(ACT_SCALES)}, got {self.act_scales!r}")
-        if (self.act_scales == "dynamic" or self.dynamic_layers) and self.target != "ort-cpu":
-            raise ValueError("dynamic activation scales run in ONNX Runtime's CPU int8 MatMulNBits kernel only "
-                             "(TensorRT INT8 takes static per-tensor scales): pass --target ort-cpu, or drop "
-                             "--act-scales dynamic / --dynamic-layers")
-        if self.act_scales == "dynamic":
-            if self.dynamic_layers:
-                raise ValueError("--dynamic-layers picks layers within --act-scales static; with --act-scales "
-                                 "dynamic every layer is dynamic already: drop one of them")
-            if self.quantize_bmm:
-                raise ValueError("--quantize-bmm quantizes attention with static scales; drop it with "
-                                 "--act-scales dynamic")
-            if self.calib_range != "minmax":
-                raise ValueError("--calib-range sets static activation ranges; drop it with --act-scales dynamic")
-
-    def dynamic(self, *names: str) -> bool:
-        """Whether the layer known by `names` (node name, weight name) gets dynamic activation scales."""
-        return self.act_scales == "dynamic" or matches_any(self.dynamic_layers, *names)
+    def stage_of(self, cls: type) -> StageConfig | None:
+        return next((s for s in self.stages if isinstance(s, cls)), None)
 
     @property
-    def symmetric(self) -> bool:
-        return self.target == "tensorrt"
+    def weights(self) -> WeightStage:
+        return next(s for s in self.stages if s.kind == "weights")  # type: ignore[return-value]
 
+    @property
+    def w8a8(self) -> W8A8Config | None:
+        return self.stage_of(W8A8Config)  # type: ignore[return-value]
 
-@dataclass(frozen=True)
-class AwqConfig:
-    """AWQ (Lin et al. 2024): per scaling group s = mean|x|^alpha with alpha on a `grid` in [0, 1); `clip`:
-    per-block range shrinking search; `no_insert`: refuse groups whose 1/s needs an explicit Mul;
-    `scale_lm_head`: also scale the LM head's group (llm-awq does not); `device` for the search math (torch)."""
-
-    grid: int = 20
-    clip: bool = True
-    no_insert: bool = False
-    scale_lm_head: bool = False
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.grid <= 1000:
-            raise ValueError(f"AWQ grid must be in [1, 1000], got {self.grid}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-
-@dataclass(frozen=True)
-class CompileConfig:
-    """One compile: a method, its weight config and method options."""
-
-    method: str = "rtn"
-    weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
-    gptq: GptqConfig = field(default_factory=GptqConfig)
-    awq: AwqConfig = field(default_factory=AwqConfig)
-    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
-    w8a8: W8A8Config | None = None  # None: weight-only
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "smoothquant" and self.w8a8 is None:
-            raise ValueError("smoothquant emits W8A8; pass --w8a8")
-        if self.w8a8 is not None:
-            w = self.weights
-            if self.method not in ("rtn", "smoothquant"):
-                raise ValueError(f"--w8a8 goes with --method smoothquant or rtn, not {self.method}")
-            if (w.bits, w.group_size, w.symmetric, w.format) != (8, None, True, "qdq") or w.quantize_embeddings:
-                raise ValueError("W8A8 weights are INT8 symmetric per output channel in QDQ form; drop --wbits, "
-                                 "--group-size, --asym, --format and --quantize-embeddings")
+    @property
+    def method(self) -> str:
+        """The `--method` spelling: the stages before the activations joined by `+`, RTN left out after
+        another stage (smoothquant + rtn weights reads `smoothquant`, awq + rtn `awq`)."""
+        names = [s.stage for s in self.stages if s.kind != "activations"]
+        if len(names) > 1 and isinstance(self.weights, RtnConfig):
+            names.remove(RtnConfig.stage)
+        return "+".join(names)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn" or self.w8a8 is not None
+        return any(s.needs_calibration for s in self.stages)
+
+    @property
+    def symmetric_activations(self) -> bool:
+        return self.target == "tensorrt"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "stages":
+                out["stages"] = [{s.stage: s.to_dict()} for s in self.stages]
+            elif f.name == "calibration":
+                if self.calibration is not None:
+                    out["calibration"] = self.calibration.to_dict()
+            else:
+                out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    # -- normalization and cross-stage checks --
+
+    def _normalize(self) -> None:
+        stages = list(self.stages)
+        seen: dict[str, StageConfig] = {}
+        for s in stages:
+            if s.stage in seen:
+                raise ConfigError(f"stage {s.stage} appears twice in {{0}}", FieldRef("", "stages"))
+            seen[s.stage] = s
+        for a, b in zip(stages, stages[1:]):
+            if a.order >= b.order:
+                raise ConfigError(f"stage {b.stage} cannot follow {a.stage} in {{0}}: the order is transforms "
+                                  "(rotate, smoothquant), then awq, then the weights (rtn or gptq), then w8a8",
+                                  FieldRef("", "stages"))
+        weights = [s for s in stages if s.kind == "weights"]
+        if len(weights) > 1:
+            raise ConfigError(f"{{0}} has two weights stages ({weights[0].stage}, {weights[1].stage}); keep one",
+                              FieldRef("", "stages"))
+        w8a8 = next((s for s in stages if isinstance(s, W8A8Config)), None)
+        if not weights:
+            implied = RtnConfig(**(W8A8Config.WEIGHT_DEFAULTS if w8a8 is not None else {}))
+            stages.insert(next((i for i, s in enumerate(stages) if s.order > implied.order), len(stages)), implied)
+        object.__setattr__(self, "stages", tuple(stages))
+        w = self.weights
+        sq = self.stage_of(SmoothQuantConfig)
+        awq = self.stage_of(AwqConfig)
+        ref = lambda name: FieldRef("", name)  # noqa: E731
+        if sq is not None and w8a8 is None:
+            raise ConfigError("smoothquant emits W8A8; add {0}", FieldRef(W8A8Config.stage, ""))
+        if awq is not None and isinstance(w, GptqConfig) and not w.sequential:
+            raise ConfigError("awq+gptq always calibrates block by block: drop {0}", w.ref("sequential"))
+        if w8a8 is not None:
+            if awq is not None:
+                raise ConfigError("awq is weight-only; W8A8 goes with smoothquant, rtn or gptq weights")
+            if (w.bits, w.group_size, w.symmetric) != (8, None, True):
+                raise ConfigError("W8A8 weights are INT8 symmetric per output channel: drop {0}, {1} and {2}",
+                                  w.ref("bits"), w.ref("group_size"), w.ref("symmetric"))
+            if self.format not in (None, "qdq"):
+                raise ConfigError("W8A8 is written as QDQ: drop {0}", ref("format"))
+            if self.accuracy_level is not None:
+                raise ConfigError("{0} is for weight-only MatMulNBits; W8A8's dynamic layers use level 4: drop it",
+                                  ref("accuracy_level"))
+            if self.quantize_embeddings:
+                raise ConfigError("{0} is weight-only; drop it with W8A8", ref("quantize_embeddings"))
+            if self.keep_lm_head:
+                raise ConfigError("W8A8 leaves the LM head in float unless {1}: drop {0}", ref("keep_lm_head"),
+                                  w8a8.ref("quantize_lm_head"))
+            target = self.target or W8A8Config.DEFAULT_TARGET
+            if (w8a8.act_scales == "dynamic" or w8a8.dynamic_layers) and target != "ort-cpu":
+                raise ConfigError("dynamic activation scales run in ONNX Runtime's CPU int8 MatMulNBits kernel "
+                                  "only (TensorRT INT8 takes static per-tensor scales): set {0} ort-cpu, or drop "
+                                  "{1} dynamic / {2}", ref("target"), w8a8.ref("act_scales"),
+                                  w8a8.ref("dynamic_layers"))
+            object.__setattr__(self, "target", target)
+            object.__setattr__(self, "format", "qdq")
+        else:
+            if self.target is not None:
+                raise ConfigError("{0} applies to W8A8 ({1}); for weight-only output pick the form with {2}",
+                                  ref("target"), FieldRef(W8A8Config.stage, ""), ref("format"))
+            fmt = self.format or "matmulnbits"
+            object.__setattr__(self, "format", fmt)
+            if self.accuracy_level is not None and fmt != "matmulnbits":
+                raise ConfigError("{0} applies to {1} matmulnbits only", ref("accuracy_level"), ref("format"))
+            if fmt == "matmulnbits" and w.group_size is not None and not _power_of_two(w.group_size):
+                raise ConfigError(f"{{0}} {w.group_size} is not a power of two, which MatMulNBits requires; use "
+                                  "32, 64, 128 or 256 (or {1} qdq)", w.ref("group_size"), ref("format"))
+            if self.quantize_embeddings and w.group_size is None:
+                raise ConfigError("{0} quantizes embeddings blockwise (GatherBlockQuantized), and 8-bit weights "
+                                  "default to per channel: set {1} (e.g. 128)", ref("quantize_embeddings"),
+                                  w.ref("group_size"))
+
+
+def as_recipe(config: Recipe | StageConfig | list | tuple, **options: Any) -> Recipe:
+    """A Recipe from a Recipe, one stage config or a list of them; `options` set recipe-level fields."""
+    if isinstance(config, Recipe):
+        return dataclasses.replace(config, **options) if options else config
+    stages = tuple(config) if isinstance(config, (list, tuple)) else (config,)
+    return Recipe(stages=stages, **options)

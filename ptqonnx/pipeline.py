@@ -1,79 +1,63 @@
-"""One compile: load -> [calibrate] -> plan -> lowering passes -> clean up -> check -> atomic save.
+"""One compile: load -> select sites -> [statistics] -> stages -> lowering passes -> clean up -> check -> save.
 
-The input file is only ever read. The output is written into a temporary folder beside the destination,
-checked there (onnx.checker, then an ONNX Runtime session at its default optimization level), and only
-then moved into place; a failure anywhere leaves no partial output.
+    recipe (frozen configs)
+      -> select: the recipe's layer selection, then each stage's `select` hook (W8A8: LM head, GEMV stay float)
+      -> statistics: every stage's one-shot `requests` merged, one ONNX Runtime run over the calibration data
+         (or `--stats`); stages that must see the partly quantized model calibrate block by block themselves
+      -> stages in order (`ptqonnx.registry`): transforms rewrite the float graph exactly, the weights stage (or
+         awq driving it) plans every weight, w8a8 plans the activations
+      -> lowering: MatMulNBits or QDQ weights, activation Q/DQ, dynamic-activation MatMulNBits, embeddings
+      -> RemoveUnusedNodes, TopologicalSort -> `ptqonnx.io.save_model` (onnx.checker + ORT load, atomic)
+
+`quantize` does it in memory and returns the rewritten `onnx_ir.Model` (the caller's model is never
+modified); `compile_model` goes file to file and writes the recipe it ran beside the output.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ptqonnx.errors import UserError
-from ptqonnx.io import file_bytes, load_model, save_model
+from ptqonnx.calibration.stats import Statistics
+from ptqonnx.config import CalibConfig, ConfigError, Recipe, StageConfig, as_recipe, matches_any
+from ptqonnx.errors import UserError, require_module
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
+from ptqonnx.io import file_bytes, load_model, save_model
+from ptqonnx.methods.base import ActivationResult, Calibration, MethodContext, Progress
 from ptqonnx.passes import run_passes
-from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
-from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
-from ptqonnx.passes.qdq import LowerToQdqPass
-from ptqonnx.plan import plan_weights, rtn_solver
-from ptqonnx.config import CompileConfig, matches_any
+from ptqonnx.registry import method_spec
+from ptqonnx.report import CompileReport
 
-__all__ = ["CompileReport", "compile_model", "load_model", "save_model", "default_output_path"]
+__all__ = ["compile_model", "quantize", "prepare_model", "default_output_path", "recipe_path_for", "SAMPLE_ROWS"]
 
 logger = logging.getLogger(__name__)
 
-@dataclass
-class CompileReport:
-    input_path: Path
-    output_path: Path
-    quantized: list[str] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    embeddings_quantized: int = 0
-    calibration: str = "none"
-    losses: dict[str, float] = field(default_factory=dict)
-    scales_folded: list[str] = field(default_factory=list)  # activations whose 1/s a producer absorbed
-    scales_inserted: list[str] = field(default_factory=list)  # activations given an explicit Mul(x, 1/s)
-    awq_alpha: dict[str, float] = field(default_factory=dict)  # AWQ: chosen alpha per scaling group
-    fold_max_rel_err: float | None = None  # float outputs after vs before folding scales
-    peak_rss_mib: float = 0.0
-    seconds: float = 0.0
-    input_bytes: int = 0
-    output_bytes: int = 0
-
-    def skip_summary(self) -> list[tuple[str, int]]:
-        return Counter(s.reason for s in self.skipped).most_common()
+SAMPLE_ROWS = 1024  # rows kept per requested `sample` statistic
+CalibrationArg = CalibConfig | Sequence[Mapping[str, np.ndarray]] | None
 
 
-def default_output_path(input_path: Path, cfg: CompileConfig) -> Path:
-    w = cfg.weights
-    if cfg.w8a8 is not None:
-        return input_path.with_name(f"{input_path.stem}.{cfg.method}_w8a8.onnx")
-    tag = f"{cfg.method}_w{w.bits}" + (f"g{w.group_size}" if w.group_size else "") + ("" if w.symmetric else "_asym")
+def default_output_path(input_path: Path, recipe: Recipe) -> Path:
+    """`{stem}.{method}_w{bits}g{group}[_asym]_{format}.onnx`, or `{stem}.{method}_w8a8_{target}[_dynamic].onnx`."""
+    w, w8a8 = recipe.weights, recipe.w8a8
+    if w8a8 is not None:
+        tag = f"{recipe.method}_w8a8_{recipe.target}" + ("_dynamic" if w8a8.act_scales == "dynamic" else "")
+    else:
+        tag = (f"{recipe.method}_w{w.bits}" + (f"g{w.group_size}" if w.group_size else "")
+               + ("" if w.symmetric else "_asym") + f"_{recipe.format}")
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
 
-def _select_sites(sites: list[LinearSite], cfg: CompileConfig) -> tuple[list[LinearSite], list[Skip]]:
-    chosen, skipped = [], []
-    for s in sites:
-        if cfg.weights.keep_lm_head and s.is_lm_head:
-            skipped.append(Skip(s.name, s.node.op_type, "LM head kept in float (--keep-lm-head)"))
-        elif matches_any(cfg.weights.exclude, s.name, s.weight_name):
-            skipped.append(Skip(s.name, s.node.op_type, "excluded by --exclude"))
-        else:
-            chosen.append(s)
-    return chosen, skipped
+def recipe_path_for(output: Path) -> Path:
+    """The recipe written beside an output: `out.onnx` -> `out.recipe.yaml`."""
+    return output.with_name(f"{output.stem}.recipe.yaml")
 
 
 def _peak_rss_mib() -> float:
@@ -82,80 +66,221 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def compile_model(
-    input_path: str | Path,
-    output_path: str | Path | None,
-    cfg: CompileConfig,
+def _select_sites(sites: list[LinearSite], recipe: Recipe) -> tuple[list[LinearSite], list[Skip]]:
+    chosen, skipped = [], []
+    for s in sites:
+        if recipe.keep_lm_head and s.is_lm_head:
+            skipped.append(Skip(s.name, s.node.op_type, "LM head kept in float (keep_lm_head)"))
+        elif matches_any(recipe.exclude, s.name, s.weight_name):
+            skipped.append(Skip(s.name, s.node.op_type, "excluded: matches an exclude pattern"))
+        else:
+            chosen.append(s)
+    return chosen, skipped
+
+
+def _check_requirements(recipe: Recipe) -> None:
+    """Each stage's optional dependencies, before any work (one line with the install hint)."""
+    for stage in recipe.stages:
+        for module in stage.requires:
+            try:
+                require_module(module, "torch")
+            except UserError as exc:
+                raise UserError(f"{stage.stage} needs {module}: {exc}") from None
+
+
+def _statistics(ctx: MethodContext, requests: dict[str, set], stats_path: Path | None) -> tuple[Statistics, str]:
+    if stats_path is None:
+        from ptqonnx.runtime.collect import collect_statistics
+
+        feeds = ctx.feeds()
+        return collect_statistics(ctx.model, feeds, requests, sample_rows=SAMPLE_ROWS), f"{len(feeds)} samples"
+    saved = Statistics.load(stats_path)
+    missing = [f"{name} ({', '.join(sorted(k.value for k in kinds - saved[name].kinds))})" if name in saved else name
+               for name, kinds in requests.items() if name not in saved or not kinds <= saved[name].kinds]
+    if missing:
+        hint = " (run `ptqonnx calibrate` on this model with --hessian / --sample-rows as needed)"
+        raise UserError(f"{stats_path} lacks statistics the recipe needs for {len(missing)} values, e.g. "
+                        f"{'; '.join(missing[:3])}{hint}")
+    return saved, str(stats_path)
+
+
+def _lowering_passes(recipe: Recipe, plan: dict, act: ActivationResult | None) -> tuple[list, Any]:
+    from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
+    from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
+    from ptqonnx.passes.qdq import LowerToQdqPass
+    from ptqonnx.passes.w8a8 import QuantizeActivationsPass
+
+    dynamic = act.dynamic if act is not None else frozenset()
+    static = {name: p for name, p in plan.items() if name not in dynamic}
+    passes: list = [LowerToMatMulNBitsPass(static, recipe.accuracy_level) if recipe.format == "matmulnbits"
+                    else LowerToQdqPass(static)]
+    if act is not None:
+        passes.append(QuantizeActivationsPass(act.grids))
+        if dynamic:
+            passes.append(LowerToMatMulNBitsPass({n: p for n, p in plan.items() if n in dynamic},
+                                                 act.dynamic_accuracy_level))
+    emb = None
+    if recipe.quantize_embeddings:
+        w = recipe.weights
+        emb = QuantizeEmbeddingsPass(4, w.group_size or 128, w.symmetric)
+        passes.append(emb)
+    return passes + [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()], emb
+
+
+def _as_model(model: ir.Model | Any | str | Path) -> tuple[ir.Model, Path | None]:
+    """A private copy to rewrite, and the folder the model came from (for the tokenizer)."""
+    if isinstance(model, (str, Path)):
+        return load_model(model), Path(model).parent
+    if isinstance(model, ir.Model):
+        return model.clone(), None
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(model), None
+    raise UserError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
+
+
+def _recipe(config: Recipe | StageConfig | Sequence[StageConfig]) -> Recipe:
+    try:
+        return as_recipe(config)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def quantize(
+    model: ir.Model | Any | str | Path,
+    config: Recipe | StageConfig | Sequence[StageConfig],
+    calibration: CalibrationArg = None,
     *,
-    calibration=None,
-    verify_ort: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> CompileReport:
-    """Quantize the model at `input_path` per `cfg` and write it to `output_path` (or a default beside it).
+    stats: str | Path | None = None,
+    progress: Progress | None = None,
+    model_dir: str | Path | None = None,
+) -> ir.Model:
+    """Quantize `model` (a path, an `onnx.ModelProto` or an `onnx_ir.Model`, never modified) with `config`
+    (a `Recipe`, one stage config such as `GptqConfig(bits=4)`, or a list of them) and return the rewritten
+    `onnx_ir.Model`; its `meta["ptqonnx.report"]` holds the `CompileReport`.
 
-    `calibration` (a `ptqonnx.calibration.CalibConfig`) says where calibration data comes from, for the
-    methods that need it; `progress` receives one line per step of long methods (GPTQ: per block)."""
-    t0 = time.perf_counter()
-    src = Path(input_path)
-    model = load_model(src)
-    dst = Path(output_path) if output_path else default_output_path(src, cfg)
-    if dst.resolve() == src.resolve():
-        raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
-    report = CompileReport(src, dst, input_bytes=file_bytes(src))
+    `calibration`: a `CalibConfig` (text windows or an npz) or the feeds themselves (a list of {input name:
+    array}); a recipe's own `calibration` is used when this is None. `stats`: a `.npz` written by `ptqonnx
+    calibrate`, used instead of a collection run for the one-shot statistics. `model_dir`: where the
+    tokenizer is looked for (default: the model's folder when `model` is a path).
+    """
+    recipe = _recipe(config)
+    _check_requirements(recipe)
+    ir_model, folder = _as_model(model)
+    report = CompileReport(Path(model) if isinstance(model, (str, Path)) else None, None, recipe=recipe)
+    _quantize_in_place(ir_model, recipe, calibration if calibration is not None else recipe.calibration,
+                       Path(model_dir) if model_dir is not None else folder, stats, progress, report)
+    ir_model.meta["ptqonnx.report"] = report
+    return ir_model
 
+
+def prepare_model(model: ir.Model) -> ir.Model:
+    """Constants as initializers, every value named, nodes sorted: the graph every stage and `calibrate` see
+    (statistics are keyed by value name, so both must name values alike)."""
     run_passes([
         common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass(),
         common_passes.TopologicalSortPass(),
     ], model)
+    return model
+
+
+def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: CalibrationArg, model_dir: Path | None,
+                       stats_path: str | Path | None, progress: Progress | None, report: CompileReport) -> None:
+    prepare_model(model)
     scan = find_linear_sites(model)
-    sites, skipped = _select_sites(scan.sites, cfg)
-    report.skipped = scan.skipped + skipped
-    if not sites and not cfg.weights.quantize_embeddings:
-        why = "; ".join(f"{r} ({n}x)" for r, n in Counter(s.reason for s in report.skipped).most_common(3))
-        raise UserError(
-            f"{src} has no quantizable MatMul/Gemm (a float weight initializer [K, N])"
-            + (f": {why}" if why else "")
-            + "; pass a model with linear layers"
-        )
+    sites, skipped = _select_sites(scan.sites, recipe)
+    skipped = scan.skipped + skipped
+    ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, [v.name for v in model.graph.inputs]),
+                        progress=progress)
+    specs = [(method_spec(stage), stage) for stage in recipe.stages]
+    for spec, cfg in specs:
+        if spec.select is not None:
+            ctx.sites, more = spec.select(ctx, cfg, ctx.sites)
+            skipped += more
+    if not ctx.sites and not recipe.quantize_embeddings:
+        why = "; ".join(f"{r} ({n}x)" for r, n in Counter(s.reason for s in skipped).most_common(3))
+        raise UserError("the model has no quantizable MatMul/Gemm (a float weight initializer [K, N])"
+                        + (f": {why}" if why else "") + "; pass a model with linear layers")
 
-    w = cfg.weights
-    if cfg.needs_calibration:
-        from ptqonnx.calibration.sources import CalibConfig, calibration_batches
+    requests: dict[str, set] = {}
+    for spec, cfg in specs:
+        for name, kinds in (spec.requests(ctx, cfg) if spec.requests is not None else {}).items():
+            requests.setdefault(name, set()).update(kinds)
+    requests = {k: v for k, v in requests.items() if v}
+    if stats_path is not None and not requests:
+        raise UserError(f"{recipe.method} calibrates block by block on the partly quantized model and reads no "
+                        "saved statistics; drop --stats (one-shot stages read them: smoothquant, w8a8, gptq "
+                        "--one-shot)")
+    if requests:
+        ctx.stats, ctx.stats_origin = _statistics(ctx, requests, Path(stats_path) if stats_path else None)
 
-        feeds = calibration_batches(calibration or CalibConfig(), src.parent, [v.name for v in model.graph.inputs])
-    if cfg.w8a8 is not None:
-        from ptqonnx.methods.w8a8 import prepare_w8a8
+    driven = any(s.kind == "scaling" for s in recipe.stages)  # awq runs the weights stage itself
+    act: ActivationResult | None = None
+    for spec, cfg in specs:
+        if cfg.kind == "weights" and driven:
+            continue
+        result = spec.run(ctx, cfg)
+        ctx.folds.extend(result.folds)
+        if result.plan is not None:
+            ctx.plan = result.plan
+        if result.activations is not None:
+            act = result.activations
+        report.stages += list(result.summary) if isinstance(result.summary, tuple) else [result.summary]
+        skipped += list(result.skipped)
 
-        passes, sites, w8a8_skipped = prepare_w8a8(model, sites, cfg, feeds, report)
-        report.skipped += w8a8_skipped
-    else:
-        if cfg.method in ("awq", "awq+gptq"):
-            from ptqonnx.methods.awq import plan_awq
-
-            sites, plan = plan_awq(model, sites, cfg, feeds, report, progress)
-        elif cfg.method == "gptq":
-            from ptqonnx.methods.gptq import plan_gptq
-
-            plan = plan_gptq(model, sites, cfg, feeds, report, progress)
-        else:
-            plan = plan_weights(sites, rtn_solver(w))
-        passes = [LowerToMatMulNBitsPass(plan, w.accuracy_level) if w.format == "matmulnbits" else LowerToQdqPass(plan)]
-    emb = QuantizeEmbeddingsPass(4, w.group_size or 128, w.symmetric) if w.quantize_embeddings else None
-    if emb is not None:
-        passes.append(emb)
-    passes += [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()]
+    passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), act)
     run_passes(passes, model)
-    report.quantized = [s.name for s in sites]
+    report.quantized = [s.name for s in ctx.sites]
+    report.skipped = skipped
     if emb is not None:
-        report.embeddings_quantized = sum(
-            1 for n in model.graph if n.op_type == "GatherBlockQuantized"
-        )
+        report.embeddings_quantized = sum(1 for n in model.graph if n.op_type == "GatherBlockQuantized")
         report.skipped += [Skip(n, "Gather", r) for n, r in emb.skipped]
 
+
+def compile_model(
+    input_path: str | Path,
+    output_path: str | Path | None,
+    config: Recipe | StageConfig | Sequence[StageConfig],
+    *,
+    calibration: CalibrationArg = None,
+    stats: str | Path | None = None,
+    verify_ort: bool = True,
+    progress: Progress | None = None,
+    write_recipe: bool = True,
+) -> CompileReport:
+    """Quantize the model file at `input_path` and write it to `output_path` (or a default beside it), plus
+    the recipe actually run (`recipe_path_for(output)`), from which the same output can be compiled again."""
+    t0 = time.perf_counter()
+    recipe = _recipe(config)
+    _check_requirements(recipe)
+    src = Path(input_path)
+    dst = Path(output_path) if output_path else default_output_path(src, recipe)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
+    model = load_model(src)
+    calib = calibration if calibration is not None else recipe.calibration
+    if isinstance(calib, CalibConfig):
+        calib = _absolute(calib)
+        recipe = as_recipe(recipe, calibration=calib) if recipe.needs_calibration else recipe
+    report = CompileReport(src, dst, recipe=recipe, input_bytes=file_bytes(src))
+    _quantize_in_place(model, recipe, calib, src.parent, stats, progress, report)
     save_model(model, dst, verify_ort=verify_ort)
+    if write_recipe:
+        from ptqonnx.recipe import save_recipe
+
+        save_recipe(recipe, recipe_path_for(dst))
     report.output_bytes = file_bytes(dst)
     report.peak_rss_mib = _peak_rss_mib()
     report.seconds = time.perf_counter() - t0
     logger.info("compiled %s -> %s: %d linear layers quantized, %d skipped in %.1f s",
                 src, dst, len(report.quantized), len(report.skipped), report.seconds)
     return report
+
+
+def _absolute(cfg: CalibConfig) -> CalibConfig:
+    """Paths made absolute, so the recipe written beside the output reads the same files from anywhere."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{f: getattr(cfg, f).resolve() for f in ("text", "npz", "tokenizer_dir")
+                                       if getattr(cfg, f) is not None})

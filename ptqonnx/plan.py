@@ -16,7 +16,7 @@ import numpy as np
 
 from ptqonnx.graph import LinearSite
 from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
-from ptqonnx.config import GptqConfig, WeightQuantConfig
+from ptqonnx.config import GptqConfig, WeightStage
 
 __all__ = [
     "PlannedWeight", "WeightPlan", "WeightSolver", "rtn_solver", "gptq_stage_solver", "plan_weights",
@@ -44,12 +44,12 @@ def planned_nodes(graph, plan: WeightPlan) -> list:
     return [(n, plan[n.name]) for n in list(graph) if n.name in plan and plan[n.name].site.node is n]
 
 
-def block_size_for(cfg: WeightQuantConfig, k: int) -> int:
+def block_size_for(cfg: WeightStage, k: int) -> int:
     """The block length used for a weight with K inputs (`None` group size = one block per row)."""
     return k if cfg.group_size is None else cfg.group_size
 
 
-def rtn_solver(cfg: WeightQuantConfig, clip_ratios: Mapping[str, np.ndarray] | None = None) -> WeightSolver:
+def rtn_solver(cfg: WeightStage, clip_ratios: Mapping[str, np.ndarray] | None = None) -> WeightSolver:
     """Round-to-nearest on the configured grid; `clip_ratios` [N, k_blocks] by site name shrink the blocks'
     ranges first (AWQ's clipping, `quantize_weight(clip_ratio=...)`)."""
 
@@ -70,7 +70,7 @@ def plan_weights(sites: Iterable[LinearSite], solver: WeightSolver) -> dict[str,
     return plan
 
 
-def gptq_stage_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, losses: dict[str, float] | None = None):
+def gptq_stage_solver(cfg: GptqConfig, losses: dict[str, float] | None = None):
     """GPTQ on the configured grid for the sites of one stage (all reading the same activation, so sharing
     H = 2/n XᵀX): `solve(sites, weights [N_i, K], H)` -> one QuantizedWeight per site. The rows of all the
     weights go through one sweep (GPTQ treats rows independently given H, so this equals one sweep per
@@ -83,8 +83,8 @@ def gptq_stage_solver(cfg: WeightQuantConfig, gcfg: GptqConfig, losses: dict[str
         ends = np.cumsum([w.shape[0] for w in weights])
         res = gptq_quantize(
             np.concatenate(weights) if len(weights) > 1 else weights[0], hessian, bits=cfg.bits,
-            block_size=cfg.group_size, symmetric=cfg.symmetric, damp=gcfg.damp, act_order=gcfg.act_order,
-            static_groups=gcfg.act_order, device=gcfg.device,
+            block_size=cfg.group_size, symmetric=cfg.symmetric, damp=cfg.damp, act_order=cfg.act_order,
+            static_groups=cfg.act_order, device=cfg.device,
         )
         qw, out = res.qweight, []
         for site, a, b in zip(sites, np.concatenate([[0], ends[:-1]]), ends):

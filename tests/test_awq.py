@@ -12,7 +12,9 @@ from ptqonnx.errors import UserError
 from ptqonnx.numerics.awq import clip_grid, clip_weight, search_clip, search_scales, torch_fake_quantize
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.config import AwqConfig, CompileConfig, WeightQuantConfig
+from ptqonnx.config import AwqConfig, ConfigError, GptqConfig, Recipe, RtnConfig
+from ptqonnx.registry import recipe_for
+from ptqonnx.report import ScalesSummary, WeightsSummary
 
 torch = pytest.importorskip("torch")
 
@@ -154,15 +156,16 @@ def test_config_validation():
     for bad in ({"grid": 0}, {"device": "tpu"}):
         with pytest.raises(ValueError):
             AwqConfig(**bad)
-    assert CompileConfig(method="awq+gptq").needs_calibration
-    with pytest.raises(ValueError, match="method"):
-        CompileConfig(method="awq+rtn")
-    from ptqonnx.cli import _compile_config, build_parser
+    assert recipe_for("awq+gptq").needs_calibration
+    assert recipe_for("awq+rtn") == recipe_for("awq")  # rtn is the implied weights stage
+    with pytest.raises(ConfigError, match="cannot follow"):
+        Recipe((GptqConfig(), AwqConfig()))
+    from ptqonnx.cli import _compile_recipe, build_parser
 
     args = build_parser().parse_args(["compile", "m.onnx", "--method", "awq+gptq", "--awq-grid", "10", "--no-clip",
                                       "--no-insert"])
-    cfg = _compile_config(args)
-    assert cfg.method == "awq+gptq" and cfg.awq == AwqConfig(grid=10, clip=False, no_insert=True)
+    cfg, _ = _compile_recipe(args)
+    assert cfg.method == "awq+gptq" and cfg.stages[0] == AwqConfig(grid=10, clip=False, no_insert=True)
 
 
 # -- pipeline --------------------------------------------------------------------------------------------
@@ -192,22 +195,22 @@ def _norm_graph(tmp_path, extra_consumer: bool):
 
 def test_no_insert_refuses_a_group_that_needs_a_mul(tmp_path):
     src, calib = _norm_graph(tmp_path, extra_consumer=True)
-    weights = WeightQuantConfig(group_size=32)
+    weights = RtnConfig(group_size=32)
     with pytest.raises(UserError, match="no-insert.*inserted Mul.*'h'"):
-        compile_model(src, tmp_path / "q.onnx", CompileConfig(method="awq", weights=weights,
-                                                              awq=AwqConfig(no_insert=True)), calibration=calib)
-    rep = compile_model(src, tmp_path / "q.onnx", CompileConfig(method="awq", weights=weights), calibration=calib)
-    assert rep.scales_inserted == ["h"] and rep.scales_folded == [] and rep.awq_alpha["h"] > 0
-    assert rep.fold_max_rel_err < 1e-5
+        compile_model(src, tmp_path / "q.onnx", [AwqConfig(no_insert=True), weights], calibration=calib)
+    rep = compile_model(src, tmp_path / "q.onnx", [AwqConfig(), weights], calibration=calib)
+    awq = rep.summary(ScalesSummary)
+    assert awq.inserted == ("h",) and awq.folded == () and awq.alpha["h"] > 0
+    assert awq.fold_max_rel_err < 1e-5
 
 
 def test_folded_graph_is_checked_and_a_broken_fold_fails_loudly(tmp_path, monkeypatch):
     from ptqonnx.passes.fold_scales import FoldScalesPass
 
     src, calib = _norm_graph(tmp_path, extra_consumer=False)
-    cfg = CompileConfig(method="awq", weights=WeightQuantConfig(group_size=32))
+    cfg = [AwqConfig(), RtnConfig(group_size=32)]
     rep = compile_model(src, tmp_path / "q.onnx", cfg, calibration=calib)
-    assert rep.scales_folded == ["h"] and rep.fold_max_rel_err < 1e-5
+    assert rep.summary(ScalesSummary).folded == ("h",) and rep.summary(ScalesSummary).fold_max_rel_err < 1e-5
     x = np.load(tmp_path / "x.npz")["x"][:2]
     ref, got = run(src, {"x": x}), run(rep.output_path, {"x": x})
     assert all(np.abs(g - r).max() < 0.2 * np.abs(r).max() for g, r in zip(got, ref))
@@ -222,11 +225,11 @@ def test_folded_graph_is_checked_and_a_broken_fold_fails_loudly(tmp_path, monkey
 
 def test_alpha_zero_without_clipping_is_rtn_exactly(tmp_path):
     src, calib = _norm_graph(tmp_path, extra_consumer=False)
-    weights = WeightQuantConfig(group_size=32)
-    rtn = compile_model(src, tmp_path / "rtn.onnx", CompileConfig(weights=weights))
-    awq = compile_model(src, tmp_path / "awq.onnx", CompileConfig(method="awq", weights=weights,
-                                                                  awq=AwqConfig(grid=1, clip=False)), calibration=calib)
-    assert awq.awq_alpha == {"h": 0.0} and awq.scales_folded == awq.scales_inserted == []
+    weights = RtnConfig(group_size=32)
+    rtn = compile_model(src, tmp_path / "rtn.onnx", weights)
+    awq = compile_model(src, tmp_path / "awq.onnx", [AwqConfig(grid=1, clip=False), weights], calibration=calib)
+    summary = awq.summary(ScalesSummary)
+    assert summary.alpha == {"h": 0.0} and summary.folded == summary.inserted == ()
     x = np.load(tmp_path / "x.npz")["x"][:2]
     for a, b in zip(run(rtn.output_path, {"x": x}), run(awq.output_path, {"x": x})):
         assert np.array_equal(a, b)
@@ -243,17 +246,18 @@ def test_tiny_awq_beats_rtn_and_awq_gptq_runs(tmp_path, tiny_export):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(tiny_corpus(3000, seed=9)))
     calib = CalibConfig(text=text, samples=16, seq_len=64)
-    weights = WeightQuantConfig(bits=4, group_size=32)
+    weights = dict(bits=4, group_size=32)
     src = tiny_export / "model.onnx"
-    rtn = compile_model(src, tmp_path / "rtn.onnx", CompileConfig(weights=weights))
-    awq = compile_model(src, tmp_path / "awq.onnx", CompileConfig(method="awq", weights=weights), calibration=calib)
-    both = compile_model(src, tmp_path / "awq_gptq.onnx", CompileConfig(method="awq+gptq", weights=weights),
-                         calibration=calib)
+    rtn = compile_model(src, tmp_path / "rtn.onnx", recipe_for("rtn", **weights))
+    awq = compile_model(src, tmp_path / "awq.onnx", recipe_for("awq", **weights), calibration=calib)
+    both = compile_model(src, tmp_path / "awq_gptq.onnx", recipe_for("awq+gptq", **weights), calibration=calib)
     assert len(awq.quantized) == len(both.quantized) == len(rtn.quantized) == 15
-    assert awq.fold_max_rel_err < 1e-5 and both.fold_max_rel_err < 1e-5
-    assert awq.scales_folded and not awq.scales_inserted  # norms and up_proj absorb every 1/s here
-    assert len(awq.awq_alpha) == 2 * 3  # per layer qkv, gate/up, down (o_proj: GQA attention output; lm_head: kept)
-    assert both.calibration.startswith("sequential") and len(both.losses) == 15
+    a, b = awq.summary(ScalesSummary), both.summary(ScalesSummary)
+    assert a.fold_max_rel_err < 1e-5 and b.fold_max_rel_err < 1e-5
+    assert a.folded and not a.inserted  # norms and up_proj absorb every 1/s here
+    assert len(a.alpha) == 2 * 3  # per layer qkv, gate/up, down (o_proj: GQA attention output; lm_head: kept)
+    gptq = both.summary(WeightsSummary)
+    assert gptq.stage == "gptq" and "sequential" in gptq.calibration and len(gptq.losses) == 15
 
     held_out = " ".join(tiny_corpus(400, seed=77))
     windows = list(eval_windows(tokenize(held_out, load_tokenizer(tiny_export)), 64, 6))
@@ -268,29 +272,32 @@ def test_tiny_awq_beats_rtn_and_awq_gptq_runs(tmp_path, tiny_export):
 def test_tiny_without_gqa_scales_o_proj_through_v_proj(tmp_path, tiny_mha_export, monkeypatch, method):
     """kv_heads == heads: o_proj's group (v_proj absorbs 1/s) is searched and folded, and v_proj's planned grid
     is divided by o_proj's s like up_proj's by down_proj's (else its dequantized weight misses the fold)."""
-    import ptqonnx.methods.awq
+    import dataclasses
+
+    import ptqonnx.registry
     from ptqonnx.models.tiny import tiny_corpus
     from ptqonnx.numerics.quant import dequantize_weight
 
     plans = {}
+    spec = ptqonnx.registry.method_spec("awq")
 
-    def spy(*args, **kwargs):
-        sites, plan = plan_awq(*args, **kwargs)
-        plans.update(plan)
-        return sites, plan
+    def spy(ctx, cfg):
+        result = spec.run(ctx, cfg)
+        plans.update(result.plan)
+        return result
 
-    plan_awq = ptqonnx.methods.awq.plan_awq
-    monkeypatch.setattr(ptqonnx.methods.awq, "plan_awq", spy)
+    monkeypatch.setitem(ptqonnx.registry._SPECS, "awq", dataclasses.replace(spec, run=spy))
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(tiny_corpus(1000, seed=9)))
     rep = compile_model(tiny_mha_export / "model.onnx", tmp_path / "q.onnx",
-                        CompileConfig(method=method, weights=WeightQuantConfig(bits=4, group_size=32)),
+                        recipe_for(method, bits=4, group_size=32),
                         calibration=CalibConfig(text=text, samples=4, seq_len=32))
-    assert len(rep.awq_alpha) == 2 * 4  # per layer qkv, o (through v), gate/up, down; lm_head: kept
-    assert sorted(rep.scales_folded) == sorted(rep.awq_alpha) and not rep.scales_inserted
-    assert rep.fold_max_rel_err < 1e-5
+    awq = rep.summary(ScalesSummary)
+    assert len(awq.alpha) == 2 * 4  # per layer qkv, o (through v), gate/up, down; lm_head: kept
+    assert sorted(awq.folded) == sorted(awq.alpha) and not awq.inserted
+    assert awq.fold_max_rel_err < 1e-5
     o_inputs = {p.site.activation.name for p in plans.values() if p.site.weight_name.endswith("o_proj.weight")}
-    assert len(o_inputs) == 2 and o_inputs <= set(rep.awq_alpha)
+    assert len(o_inputs) == 2 and o_inputs <= set(awq.alpha)
     # RTN W4 g32 of the folded float weights here: 0.085..0.089 (v_proj's grid left undivided: 0.10..0.15);
     # GPTQ moves weights by design
     for p in plans.values() if method == "awq" else ():

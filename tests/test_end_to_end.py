@@ -14,8 +14,9 @@ import pytest
 
 from ptqonnx.cli import main
 from ptqonnx.numerics.quant import fake_quantize
+from ptqonnx.config import RtnConfig
 from ptqonnx.pipeline import compile_model
-from ptqonnx.config import CompileConfig, WeightQuantConfig
+from ptqonnx.registry import recipe_for
 from graphs import real_windows, run
 
 torch = pytest.importorskip("torch")
@@ -37,8 +38,7 @@ def _torch_logits(hf_dir: Path, ids: np.ndarray, *, bits, group, symmetric, quan
     "fmt,symmetric,keep_lm_head", [("matmulnbits", True, False), ("matmulnbits", False, True), ("qdq", False, False)]
 )
 def test_tiny_llama_rtn_equals_fake_quantized_torch(tmp_path, tiny_hf, tiny_export, fmt, symmetric, keep_lm_head):
-    cfg = CompileConfig(weights=WeightQuantConfig(bits=4, group_size=32, symmetric=symmetric, format=fmt,
-                                                  keep_lm_head=keep_lm_head))
+    cfg = recipe_for("rtn", bits=4, group_size=32, symmetric=symmetric, format=fmt, keep_lm_head=keep_lm_head)
     out = tmp_path / "q.onnx"
     rep = compile_model(tiny_export / "model.onnx", out, cfg)
     n_linear = 2 * 7 + (0 if keep_lm_head else 1)
@@ -55,7 +55,7 @@ def test_tiny_llama_rtn_equals_fake_quantized_torch(tmp_path, tiny_hf, tiny_expo
 def test_tiny_kv_model_compiles_and_decodes(tmp_path, tiny_export):
     """The KV-cache export quantizes the same layers and still runs prefill + decode."""
     out = tmp_path / "kv.onnx"
-    rep = compile_model(tiny_export / "model_kv.onnx", out, CompileConfig())
+    rep = compile_model(tiny_export / "model_kv.onnx", out, RtnConfig())
     assert len(rep.quantized) == 15
     from ptqonnx.runtime.bench import bench_decode
 
@@ -80,7 +80,7 @@ def test_cli_flow_on_tiny_export(tmp_path, tiny_export, capsys):
     code, out, err = _cli(capsys, "compile", work / "model.onnx", "--wbits", "4", "--group-size", "32",
                           "--quantize-embeddings")
     assert code == 0, err
-    q = work / "model.rtn_w4g32.onnx"
+    q = work / "model.rtn_w4g32_matmulnbits.onnx"
     assert q.is_file() and "quantized 15 linear layers and 1 embedding tables" in out
     code, out, err = _cli(capsys, "eval", q, "--text", text, "--seq-len", "64", "--max-windows", "3")
     assert code == 0, err
@@ -115,7 +115,7 @@ def test_smollm2_rtn_is_byte_identical_to_onnxruntime_rtn(smollm2_export, tmp_pa
 
     src = smollm2_export.model_path
     ours = tmp_path / "ours.onnx"
-    rep = compile_model(src, ours, CompileConfig(weights=WeightQuantConfig(symmetric=False)))
+    rep = compile_model(src, ours, RtnConfig(symmetric=False))
     assert len(rep.quantized) == 211  # 30 layers x 7 + the tied LM head (read through a Transpose)
     ort_q = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=DefaultWeightOnlyQuantConfig(
         block_size=128, is_symmetric=False, bits=4))
@@ -128,7 +128,7 @@ def test_smollm2_rtn_is_byte_identical_to_onnxruntime_rtn(smollm2_export, tmp_pa
         np.testing.assert_array_equal(mine[name].reshape(theirs[name].shape), theirs[name], err_msg=name)
 
     keep = tmp_path / "keep.onnx"
-    compile_model(src, keep, CompileConfig(weights=WeightQuantConfig(symmetric=False, keep_lm_head=True)))
+    compile_model(src, keep, recipe_for("rtn", symmetric=False, keep_lm_head=True))
     ort_path = tmp_path / "ort.onnx"
     onnx.save(ort_q.model.model, str(ort_path))
     windows = real_windows(smollm2_export, 2, chars=30_000)

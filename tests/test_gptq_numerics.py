@@ -239,14 +239,14 @@ def test_stage_solver_stacks_sites_like_separate_sweeps(layer, symmetric):
     from types import SimpleNamespace
 
     from ptqonnx.plan import gptq_stage_solver
-    from ptqonnx.config import GptqConfig, WeightQuantConfig
+    from ptqonnx.config import GptqConfig
 
     _, h, w = layer
     ws = [w[:40], w[40:48] * 3.0, w[48:]]  # three "sites" of different heights and ranges
     sites = [SimpleNamespace(weight_name=f"w{i}") for i in range(3)]
     losses: dict[str, float] = {}
-    cfg = WeightQuantConfig(bits=4, group_size=64, symmetric=symmetric)
-    qws = gptq_stage_solver(cfg, GptqConfig(), losses)(sites, ws, h)
+    cfg = GptqConfig(bits=4, group_size=64, symmetric=symmetric)
+    qws = gptq_stage_solver(cfg, losses)(sites, ws, h)
     for site, wi, qw in zip(sites, ws, qws):
         alone = gptq_quantize(wi, h, bits=4, block_size=64, symmetric=symmetric)
         assert np.mean(qw.q != alone.qweight.q) < 0.002  # float32 GEMM blocking may flip a rare tie

@@ -10,7 +10,7 @@ import pytest
 from graphs import int8_activation_bound, linear_model, model_from_text, run, save
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.config import CompileConfig, WeightQuantConfig
+from ptqonnx.registry import recipe_for
 
 SHAPES = [(64, 32, 16), (100, 24, 32), (576, 40, 128), (256, 48, 64), (200, 8, 128)]
 
@@ -18,7 +18,7 @@ SHAPES = [(64, 32, 16), (100, 24, 32), (576, 40, 128), (256, 48, 64), (200, 8, 1
 def _compile(tmp_path, model, name="q.onnx", **weights):
     src = save(model, tmp_path / "in.onnx")
     out = tmp_path / name
-    report = compile_model(src, out, CompileConfig(weights=WeightQuantConfig(**weights)))
+    report = compile_model(src, out, recipe_for("rtn", **weights))
     return out, report
 
 

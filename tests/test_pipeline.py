@@ -18,8 +18,8 @@ from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass, embedding_block_size
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
+from ptqonnx.config import ConfigError, Recipe, RtnConfig
 from ptqonnx.pipeline import compile_model, default_output_path
-from ptqonnx.config import CompileConfig, WeightQuantConfig
 
 NO_WEIGHT = """<ir_version: 10, opset_import: ["" : 21]>
 g (float[4, 8] a, float[8, 3] b) => (float[4, 3] y) { y = MatMul(a, b) }"""
@@ -67,34 +67,42 @@ def test_embedding_block_size_falls_back_to_a_divisor():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(bits=5), dict(group_size=100), dict(group_size=8), dict(format="int4"), dict(bits=4, group_size=None),
-     dict(format="qdq", accuracy_level=4), dict(accuracy_level=7)],
+    "weights,options",
+    [(dict(bits=5), {}), (dict(group_size=100), {}), (dict(group_size=8), {}), ({}, dict(format="int4")),
+     (dict(bits=4, group_size=None), {}), ({}, dict(format="qdq", accuracy_level=4)), ({}, dict(accuracy_level=7)),
+     (dict(bits="4"), {}), (dict(symmetric=1), {})],
 )
-def test_config_validation(kwargs):
-    with pytest.raises(ValueError):
-        WeightQuantConfig(**kwargs)
+def test_config_validation(weights, options):
+    with pytest.raises(ConfigError):
+        Recipe((RtnConfig(**weights),), **options)
 
 
 def test_qdq_allows_non_power_of_two_groups():
-    assert WeightQuantConfig(format="qdq", group_size=96).group_size == 96
+    assert Recipe((RtnConfig(group_size=96),), format="qdq").weights.group_size == 96
 
 
 def test_input_unchanged_and_default_output_beside_it(tmp_path):
     src = save(linear_model(64, 16)[0], tmp_path / "m.onnx")
     before = _sha(src)
-    cfg = CompileConfig()
+    cfg = Recipe((RtnConfig(),))
     rep = compile_model(src, None, cfg)
-    assert rep.output_path == default_output_path(src, cfg) == tmp_path / "m.rtn_w4g128.onnx"
+    assert rep.output_path == default_output_path(src, cfg) == tmp_path / "m.rtn_w4g128_matmulnbits.onnx"
     assert _sha(src) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.rtn_w4g128.onnx"]  # no temp leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temp leftovers
+        "m.onnx", "m.rtn_w4g128_matmulnbits.onnx", "m.rtn_w4g128_matmulnbits.recipe.yaml"]
+
+
+def test_default_output_names_differ_by_format(tmp_path):
+    src = tmp_path / "m.onnx"
+    names = {default_output_path(src, Recipe((RtnConfig(),), format=f)).name for f in ("matmulnbits", "qdq")}
+    assert names == {"m.rtn_w4g128_matmulnbits.onnx", "m.rtn_w4g128_qdq.onnx"}
 
 
 def test_refuses_to_overwrite_input(tmp_path):
     src = save(linear_model(64, 16)[0], tmp_path / "m.onnx")
     before = _sha(src)
     with pytest.raises(UserError, match="is the input file"):
-        compile_model(src, src, CompileConfig())
+        compile_model(src, src, RtnConfig())
     assert _sha(src) == before
 
 
@@ -107,7 +115,7 @@ def test_failed_save_leaves_no_partial_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr("ptqonnx.runtime.ort.make_session", broken_session)
     with pytest.raises(UserError):
-        compile_model(src, out, CompileConfig())
+        compile_model(src, out, RtnConfig())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -115,7 +123,7 @@ def test_existing_output_replaced_only_when_complete(tmp_path):
     src = save(linear_model(64, 16)[0], tmp_path / "m.onnx")
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old")
-    compile_model(src, out, CompileConfig())
+    compile_model(src, out, RtnConfig())
     assert onnx.load(out).graph.node[0].op_type == "MatMulNBits"
 
 
@@ -127,7 +135,7 @@ def test_external_data_model_round_trip(tmp_path, monkeypatch):
     onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",
               size_threshold=0)
     out = tmp_path / "o.onnx"
-    rep = compile_model(src, out, CompileConfig())
+    rep = compile_model(src, out, RtnConfig())
     assert (tmp_path / "o.onnx.data").is_file() and rep.output_bytes > out.stat().st_size
     x = np.ones((1, 2, 64), np.float32)
     (y,) = run(out, {"x": x})
@@ -156,9 +164,9 @@ def test_cli_compile_reports_counts(tmp_path, capsys):
     [
         (["--group-size", "100"], "not a power of two"),
         (["--wbits", "5"], "invalid choice"),
-        (["--format", "qdq", "--accuracy-level", "4"], "accuracy level applies"),
-        (["--calib-samples", "0"], "must be positive"),
-        (["--method", "gptq", "--damp", "2"], "damp must be in (0, 1)"),
+        (["--format", "qdq", "--accuracy-level", "4"], "--accuracy-level applies to --format matmulnbits only"),
+        (["--method", "gptq", "--calib-samples", "0"], "--calib-samples must be at least 1"),
+        (["--method", "gptq", "--damp", "2"], "--damp must be in (0, 1)"),
     ],
 )
 def test_cli_bad_flags_one_line_exit_2(tmp_path, capsys, argv_tail, needle):

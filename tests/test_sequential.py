@@ -15,7 +15,9 @@ from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.graph import find_linear_sites
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
-from ptqonnx.config import CompileConfig, GptqConfig, WeightQuantConfig
+from ptqonnx.config import GptqConfig, RtnConfig
+from ptqonnx.registry import recipe_for
+from ptqonnx.report import WeightsSummary
 from ptqonnx.runtime.collect import collect_statistics
 from ptqonnx.runtime.sequential import run_sequential
 
@@ -85,11 +87,12 @@ def test_tiny_gptq_beats_rtn(tmp_path, tiny_export, symmetric):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(tiny_corpus(3000, seed=9)))
     calib = CalibConfig(text=text, samples=16, seq_len=64)
-    weights = WeightQuantConfig(bits=4, group_size=32, symmetric=symmetric)
-    rtn = compile_model(tiny_export / "model.onnx", tmp_path / "rtn.onnx", CompileConfig(weights=weights))
+    weights = dict(bits=4, group_size=32, symmetric=symmetric)
+    rtn = compile_model(tiny_export / "model.onnx", tmp_path / "rtn.onnx", RtnConfig(**weights))
     gptq = compile_model(tiny_export / "model.onnx", tmp_path / "gptq.onnx",
-                         CompileConfig(method="gptq", weights=weights), calibration=calib)
-    assert gptq.calibration.startswith("sequential") and len(gptq.losses) == 15
+                         GptqConfig(**weights), calibration=calib)
+    summary = gptq.summary(WeightsSummary)
+    assert summary.calibration.startswith("sequential") and len(summary.losses) == 15
     from ptqonnx.text import eval_windows, load_tokenizer, tokenize
 
     held_out = " ".join(tiny_corpus(400, seed=77))  # the calibration text's distribution, other sentences
@@ -102,8 +105,8 @@ def test_gptq_one_shot_fallback_on_a_graph_without_cuts(tmp_path, caplog):
     src = save(linear_model(64, 16)[0], tmp_path / "m.onnx")
     npz = tmp_path / "x.npz"
     np.savez(npz, x=np.random.default_rng(0).standard_normal((4, 8, 64)).astype(np.float32))
-    rep = compile_model(src, tmp_path / "q.onnx", CompileConfig(method="gptq"), calibration=CalibConfig(npz=npz))
-    assert rep.calibration == "one-shot, 4 samples"
+    rep = compile_model(src, tmp_path / "q.onnx", GptqConfig(), calibration=CalibConfig(npz=npz))
+    assert rep.summary(WeightsSummary).calibration == "one-shot, 4 samples"
     assert "falls back to one-shot Hessians" in caplog.text
 
 
@@ -112,10 +115,10 @@ def test_gptq_one_shot_by_request(tmp_path, tiny_export):
 
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(tiny_corpus(1000, seed=1)))
-    cfg = CompileConfig(method="gptq", weights=WeightQuantConfig(group_size=32), gptq=GptqConfig(sequential=False))
+    cfg = GptqConfig(group_size=32, sequential=False)
     rep = compile_model(tiny_export / "model.onnx", tmp_path / "q.onnx", cfg,
                         calibration=CalibConfig(text=text, samples=4, seq_len=32))
-    assert rep.calibration == "one-shot, 4 samples" and len(rep.quantized) == 15
+    assert rep.summary(WeightsSummary).calibration == "one-shot, 4 samples" and len(rep.quantized) == 15
 
 
 @pytest.mark.slow
@@ -126,9 +129,9 @@ def test_smollm2_calibrated_method_beats_rtn(smollm2_export, tmp_path, method):
     from ptqonnx.runtime.perplexity import perplexity
 
     src = smollm2_export.model_path
-    weights = WeightQuantConfig(bits=4, group_size=128, symmetric=True)
-    rtn = compile_model(src, tmp_path / "rtn.onnx", CompileConfig(weights=weights))
-    out = compile_model(src, tmp_path / f"{method}.onnx", CompileConfig(method=method, weights=weights),
+    weights = dict(bits=4, group_size=128, symmetric=True)
+    rtn = compile_model(src, tmp_path / "rtn.onnx", RtnConfig(**weights))
+    out = compile_model(src, tmp_path / f"{method}.onnx", recipe_for(method, **weights),
                         calibration=CalibConfig(text=CALIB_TEXT, samples=8))
     windows = real_windows(smollm2_export, 3)
     assert perplexity(out.output_path, windows).ppl < perplexity(rtn.output_path, windows).ppl
@@ -148,7 +151,7 @@ def test_gptq_act_order_output_is_exact_in_ort(tmp_path, symmetric):
     x = (rng.standard_normal((6, 16, 200)).astype(np.float32) @ mix) * np.linspace(0.2, 3, 200, dtype=np.float32)
     npz = tmp_path / "x.npz"
     np.savez(npz, x=x)
-    cfg = CompileConfig(method="gptq", weights=WeightQuantConfig(bits=4, group_size=64, symmetric=symmetric))
+    cfg = GptqConfig(bits=4, group_size=64, symmetric=symmetric)
     rep = compile_model(src, tmp_path / "q.onnx", cfg, calibration=CalibConfig(npz=npz))
     rows = x.reshape(-1, 200).astype(np.float64)
     h = 2.0 / rows.shape[0] * rows.T @ rows

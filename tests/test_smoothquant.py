@@ -30,13 +30,15 @@ from ptqonnx.passes.w8a8 import (
 )
 from ptqonnx.pipeline import compile_model
 from ptqonnx.plan import plan_weights, rtn_solver
-from ptqonnx.config import CompileConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
+from ptqonnx.config import ConfigError, GptqConfig, Recipe, RtnConfig, SmoothQuantConfig, W8A8Config
+from ptqonnx.registry import recipe_for
+from ptqonnx.report import ScalesSummary
 
-W8 = WeightQuantConfig(bits=8, group_size=None, symmetric=True, format="qdq")
+W8 = RtnConfig(bits=8, group_size=None, symmetric=True)
 
 
-def _w8a8(method: str = "smoothquant", alpha: float | str = 0.5, **kw) -> CompileConfig:
-    return CompileConfig(method=method, weights=W8, smoothquant=SmoothQuantConfig(alpha), w8a8=W8A8Config(**kw))
+def _w8a8(method: str = "smoothquant", alpha: float | str = 0.5, **kw) -> Recipe:
+    return recipe_for(method, w8a8=True, **({"alpha": alpha} if method == "smoothquant" else {}), **kw)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -274,7 +276,7 @@ def test_encoder_layernorm_gemm_end_to_end(tmp_path):
         zp_types = {i.data_type for i in m.graph.initializer if i.name.endswith("_act_zero_point")}
         assert zp_types == {onnx.TensorProto.UINT8 if name == "ort" else onnx.TensorProto.INT8}
         if name != "rtn":
-            assert "smoothquant" in rep.calibration
+            assert rep.summary(ScalesSummary, "smoothquant").folded
     assert errs["sq"] < 0.5 * errs["rtn"] and errs["auto"] <= errs["sq"] * 1.05, errs
 
 
@@ -303,10 +305,9 @@ def test_encoder_dynamic_and_mixed_activation_scales(tmp_path):
             assert any(n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5] == "c2" for n in nodes)
     assert errs["dynamic"] < errs["static"] and errs["mixed"] < errs["static"] and errs["auto"] <= 1.05 * errs["dynamic"]
     # --exclude by weight-name pattern keeps that layer in float
-    cfg = CompileConfig(method="smoothquant", weights=dataclasses.replace(W8, exclude=("w[3]",)),
-                        w8a8=W8A8Config(target="ort-cpu"))
+    cfg = _w8a8(target="ort-cpu", exclude=("w[3]",))
     rep = compile_model(src, tmp_path / "ex.onnx", cfg, calibration=CalibConfig(npz=npz))
-    assert len(rep.quantized) == 2 and [s.reason for s in rep.skipped] == ["excluded by --exclude"]
+    assert len(rep.quantized) == 2 and [s.reason for s in rep.skipped] == ["excluded: matches an exclude pattern"]
     errs["excluded"] = _rel(_loads_and_runs(rep.output_path, feeds)[0], ref)
     assert errs["excluded"] < errs["static"], errs
     with pytest.raises(UserError, match="'nope\\*' matches no W8A8 layer"):
@@ -379,7 +380,7 @@ def test_tiny_llama_without_gqa_smooths_o_proj_through_v_proj(tmp_path, tiny_mha
     ref = run(src, {"input_ids": ids})[0]
     bmm_scales = {}
     for name, cfg in {"smooth": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn", quantize_bmm=True)}.items():
-        with caplog.at_level(logging.INFO, logger="ptqonnx.methods.w8a8"):
+        with caplog.at_level(logging.INFO, logger="ptqonnx.methods"):
             rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
         assert len(rep.quantized) == 14 and _rel(_loads_and_runs(rep.output_path, {"input_ids": ids})[0], ref) < 0.2
         bmm_scales[name] = _pv_input_scales(rep.output_path)
@@ -391,36 +392,37 @@ def test_tiny_llama_without_gqa_smooths_o_proj_through_v_proj(tmp_path, tiny_mha
 # -- configuration --------------------------------------------------------------------------------------
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="smoothquant emits W8A8; pass --w8a8"):
-        CompileConfig(method="smoothquant")
-    with pytest.raises(ValueError, match="INT8 symmetric per output channel"):
-        CompileConfig(method="rtn", w8a8=W8A8Config())
-    with pytest.raises(ValueError, match="not gptq"):
-        CompileConfig(method="gptq", weights=W8, w8a8=W8A8Config())
-    with pytest.raises(ValueError, match="target"):
-        W8A8Config(target="gpu")
-    with pytest.raises(ValueError, match="calibration range"):
+    with pytest.raises(ConfigError, match="smoothquant emits W8A8; add a w8a8 stage"):
+        Recipe((SmoothQuantConfig(),))
+    with pytest.raises(ConfigError, match="INT8 symmetric per output channel"):
+        Recipe((RtnConfig(), W8A8Config()))
+    assert Recipe((GptqConfig(bits=8, group_size=None), W8A8Config())).weights.stage == "gptq"  # GPTQ W8 weights
+    with pytest.raises(ConfigError, match="target must be one of"):
+        Recipe((W8A8Config(),), target="gpu")
+    with pytest.raises(ConfigError, match="calib_range must be one of"):
         W8A8Config(calib_range="entropy")
-    with pytest.raises(ValueError, match="percentile"):
-        W8A8Config(percentile=101)
+    with pytest.raises(ConfigError, match="percentile"):
+        W8A8Config(calib_range="percentile", percentile=101)
+    with pytest.raises(ConfigError, match="percentile applies to w8a8.calib_range percentile"):
+        W8A8Config(percentile=99.0)
     with pytest.raises(ValueError, match="alpha"):
         SmoothQuantConfig(alpha=1.5)
     with pytest.raises(ValueError, match="alpha"):
         SmoothQuantConfig(alpha="best")
     assert _w8a8().needs_calibration and _w8a8("rtn").needs_calibration
-    with pytest.raises(ValueError, match="activation scales must be one of static, dynamic"):
+    with pytest.raises(ConfigError, match="act_scales must be one of static, dynamic"):
         W8A8Config(act_scales="per-token")
     for kw in (dict(act_scales="dynamic"), dict(dynamic_layers=("*down_proj*",))):  # TensorRT: static only
-        with pytest.raises(ValueError, match="pass --target ort-cpu"):
-            W8A8Config(**kw)
-    for kw, msg in ((dict(dynamic_layers=("x",)), "drop one of them"), (dict(quantize_bmm=True), "quantize-bmm"),
-                    (dict(calib_range="percentile"), "calib-range")):
-        with pytest.raises(ValueError, match=msg):
-            W8A8Config(target="ort-cpu", act_scales="dynamic", **kw)
-    mixed = W8A8Config(target="ort-cpu", dynamic_layers=("*down_proj*", "node_linear_3"))
+        with pytest.raises(ConfigError, match="set target ort-cpu"):
+            Recipe((W8A8Config(**kw),))
+    for kw, msg in ((dict(dynamic_layers=("x",)), "drop one of them"), (dict(quantize_bmm=True), "quantize_bmm"),
+                    (dict(calib_range="percentile"), "calib_range")):
+        with pytest.raises(ConfigError, match=msg):
+            W8A8Config(act_scales="dynamic", **kw)
+    mixed = W8A8Config(dynamic_layers=("*down_proj*", "node_linear_3"))
     assert mixed.dynamic("node_linear_6", "model.layers.0.mlp.down_proj.weight") and mixed.dynamic("node_linear_3")
     assert not mixed.dynamic("node_linear_5", "model.layers.0.mlp.up_proj.weight")
-    assert W8A8Config(target="ort-cpu", act_scales="dynamic").dynamic("anything")
+    assert W8A8Config(act_scales="dynamic").dynamic("anything")
 
 
 def test_cli_smoothquant_needs_w8a8(tmp_path, capsys):
@@ -429,7 +431,7 @@ def test_cli_smoothquant_needs_w8a8(tmp_path, capsys):
     src, npz, _ = _encoder(tmp_path)
     assert main(["compile", str(src), "--method", "smoothquant"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ptqonnx compile: error: smoothquant emits W8A8; pass --w8a8"]
+    assert err == ["ptqonnx compile: error: smoothquant emits W8A8; add --w8a8"]
     assert main(["compile", str(src), "--method", "smoothquant", "--w8a8", "--alpha", "2"]) == 2
     assert main(["compile", str(src), "--method", "smoothquant", "--w8a8", "--alpha", "auto",
                  "--calib-npz", str(npz), "-o", str(tmp_path / "q.onnx")]) == 0

@@ -8,7 +8,6 @@ random offsets (`ptqonnx.text.calibration_windows`); each window is one feed `{"
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptqonnx.config import CalibConfig
 from ptqonnx.errors import UserError
 from ptqonnx.text import calibration_windows, load_tokenizer, read_text, tokenize
 
@@ -30,38 +30,6 @@ _DERIVED_INPUTS = {
     "attention_mask": lambda ids: np.ones_like(ids, dtype=np.int64),
     "position_ids": lambda ids: np.arange(ids.shape[1], dtype=np.int64)[None, :].repeat(ids.shape[0], 0),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibConfig:
-    """Where calibration data comes from and how much of it.
-
-    `text`/`npz` are mutually exclusive; with neither, `PTQONNX_CALIB_TEXT` then WikiText-2 are used.
-    `tokenizer_dir` defaults to the model's folder. `samples` windows of `seq_len` tokens, drawn with `seed`.
-    """
-
-    text: Path | None = None
-    npz: Path | None = None
-    tokenizer_dir: Path | None = None
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for f in ("text", "npz", "tokenizer_dir"):
-            v = getattr(self, f)
-            if v is not None and not isinstance(v, Path):
-                if not isinstance(v, str):
-                    raise ValueError(f"{f} must be a path, got {type(v).__name__}")
-                object.__setattr__(self, f, Path(v))
-        if self.text is not None and self.npz is not None:
-            raise ValueError("pass either text or npz calibration data, not both")
-        for f, lo in (("samples", 1), ("seq_len", 2)):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{f} must be an integer >= {lo}, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 def calibration_batches(

@@ -20,52 +20,54 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 
 import numpy as np
-import onnx_ir as ir
 
+from ptqonnx.calibration.observers import Stat
+from ptqonnx.config import AwqConfig, GptqConfig, RtnConfig
 from ptqonnx.errors import UserError
+from ptqonnx.graph import find_blocks, find_scaling_groups
+from ptqonnx.methods.base import MethodContext, MethodResult, ScaleFold
 from ptqonnx.methods.folding import fold_scales_checked
-from ptqonnx.graph import LinearSite, find_linear_sites
 from ptqonnx.plan import PlannedWeight, block_size_for, gptq_stage_solver, rtn_solver
-from ptqonnx.config import CompileConfig
-from ptqonnx.graph.scaling import find_scaling_groups
+from ptqonnx.registry import register_method
+from ptqonnx.report import ScalesSummary, WeightsSummary
 
-__all__ = ["plan_awq"]
+__all__ = ["run_awq"]
 
 logger = logging.getLogger(__name__)
 
 
-def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report,
-              progress: Callable[[str], None] | None) -> tuple[list[LinearSite], dict[str, PlannedWeight]]:
-    """AWQ (`awq`) or AWQ then GPTQ (`awq+gptq`) on the scaled, clipped weights, block by block (see the
-    module docstring). The LM head's group is not scaled unless `scale_lm_head` (as llm-awq, which leaves
-    lm_head alone); it is still clipped. The fold is checked in ORT on two calibration feeds (max |y' - y| /
-    max |y| <= FOLD_TOLERANCE per output, else RuntimeError). Returns the sites re-scanned after folding
-    and the plan."""
-    from ptqonnx.graph.blocks import find_blocks
-    from ptqonnx.calibration.observers import Stat
+@register_method(AwqConfig)
+def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
+    """AWQ driving the recipe's weights stage: RTN on the scaled, clipped weights (`rtn`) or GPTQ on them
+    (`gptq`), block by block (see the module docstring). The LM head's group is not scaled unless
+    `scale_lm_head` (as llm-awq, which leaves lm_head alone); it is still clipped. The fold is checked in ORT
+    on two calibration feeds (max |y' - y| / max |y| <= FOLD_TOLERANCE per output, else RuntimeError)."""
     from ptqonnx.numerics.awq import clip_weight, search_clip, search_scales
     from ptqonnx.numerics.gptq import hessian_from_xtx
     from ptqonnx.numerics.quant import dequantize_weight
     from ptqonnx.runtime.sequential import run_sequential
 
-    acfg, w = cfg.awq, cfg.weights
+    model, sites, w = ctx.model, ctx.sites, ctx.recipe.weights
+    if not isinstance(w, (RtnConfig, GptqConfig)):
+        raise UserError(f"awq drives rtn or gptq weights, not {w.stage}; put rtn or gptq after awq")
     groups, _ = find_scaling_groups(model, sites)
     if not acfg.scale_lm_head:
         groups = [g for g in groups if not any(s.is_lm_head for s in g.sites)]
     refused = [g.name for g in groups if g.kind == "mul_insert"]
     if acfg.no_insert and refused:
-        raise UserError(f"--no-insert: {len(refused)} scaling groups have no producer that can absorb 1/s "
+        raise UserError(f"awq no_insert (--no-insert): {len(refused)} scaling groups have no producer that can absorb 1/s "
                         f"(their activation has other consumers or is a graph input) and would need an inserted "
-                        f"Mul: {refused[:5]}; drop --no-insert or --exclude their MatMuls")
+                        f"Mul: {refused[:5]}; drop no_insert or exclude their MatMuls")
     group_of = {g.name: g for g in groups}
     blocks = find_blocks(model, sites)
     scales: dict[str, np.ndarray] = {}
+    alphas: dict[str, float] = {}
     ratios: dict[str, np.ndarray] = {}
+    losses: dict[str, float] = {}
     planned: dict[str, object] = {}  # site name -> QuantizedWeight of W diag(s) (before producers' row fold)
-    gptq = gptq_stage_solver(w, cfg.gptq, report.losses) if cfg.method == "awq+gptq" else None
+    gptq = gptq_stage_solver(w, losses) if isinstance(w, GptqConfig) else None
     rtn = rtn_solver(w, ratios)
 
     def solve_stage(block, stage, stats):
@@ -79,13 +81,12 @@ def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds
                                 bits=w.bits, block_size=block_size_for(w, k), symmetric=w.symmetric,
                                 grid=acfg.grid, device=acfg.device)
             s = scales[group.name] = res.s
-            report.awq_alpha[group.name] = res.alpha
+            alphas[group.name] = res.alpha
             line = (f"AWQ block {block.index + 1}/{len(blocks)} {group.name} ({len(group.sites)} sites, "
                     f"{group.kind}): alpha={res.alpha:.2f}, output error {res.rtn_error:.4g} -> {res.error:.4g} "
                     f"({res.error / max(res.rtn_error, 1e-30):.1%})")
-            logger.info(line)
-            if progress is not None:
-                progress(line)
+            logger.debug(line)
+            ctx.say(line)
         inv = 1.0 / s.astype(np.float64)
         gram = stats.xtx * inv[:, None] * inv[None, :]  # XᵀX of x / s
         scaled = []
@@ -107,22 +108,25 @@ def plan_awq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds
             updates[site.name] = (dequantize_weight(qw) / s).astype(np.float32)  # x Ŵᵀ = (x/s) Q(W s)ᵀ
         return updates
 
+    feeds = ctx.feeds()
     run_sequential(model, blocks, feeds, solve_stage, kinds={Stat.XTX, Stat.MEAN_ABS})
-    report.calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
+    calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
     if ratios:
         clipped = sum(int((r < 1).sum()) for r in ratios.values())
         logger.info("AWQ clip: %d of %d blocks clipped", clipped, sum(r.size for r in ratios.values()))
 
     fold = fold_scales_checked(model, groups, scales, feeds[:2], no_insert=acfg.no_insert, what="AWQ scales")
-    report.scales_folded, report.scales_inserted = list(fold.folded), list(fold.inserted)
-    report.fold_max_rel_err = fold.max_rel_err
     for g in groups:  # a planned producer's output rows were divided by s after its codes were chosen
         if g.name in fold.folded and g.kind == "linear_columns" and g.producer.name in planned:
             qw, rows = planned[g.producer.name], g.producer_scales(scales[g.name]).astype(np.float64)
             planned[g.producer.name] = dataclasses.replace(
                 qw, scale=(qw.scale / rows[:, None]).astype(np.float32))
 
-    names = {s.name for s in sites}
-    sites = [s for s in find_linear_sites(model).sites if s.name in names]  # weights are the scaled copies now
-    assert len(sites) == len(names) == len(planned), "folding changed the set of linear sites"
-    return sites, {s.name: PlannedWeight(s, planned[s.name]) for s in sites}
+    sites = ctx.refresh_sites()  # weights are the scaled copies now
+    assert len(sites) == len(planned), "folding changed the set of linear sites"
+    summary = ScalesSummary(acfg.stage, groups=len(groups), folded=fold.folded, inserted=fold.inserted,
+                            alpha=alphas, fold_max_rel_err=fold.max_rel_err, calibration=calibration)
+    weights = WeightsSummary(w.stage, layers=len(planned), calibration=f"driven by awq, {calibration}",
+                             losses=losses)
+    return MethodResult((summary, weights), plan={s.name: PlannedWeight(s, planned[s.name]) for s in sites},
+                        folds=fold.records)

@@ -19,6 +19,7 @@ from ptqonnx.calibration.stats import Statistics
 from ptqonnx.passes import run_passes
 from ptqonnx.passes.fold_scales import FoldScalesPass
 from ptqonnx.graph.scaling import ScalingGroup
+from ptqonnx.methods.base import ScaleFold
 
 __all__ = ["FOLD_TOLERANCE", "FoldOutcome", "fold_scales_checked", "max_relative_error"]
 
@@ -33,6 +34,7 @@ class FoldOutcome:
     inserted: tuple[str, ...]  # activations given an explicit Mul(x, 1/s)
     max_rel_err: float
     stats: Statistics | None  # the statistics of the activations the sites now read
+    records: tuple[ScaleFold, ...] = ()  # what was folded, keyed by the sites' weight names
 
 
 def _outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -84,4 +86,8 @@ def fold_scales_checked(
                 stats = stats.replace(fold.renamed.get(name, name), stats[name].scaled(s))
     logger.info("%s: %d groups folded into their producer, %d with an inserted Mul; float outputs unchanged "
                 "(max relative error %.2g)", what, len(fold.folded), len(fold.inserted), err)
-    return FoldOutcome(tuple(fold.folded), tuple(fold.inserted), err, stats)
+    records = tuple(
+        ScaleFold(g.name, tuple(site.weight_name for site in g.sites), np.asarray(scales[g.name], np.float32),
+                  inserted=g.name in fold.inserted, through=g.through.name if g.through is not None else None)
+        for g in groups if g.name in fold.folded or g.name in fold.inserted)
+    return FoldOutcome(tuple(fold.folded), tuple(fold.inserted), err, stats, records)

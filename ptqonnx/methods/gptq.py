@@ -1,39 +1,60 @@
-"""GPTQ planning: Hessians block by block on the partly quantized model (or one-shot), then the solver.
+"""GPTQ: Hessians block by block on the partly quantized model (or one-shot from the float model), then the
+solver.
 
 The linear algebra is `ptqonnx.numerics.gptq`; the sequential calibration is `ptqonnx.runtime.sequential`
-on the blocks `ptqonnx.graph.blocks` finds along the residual stream.
+on the blocks `ptqonnx.graph.blocks` finds along the residual stream. One-shot Hessians (`sequential` off,
+or a graph with no residual-stream cut) are XᵀX statistics the pipeline collects with the other stages'
+requests in one run (so `--stats` from `ptqonnx calibrate --hessian` can supply them).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
-import onnx_ir as ir
-
-from ptqonnx.graph import LinearSite
+from ptqonnx.calibration.observers import Stat
+from ptqonnx.config import GptqConfig
+from ptqonnx.graph import Block, LinearSite, find_blocks
+from ptqonnx.methods.base import MethodContext, MethodResult
 from ptqonnx.plan import PlannedWeight, gptq_stage_solver
-from ptqonnx.config import CompileConfig
+from ptqonnx.registry import register_method
+from ptqonnx.report import WeightsSummary
 
-__all__ = ["plan_gptq"]
+__all__ = ["run_gptq", "gptq_requests"]
 
 logger = logging.getLogger(__name__)
 
 
-def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feeds: list, report,
-               progress: Callable[[str], None] | None) -> dict[str, PlannedWeight]:
+def _blocks(ctx: MethodContext, cfg: GptqConfig) -> list[Block]:
+    return find_blocks(ctx.model, ctx.sites) if cfg.sequential else []
+
+
+def _by_activation(sites: list[LinearSite]) -> dict[str, list[LinearSite]]:
+    out: dict[str, list[LinearSite]] = {}
+    for s in sites:
+        out.setdefault(s.activation.name, []).append(s)
+    return out
+
+
+def gptq_requests(ctx: MethodContext, cfg: GptqConfig) -> dict[str, set[Stat]]:
+    """One-shot GPTQ needs XᵀX of every activation its sites read; sequential GPTQ calibrates on its own."""
+    if len(_blocks(ctx, cfg)) >= 2:
+        return {}
+    return {act: {Stat.XTX} for act in _by_activation(ctx.sites)}
+
+
+@register_method(GptqConfig, requests=gptq_requests)
+def run_gptq(ctx: MethodContext, cfg: GptqConfig) -> MethodResult:
     """GPTQ plan: block by block on the partly quantized model, or one-shot Hessians when the graph has no
     residual-stream cut (or `sequential` is off)."""
-    from ptqonnx.graph.blocks import find_blocks
     from ptqonnx.numerics.gptq import hessian_from_xtx
     from ptqonnx.numerics.quant import dequantize_weight
 
-    solve = gptq_stage_solver(cfg.weights, cfg.gptq, report.losses)  # sites sharing an activation: one sweep
-    blocks = find_blocks(model, sites) if cfg.gptq.sequential else []
+    losses: dict[str, float] = {}
+    solve = gptq_stage_solver(cfg, losses)  # sites sharing an activation: one sweep
+    blocks = _blocks(ctx, cfg)
+    plan: dict[str, PlannedWeight] = {}
     if len(blocks) >= 2:
         from ptqonnx.runtime.sequential import run_sequential
-
-        plan: dict[str, PlannedWeight] = {}
 
         def solve_stage(block, stage, stats):
             qws = solve(stage.sites, [s.weight_nk() for s in stage.sites], hessian_from_xtx(stats.xtx, stats.count))
@@ -41,27 +62,21 @@ def plan_gptq(model: ir.Model, sites: list[LinearSite], cfg: CompileConfig, feed
             return {site.name: dequantize_weight(qw) for site, qw in zip(stage.sites, qws)}
 
         def on_stage(block, stage, seconds):
-            if progress is not None:
-                losses = ", ".join(f"{s.weight_name} {report.losses[s.weight_name]:.4g}" for s in stage.sites)
-                progress(f"block {block.index + 1}/{len(blocks)} ({seconds:.1f} s) GPTQ loss: {losses}")
+            shown = ", ".join(f"{s.weight_name} {losses[s.weight_name]:.4g}" for s in stage.sites)
+            ctx.say(f"GPTQ block {block.index + 1}/{len(blocks)} ({seconds:.1f} s) loss: {shown}")
 
-        run_sequential(model, blocks, feeds, solve_stage, progress=on_stage)
-        report.calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
-        return plan
-    if cfg.gptq.sequential:
-        logger.warning("no residual-stream cut found in the graph: GPTQ falls back to one-shot Hessians "
-                       "from the float model")
-    from ptqonnx.runtime.collect import collect_statistics
-
-    by_activation: dict[str, list[LinearSite]] = {}
-    for s in sites:
-        by_activation.setdefault(s.activation.name, []).append(s)
-    stats = collect_statistics(model, feeds, {act: {"xtx"} for act in by_activation})
-    report.calibration = f"one-shot, {len(feeds)} samples"
-
-    plan = {}
-    for act, group in by_activation.items():
-        st = stats[act]
-        qws = solve(group, [s.weight_nk() for s in group], hessian_from_xtx(st.xtx, st.count))
-        plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(group, qws))
-    return {s.name: plan[s.name] for s in sites}  # graph order
+        feeds = ctx.feeds()
+        run_sequential(ctx.model, blocks, feeds, solve_stage, progress=on_stage)
+        calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
+        plan = {s.name: plan[s.name] for s in ctx.sites}  # graph order
+    else:
+        if cfg.sequential:
+            logger.warning("no residual-stream cut found in the graph: GPTQ falls back to one-shot Hessians "
+                           "from the float model")
+        for act, group in _by_activation(ctx.sites).items():
+            st = ctx.stats[act]
+            qws = solve(group, [s.weight_nk() for s in group], hessian_from_xtx(st.xtx, st.count))
+            plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(group, qws))
+        plan = {s.name: plan[s.name] for s in ctx.sites}  # graph order
+        calibration = f"one-shot, {ctx.stats_origin}"
+    return MethodResult(WeightsSummary(cfg.stage, layers=len(plan), calibration=calibration, losses=losses), plan=plan)

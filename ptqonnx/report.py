@@ -1,0 +1,147 @@
+"""The typed report of a compile, built by the pipeline from the methods' summaries.
+
+Methods never touch the report: each returns a `StageSummary` (a frozen dataclass of names and numbers) in
+its `MethodResult`; the pipeline adds what it measured itself (sites, skips, sizes, time, memory). `lines()`
+is what the CLI prints; `to_dict()` is the JSON form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptqonnx.graph import Skip
+
+__all__ = [
+    "StageSummary", "WeightsSummary", "ScalesSummary", "W8A8Summary", "CompileReport",
+]
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """What one stage did. Subclasses add fields; `lines()` says it in words (empty: nothing worth a line)."""
+
+    stage: str
+
+    def lines(self) -> list[str]:
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, **_jsonable(dataclasses.asdict(self))}
+
+
+@dataclass(frozen=True)
+class WeightsSummary(StageSummary):
+    """A weights stage: how many layers it planned, from what calibration, and GPTQ's losses per weight."""
+
+    layers: int = 0
+    calibration: str = ""
+    losses: dict[str, float] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        if not self.losses:
+            return [f"{self.stage}: calibration {self.calibration}"] if self.calibration else []
+        return [f"{self.stage}: calibration {self.calibration}; loss summed over layers "
+                f"{sum(self.losses.values()):.4g}"]
+
+
+@dataclass(frozen=True)
+class ScalesSummary(StageSummary):
+    """A scaling stage (AWQ, SmoothQuant): the scale per group, folded or inserted, and the fold check."""
+
+    groups: int = 0
+    folded: tuple[str, ...] = ()
+    inserted: tuple[str, ...] = ()
+    alpha: dict[str, float] = field(default_factory=dict)  # chosen alpha per group (activation name)
+    fold_max_rel_err: float | None = None
+    not_scaled: tuple[Skip, ...] = ()  # sites whose group could not be scaled, with the reason
+    calibration: str = ""
+
+    def lines(self) -> list[str]:
+        alphas = sorted(self.alpha.values())
+        median = f"median alpha {alphas[len(alphas) // 2]:.2f}; " if alphas else ""
+        unscaled = self.groups - len(self.folded) - len(self.inserted)
+        err = f"float outputs unchanged to {self.fold_max_rel_err:.1g}" if self.fold_max_rel_err is not None else \
+            "nothing folded"
+        out = [f"{self.stage}: {len(self.folded)} scale groups folded, {len(self.inserted)} with an inserted Mul, "
+               f"{unscaled} unscaled; {median}{err}"]
+        if self.not_scaled:
+            reasons = Counter(s.reason for s in self.not_scaled).most_common(1)[0]
+            out.append(f"{self.stage}: {len(self.not_scaled)} layers not scaled, e.g. {reasons[0]} ({reasons[1]}x)")
+        return out
+
+
+@dataclass(frozen=True)
+class W8A8Summary(StageSummary):
+    target: str = ""
+    static_layers: int = 0
+    dynamic_layers: int = 0
+    bmm_nodes: int = 0
+    calibration: str = ""
+
+    def lines(self) -> list[str]:
+        dyn = f", {self.dynamic_layers} dynamic per row and block" if self.dynamic_layers else ""
+        bmm = f", {self.bmm_nodes} attention MatMuls" if self.bmm_nodes else ""
+        return [f"W8A8 ({self.target}): activations of {self.static_layers} layers static per tensor{dyn}{bmm}; "
+                f"calibration {self.calibration}"]
+
+
+@dataclass
+class CompileReport:
+    """One compile, filled in by the pipeline."""
+
+    input_path: Path | None
+    output_path: Path | None
+    recipe: Any = None  # the Recipe actually run
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    embeddings_quantized: int = 0
+    stages: list[StageSummary] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+    seconds: float = 0.0
+    input_bytes: int = 0
+    output_bytes: int = 0
+
+    def skip_summary(self) -> list[tuple[str, int]]:
+        return Counter(s.reason for s in self.skipped).most_common()
+
+    def summary(self, cls: type[StageSummary], stage: str | None = None) -> StageSummary | None:
+        """The first stage summary of type `cls` (and stage name, if given)."""
+        return next((s for s in self.stages if isinstance(s, cls) and (stage is None or s.stage == stage)), None)
+
+    def lines(self, *, all_skips: bool = False) -> list[str]:
+        emb = f" and {self.embeddings_quantized} embedding tables" if self.embeddings_quantized else ""
+        out = [f"quantized {len(self.quantized)} linear layers{emb}; skipped {len(self.skipped)}"]
+        for reason, n in self.skip_summary():
+            names = [s.node for s in self.skipped if s.reason == reason]
+            shown = names if all_skips else names[:3]
+            more = f", ... (+{len(names) - len(shown)}; -v lists all)" if len(names) > len(shown) else ""
+            out.append(f"  skipped {n}: {reason}: {', '.join(shown)}{more}")
+        for s in self.stages:
+            out += s.lines()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({
+            "input": self.input_path, "output": self.output_path,
+            "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+            "quantized": self.quantized, "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "embeddings_quantized": self.embeddings_quantized, "stages": [s.to_dict() for s in self.stages],
+            "peak_rss_mib": self.peak_rss_mib, "seconds": self.seconds, "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+        })
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
