@@ -75,8 +75,7 @@ def _add(group: argparse._ArgumentGroup, cls: type, f: dataclasses.Field, seen: 
         kw["type"] = _arg_type(cls, f)
         if f.metadata["choices"]:
             kw["choices"] = list(f.metadata["choices"])
-        if f.metadata["metavar"]:
-            kw["metavar"] = f.metadata["metavar"]
+        kw["metavar"] = f.metadata["metavar"] or flag.lstrip("-").upper().replace("-", "_")
     names = [flag] + (["--block-size"] if flag == "--group-size" else [])  # ONNX Runtime's name for it
     group.add_argument(*names, **kw)
 

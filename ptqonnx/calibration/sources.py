@@ -19,7 +19,7 @@ from ptqonnx.config import CalibConfig
 from ptqonnx.errors import UserError
 from ptqonnx.text import calibration_windows, load_tokenizer, read_text, tokenize
 
-__all__ = ["CALIB_TEXT_ENV", "CalibConfig", "calibration_batches", "text_feeds"]
+__all__ = ["CALIB_TEXT_ENV", "CalibConfig", "calibration_batches", "probe_feeds", "text_feeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +150,46 @@ def _wikitext2_train() -> str:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(hint + first) from None
     return "\n\n".join(data["text"])
+
+
+_PROBE_DIMS = {"batch": 1, "past": 0}  # symbolic dims whose name contains a key get that size; others 16
+
+
+def probe_feeds(model, n: int = 2, seq_len: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`n` synthetic feeds for checking that a float rewrite did not change the model (no calibration data
+    needed): token ids below the embedding table's rows for integer `input_ids`-like inputs, ones for
+    `attention_mask`, 0..L-1 for `position_ids`, zeros for other integer inputs, N(0, 1) for float inputs; a
+    symbolic dim named like batch gets 1, like past 0 (an empty KV cache), any other `seq_len`."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(seed)
+    graph = model.graph
+    rows = {}  # input name -> rows of an embedding table it indexes
+    for node in graph:
+        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[0] is not None \
+                and node.inputs[0].const_value is not None and node.inputs[1] is not None:
+            rows.setdefault(node.inputs[1].name, int(node.inputs[0].const_value.shape[0]))
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for v in graph.inputs:
+            if v.const_value is not None:
+                continue  # an initializer listed as an input (IR < 4): it has a value
+            shape = []
+            for d in (v.shape or []):
+                if isinstance(d, int):
+                    shape.append(d)
+                else:
+                    name = (d.value or "").lower()
+                    shape.append(next((s for k, s in _PROBE_DIMS.items() if k in name), seq_len))
+            dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+            if v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
+                feed[v.name] = rng.standard_normal(shape).astype(dtype)
+            elif v.name in _DERIVED_INPUTS and len(shape) == 2:
+                feed[v.name] = _DERIVED_INPUTS[v.name](np.zeros(shape, np.int64)).astype(dtype)
+            elif v.name in rows:
+                feed[v.name] = rng.integers(0, rows[v.name], size=shape).astype(dtype)
+            else:
+                feed[v.name] = np.zeros(shape, dtype)
+        feeds.append(feed)
+    return feeds

@@ -41,6 +41,7 @@ class Calibration:
 
     def __init__(self, source: CalibConfig | Sequence[Mapping[str, np.ndarray]] | None, model_dir: Path | None,
                  input_names: Sequence[str]) -> None:
+        self.supplied = source is not None
         self._config = source if isinstance(source, CalibConfig) or source is None else None
         self._feeds: Feeds | None = None if self._config is not None or source is None else [dict(f) for f in source]
         self.model_dir = model_dir
@@ -108,6 +109,15 @@ class MethodContext:
 
     def feeds(self) -> Feeds:
         return self.calibration.feeds()
+
+    def check_feeds(self, n: int = 2) -> Feeds:
+        """Inputs for checking that a float rewrite left the outputs unchanged: calibration feeds when data was
+        given, else synthetic probe feeds (a compile from `--stats` alone needs no data)."""
+        if self.calibration.supplied:
+            return self.feeds()[:n]
+        from ptqonnx.calibration.sources import probe_feeds
+
+        return probe_feeds(self.model, n)
 
     def refresh_sites(self) -> list[LinearSite]:
         """Re-read the selected sites from the graph (a fold may give a weight a private copy, or a site a new

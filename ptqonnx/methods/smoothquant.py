@@ -68,8 +68,7 @@ def run_smoothquant(ctx: MethodContext, cfg: SmoothQuantConfig) -> MethodResult:
         scales[g.name] = s
     if not scales:
         return MethodResult(ScalesSummary(cfg.stage, not_scaled=tuple(not_scaled)))
-    feeds = ctx.feeds()
-    fold = fold_scales_checked(ctx.model, groups, scales, feeds[:2], stats=stats, what="SmoothQuant scales")
+    fold = fold_scales_checked(ctx.model, groups, scales, ctx.check_feeds(), stats=stats, what="SmoothQuant scales")
     ctx.stats = fold.stats
     ctx.refresh_sites()
     logger.info("smoothquant: %d groups (%d folded, %d with an inserted Mul), alpha %s; folded graph max "
