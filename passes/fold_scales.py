@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
-from ptqonnx.graph import FLOAT_TYPES, ConstRef, NameScope, ScalingGroup, trace_const
+from ptqonnx.graph import FLOAT_TYPES, ConstRef, NameScope, ScalingGroup, gemm_trans_b, trace_const
 
 __all__ = ["FoldScalesPass"]
 
@@ -181,8 +181,7 @@ class FoldScalesPass(InPlacePass):
                     self._scale_const(graph, ref, 1.0 / group.producer_scales(s))
                 self.folded.append(group.name)
             for site in group.sites:
-                trans_b = site.node.op_type == "Gemm" and site.node.attributes.get_int("transB", 0)
-                k_axis = 1 if trans_b else 0  # the K axis of W as the node sees it
+                k_axis = 1 if gemm_trans_b(site.node) else 0  # the K axis of W as the node sees it
                 self._scale_const(graph, ConstRef(site.node, 1, k_axis), s)
         logger.info("fold scales: %d groups folded into their producer, %d with an inserted Mul, %d unscaled",
                     len(self.folded), len(self.inserted), len(self.groups) - len(todo))

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
-from ptqonnx.graph import NameScope, add_initializer
+from ptqonnx.graph import NameScope, add_initializer, gemm_trans_b
 from ptqonnx.plan import WeightPlan, planned_nodes
 
 __all__ = ["LowerToQdqPass", "QDQ_MIN_OPSET"]
@@ -71,7 +71,7 @@ class LowerToQdqPass(InPlacePass):
             zp = qw.zero_point.astype(np.int16)  # [N, k_blocks]
             if qw.symmetric:
                 q = q - (1 << (qw.bits - 1))
-            n_major = node.op_type == "Gemm" and bool(node.attributes.get("transB") and node.attributes["transB"].value)
+            n_major = gemm_trans_b(node)
             per_channel = qw.k_blocks == 1 and qw.block_size >= site.K
             scale = qw.scale  # [N, k_blocks]
             if per_channel:

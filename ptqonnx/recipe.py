@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqonnx import __version__
-from ptqonnx.config import CalibConfig, ConfigError, FieldRef, Recipe
+from ptqonnx.config import CalibConfig, ConfigError, FieldRef, Recipe, W8A8Config
 from ptqonnx.errors import UserError
 
 __all__ = ["RECIPE_VERSION", "load_recipe", "recipe_from_dict", "save_recipe", "dump_recipe"]
@@ -88,7 +88,7 @@ def _compose(text: str, lines: _Lines) -> Any:
     return None if root is None else build(root, ())
 
 
-def _stage(entry: Any, i: int, lines: _Lines):
+def _stage(entry: Any, i: int, lines: _Lines, w8a8: bool):
     from ptqonnx.registry import stage_class, stage_names
 
     if isinstance(entry, str):
@@ -106,10 +106,13 @@ def _stage(entry: Any, i: int, lines: _Lines):
     if name not in names:
         raise lines.fail(f"unknown stage {name!r}; stages: {', '.join(names)}", *path)
     cls = stage_class(name)
+    if w8a8 and cls.kind == "weights":  # unset grid fields: W8A8's (8 bits per channel), as the CLI does
+        fields = {**W8A8Config.WEIGHT_DEFAULTS, **fields}
     known = [f.name for f in dataclasses.fields(cls)]
     for key in fields:
         if key not in known:
-            raise lines.fail(f"unknown key {key!r} in stage {name}; its keys: {', '.join(known)}", *path, key)
+            top = f"; {key} is a recipe-level key: write it at the top level" if key in _TOP_KEYS else ""
+            raise lines.fail(f"unknown key {key!r} in stage {name}{top}; its keys: {', '.join(known)}", *path, key)
     return cls(**fields)
 
 
@@ -129,7 +132,8 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
     if not isinstance(stages, list) or not stages:
         raise lines.fail("`stages` must be a non-empty list, e.g. `stages: [gptq]`", "stages")
     try:
-        built = [_stage(entry, i, lines) for i, entry in enumerate(stages)]
+        w8a8 = any(e == W8A8Config.stage or isinstance(e, dict) and W8A8Config.stage in e for e in stages)
+        built = [_stage(entry, i, lines, w8a8) for i, entry in enumerate(stages)]
         calib = data.get("calibration")
         if calib is not None:
             if not isinstance(calib, dict):
@@ -144,21 +148,22 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
         options = {k: v for k, v in data.items() if k not in ("version", "stages", "calibration")}
         return Recipe(stages=tuple(built), calibration=calib, **options)
     except ConfigError as exc:
-        raise lines.fail(exc.render(FieldRef.key), *_path_of(exc, data)) from None
+        raise lines.fail(exc.render(FieldRef.key), *_path_of(exc, data, lines)) from None
 
 
-def _path_of(exc: ConfigError, data: dict) -> tuple:
-    """The YAML path of the first field a ConfigError names (for its line number)."""
+def _path_of(exc: ConfigError, data: dict, lines: _Lines) -> tuple:
+    """The YAML path of the first field the ConfigError names that the file spells out (for its line)."""
+    candidates = []
     for ref in exc.refs:
         if not ref.stage:
-            return (ref.name,)
-        if ref.stage == "calibration":
-            return ("calibration", ref.name)
+            candidates.append((ref.name,))
+        elif ref.stage == "calibration":
+            candidates.append(("calibration", ref.name))
         for i, entry in enumerate(data.get("stages") or []):
             name = entry if isinstance(entry, str) else next(iter(entry), None) if isinstance(entry, dict) else None
             if name == ref.stage:
-                return ("stages", i, name, ref.name) if ref.name else ("stages", i)
-    return ("stages",)
+                candidates.append(("stages", i, name, ref.name) if ref.name else ("stages", i))
+    return next((c for c in candidates if c in lines.lines), candidates[0] if candidates else ("stages",))
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -69,6 +69,10 @@ def _builtins() -> dict[str, MethodSpec]:
         _loaded = True
         for module in BUILTIN_MODULES:
             importlib.import_module(module)
+        rank = {m: i for i, m in enumerate(BUILTIN_MODULES)}  # built-ins in this order, then the rest as registered
+        ordered = sorted(_SPECS.values(), key=lambda sp: rank.get(sp.run.__module__, len(rank)))
+        _SPECS.clear()
+        _SPECS.update((sp.name, sp) for sp in ordered)
     return _SPECS
 
 

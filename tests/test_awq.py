@@ -9,7 +9,8 @@ import pytest
 from graphs import model_from_text, run, save
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.errors import UserError
-from ptqonnx.numerics.awq import clip_grid, clip_weight, search_clip, search_scales, torch_fake_quantize
+from ptqonnx.numerics.awq import clip_grid, clip_weight, search_clip, search_scales
+from ptqonnx.numerics.quant import torch_fake_quantize
 from ptqonnx.numerics.quant import fake_quantize
 from ptqonnx.pipeline import compile_model
 from ptqonnx.config import AwqConfig, ConfigError, GptqConfig, Recipe, RtnConfig

@@ -15,7 +15,7 @@ magnitude over all calibration rows) and α on a grid. As the reference (llm-awq
 α ∈ {0, 1/grid, …, (grid−1)/grid}; s = max(s_x^α, 1e-4); s /= sqrt(max(s)·min(s)) (centres s around 1 in
 log scale, so the fold does not move the producer's range much). α = 0 gives s = 1 exactly, so
 L(s*) ≤ L(1) = the RTN error: AWQ is never worse than RTN on the search data. Q is our blockwise grid
-(`quant.py`, MLAS convention) computed in torch bit for bit as `quant.fake_quantize`, and W·s rounds to
+(`quant.py`, MLAS convention; its torch backend `quant.torch_fake_quantize` equals `quant.fake_quantize` bit for bit), and W·s rounds to
 float32 exactly as `FoldScalesPass` writes it, so the planned weights are the ones the search scored.
 
 Error evaluation. With ΔW_i = Q(W_i s)/s − W_i [N_i, K] (the effective weight error in x's units),
@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ptqonnx.numerics.quant import SUPPORTED_BITS, num_blocks
+from ptqonnx.numerics.quant import check_bits, grid_ends, num_blocks, torch_fake_quantize
 
-__all__ = ["AwqScale", "awq_scale", "clip_grid", "search_scales", "search_clip", "clip_weight", "torch_fake_quantize"]
+__all__ = ["AwqScale", "awq_scale", "clip_grid", "search_scales", "search_clip", "clip_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,48 +74,9 @@ class AwqScale:
 
 
 def _check(bits: int, grid: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_bits(bits)
     if grid < 1:
         raise ValueError(f"grid must be at least 1, got {grid}")
-
-
-def _round_half_away(t):
-    import torch
-
-    return torch.sign(t) * torch.floor(t.abs() + 0.5)
-
-
-def torch_fake_quantize(w, bits: int, block_size: int, symmetric: bool, clip_ratio=None):
-    """torch twin of `quant.fake_quantize` (same float32 operations, same results bit for bit).
-
-    w: float32 tensor [N, K]; clip_ratio: None, a float or a tensor broadcasting to [N, k_blocks].
-    """
-    import torch
-
-    n, k = w.shape
-    kb = num_blocks(k, block_size)
-    wb = torch.nn.functional.pad(w, (0, kb * block_size - k)).view(n, kb, block_size)
-    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
-    hi, lo = wb.amax(dim=-1), wb.amin(dim=-1)  # [N, kb]
-    if symmetric:
-        extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
-        if clip_ratio is not None:
-            extreme = extreme * clip_ratio
-        scale = extreme / -mid
-        zp = torch.full_like(scale, float(mid))
-    else:
-        if clip_ratio is not None:
-            lo, hi = lo * clip_ratio, hi * clip_ratio
-        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        scale = (hi - lo) / qmax
-        nz = scale != 0
-        zp = torch.where(nz, -lo / torch.where(nz, scale, torch.ones_like(scale)), torch.zeros_like(scale))
-        zp = _round_half_away(zp).clamp(0, qmax)
-    s, z = scale[..., None], zp[..., None]
-    inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    q = _round_half_away(wb * inv + z).clamp(0, qmax)
-    return ((q - z) * s).reshape(n, kb * block_size)[:, :k]
 
 
 def awq_scale(mean_abs, alpha: float):
@@ -247,11 +208,9 @@ def search_clip(
 def clip_weight(w: np.ndarray, ratios: np.ndarray, *, bits: int, block_size: int | None, symmetric: bool) -> np.ndarray:
     """W [N, K] clamped per block to the range of its clipped grid (llm-awq `apply_clip`), float32 [N, K].
 
-    The range is the one `quantize_weight(clip_ratio=r)` gives the block, so that choosing a grid from the
-    clamped block gives that grid again and the codes agree: asymmetric [r·min(min w, 0), r·max(max w, 0)];
-    symmetric, with e = r·m (m the block's signed extreme; MLAS's grid runs from e to −(mid−1)/mid·e,
-    −7e/8 for 4 bits), [min(e, −7e/8), max(e, −7e/8)]. (llm-awq clamps to ±r·max|w|; on our signed
-    symmetric grid that would make both ends tie and could flip the grid's sign.)
+    The range is the one `quantize_weight(clip_ratio=r)` gives the block (`quant.grid_ends`), so that choosing a
+    grid from the clamped block gives that grid again and the codes agree. (llm-awq clamps to ±r·max|w|; on
+    our signed symmetric grid that would make both ends tie and could flip the grid's sign.)
     """
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
@@ -260,13 +219,5 @@ def clip_weight(w: np.ndarray, ratios: np.ndarray, *, bits: int, block_size: int
     ratios = np.broadcast_to(np.asarray(ratios, dtype=np.float32), (n, kb))
     idx = np.arange(k) // bs
     wb = np.pad(w, ((0, 0), (0, kb * bs - k))).reshape(n, kb, bs)
-    if symmetric:
-        bhi, blo = wb.max(axis=-1), wb.min(axis=-1)
-        e = np.where(np.abs(bhi) > np.abs(blo), bhi, blo) * ratios
-        mid = 1 << (bits - 1)
-        far = e * np.float32(-(mid - 1) / mid)  # the grid's other end: (qmax - mid)·scale = -(mid - 1)/mid · e
-        lo, hi = np.minimum(e, far), np.maximum(e, far)
-    else:
-        lo = np.minimum(wb.min(axis=-1), 0) * ratios
-        hi = np.maximum(wb.max(axis=-1), 0) * ratios
+    lo, hi = grid_ends(wb, bits, symmetric, ratios)
     return np.clip(w, lo[:, idx], hi[:, idx]).astype(np.float32)

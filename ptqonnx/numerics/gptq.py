@@ -56,8 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptqonnx.numerics.quant import (
-    SUPPORTED_BITS,
     QuantizedWeight,
+    check_bits,
     choose_qparams,
     num_blocks,
 )
@@ -159,8 +159,7 @@ def gptq_quantize(
     n, k = w.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for weight {w.shape}, got {hessian.shape}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_bits(bits)
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be positive or None, got {block_size}")
     if lazy_batch is None:  # 128, or fewer columns when B x N would pass ~2M floats (tall weights)

@@ -34,6 +34,9 @@ import numpy as np
 __all__ = [
     "SUPPORTED_BITS",
     "QuantizedWeight",
+    "check_bits",
+    "grid_ends",
+    "torch_fake_quantize",
     "round_half_away",
     "num_blocks",
     "choose_qparams",
@@ -85,6 +88,24 @@ def _blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     return wb, mask
 
 
+def check_bits(bits: int) -> None:
+    """The bit widths the grids support (the product offers 3, 4 and 8: `ptqonnx.config.WEIGHT_BITS`)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def _signed_extreme(blocks: np.ndarray) -> np.ndarray:
+    """Per block (last axis), the value of largest magnitude with its sign (the larger end on a tie: hi)."""
+    hi, lo = blocks.max(axis=-1), blocks.min(axis=-1)
+    return np.where(np.abs(hi) > np.abs(lo), hi, lo)
+
+
+def _asym_range(blocks: np.ndarray, ratio) -> tuple[np.ndarray, np.ndarray]:
+    lo = np.minimum(blocks.min(axis=-1) * ratio, 0.0).astype(np.float32)
+    hi = np.maximum(blocks.max(axis=-1) * ratio, 0.0).astype(np.float32)
+    return lo, hi
+
+
 def choose_qparams(
     blocks: np.ndarray, bits: int, symmetric: bool, clip_ratio: float | np.ndarray = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -98,19 +119,31 @@ def choose_qparams(
     mid = 1 << (bits - 1)
     ratio = np.asarray(clip_ratio, dtype=np.float32)
     if symmetric:
-        hi = blocks.max(axis=-1)
-        lo = blocks.min(axis=-1)
-        extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo) * ratio
+        extreme = _signed_extreme(blocks) * ratio
         scale = (extreme / np.float32(-mid)).astype(np.float32)
         zero_point = np.full(scale.shape, mid, dtype=np.uint8)
         return scale, zero_point
-    lo = np.minimum(blocks.min(axis=-1) * ratio, 0.0).astype(np.float32)
-    hi = np.maximum(blocks.max(axis=-1) * ratio, 0.0).astype(np.float32)
+    lo, hi = _asym_range(blocks, ratio)
     scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         zp = np.where(scale != 0, -lo / np.where(scale != 0, scale, 1), 0.0)
     zero_point = np.clip(round_half_away(zp), 0, qmax).astype(np.uint8)
     return scale, zero_point
+
+
+def grid_ends(blocks: np.ndarray, bits: int, symmetric: bool,
+              clip_ratio: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) per block: the values the grid `choose_qparams(blocks, bits, symmetric, clip_ratio)` reaches at
+    its two ends. Asymmetric: [r·min(min w, 0), r·max(max w, 0)]. Symmetric, with e = r·m (m the block's signed
+    extreme): the grid runs from e (code 0) to (qmax - mid)·scale = −(mid − 1)/mid · e (−7e/8 for 4 bits)."""
+    blocks = np.asarray(blocks, dtype=np.float32)
+    ratio = np.asarray(clip_ratio, dtype=np.float32)
+    if symmetric:
+        mid = 1 << (bits - 1)
+        e = _signed_extreme(blocks) * ratio
+        far = e * np.float32(-(mid - 1) / mid)
+        return np.minimum(e, far), np.maximum(e, far)
+    return _asym_range(blocks, ratio)
 
 
 def quantize_with_qparams(
@@ -126,8 +159,7 @@ def quantize_with_qparams(
 
 
 def _check(bits: int, block_size: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_bits(bits)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
 
@@ -171,3 +203,44 @@ def fake_quantize(
 ) -> np.ndarray:
     """quantize then dequantize W [N, K]."""
     return dequantize_weight(quantize_weight(w, bits, block_size, symmetric, clip_ratio))
+
+
+# -- torch backend (AWQ's searches score thousands of candidate grids; same float32 operations, same results) --
+
+
+def _torch_round_half_away(t):
+    import torch
+
+    return torch.sign(t) * torch.floor(t.abs() + 0.5)
+
+
+def torch_fake_quantize(w, bits: int, block_size: int, symmetric: bool, clip_ratio=None):
+    """torch twin of `fake_quantize` (same float32 operations, same results bit for bit).
+
+    w: float32 tensor [N, K]; clip_ratio: None, a float or a tensor broadcasting to [N, k_blocks].
+    """
+    import torch
+
+    n, k = w.shape
+    kb = num_blocks(k, block_size)
+    wb = torch.nn.functional.pad(w, (0, kb * block_size - k)).view(n, kb, block_size)
+    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
+    hi, lo = wb.amax(dim=-1), wb.amin(dim=-1)  # [N, kb]
+    if symmetric:
+        extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
+        if clip_ratio is not None:
+            extreme = extreme * clip_ratio
+        scale = extreme / -mid
+        zp = torch.full_like(scale, float(mid))
+    else:
+        if clip_ratio is not None:
+            lo, hi = lo * clip_ratio, hi * clip_ratio
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = (hi - lo) / qmax
+        nz = scale != 0
+        zp = torch.where(nz, -lo / torch.where(nz, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+        zp = _torch_round_half_away(zp).clamp(0, qmax)
+    s, z = scale[..., None], zp[..., None]
+    inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    q = _torch_round_half_away(wb * inv + z).clamp(0, qmax)
+    return ((q - z) * s).reshape(n, kb * block_size)[:, :k]
