@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive(int), default=512, help="prefill tokens (default 512)")
     p.add_argument("--repeats", type=_positive(int), default=10, help="timed runs (default 10)")
     p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+    p = sub.add_parser("inspect", help="what a model is and how it is quantized (ours or another tool's)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+
     p = sub.add_parser("quickstart", help="the main job end to end on the real default model: export "
                        "SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
     p.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 test)")
@@ -299,9 +303,16 @@ def _cmd_bench(args) -> None:
         print(f"decode: median {dec.median_ms:.2f} ms/token over {dec.runs} runs, {dec.threads} threads")
 
 
+def _cmd_inspect(args) -> None:
+    from ptqonnx.inspect import inspect_model
+
+    info = inspect_model(args.model)
+    print(info.to_json() if args.json else "\n".join(info.lines()))
+
+
 _COMMANDS = {
     "export": _cmd_export, "compile": _cmd_compile, "calibrate": _cmd_calibrate,
-    "eval": _cmd_eval, "bench": _cmd_bench, "quickstart": _cmd_quickstart,
+    "eval": _cmd_eval, "bench": _cmd_bench, "inspect": _cmd_inspect, "quickstart": _cmd_quickstart,
 }
 
 
