@@ -92,20 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "smoothed --target ort-cpu)")
     _TABLES["calib"] = add_calibration_flags(p)
 
-    p = sub.add_parser("eval", help="perplexity of an input_ids -> logits model on a text")
-    p.add_argument("model", type=Path)
-    p.add_argument("--text", type=Path, required=True, help="text file (read whole, tokenized once)")
+    p = sub.add_parser("eval", help="perplexity of a causal LM (with or without KV cache); cosine similarity to "
+                       "a reference (--reference, e.g. encoders); or one table for several models (--compare)")
+    p.add_argument("model", type=Path, nargs="?", help="the model (with --compare: the baseline, listed first)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--text", type=Path, help="text file (read whole, tokenized once, cut into windows)")
+    g.add_argument("--inputs-npz", type=Path, help="model inputs by input name, first axis = samples (--reference)")
+    p.add_argument("--reference", type=Path, help="float model: cosine similarity of MODEL's outputs to this one's")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="MODEL", help="more models: one table of perplexity, "
+                   "size, prefill and decode latency, ratios to the first")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     p.add_argument("--seq-len", type=_positive(int), default=512, help="window length (default 512)")
-    p.add_argument("--max-windows", type=_positive(int), help="evaluate at most this many windows")
+    p.add_argument("--max-windows", type=_positive(int), help="evaluate at most this many windows / samples")
+    p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+    p.add_argument("--rounds", type=_positive(int), default=10, help="--compare: interleaved latency rounds (10)")
+
+    p = sub.add_parser("bench", help="ORT CPU latency: prefill (and per-token decode with --kv or KV models)")
+    p.add_argument("model", type=Path, nargs="?", help="input_ids -> logits model (with --compare: the baseline)")
+    p.add_argument("--kv", type=Path, help="the KV-cache variant, for per-token decode latency")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="MODEL",
+                   help="more models: one table, latencies interleaved in one run, ratios to the first")
+    p.add_argument("--seq-len", type=_positive(int), default=512, help="prefill tokens (default 512)")
+    p.add_argument("--repeats", type=_positive(int), default=10, help="timed runs / interleaved rounds (default 10)")
     p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
 
-    p = sub.add_parser("bench", help="ORT CPU latency: prefill (and per-token decode with --kv)")
-    p.add_argument("model", type=Path, help="input_ids -> logits model")
-    p.add_argument("--kv", type=Path, help="the KV-cache variant, for per-token decode latency")
-    p.add_argument("--seq-len", type=_positive(int), default=512, help="prefill tokens (default 512)")
-    p.add_argument("--repeats", type=_positive(int), default=10, help="timed runs (default 10)")
-    p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+    p = sub.add_parser("inspect", help="what a model is and how it is quantized (ours or another tool's)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+
     p = sub.add_parser("quickstart", help="the main job end to end on the real default model: export "
                        "SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
     p.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 test)")
@@ -213,35 +227,69 @@ def _cmd_calibrate(args) -> None:
     print(f"wrote statistics of {len(names)} activations to {args.output}")
 
 
-def _cmd_eval(args) -> None:
-    from ptqonnx.runtime.perplexity import perplexity
-    from ptqonnx.text import eval_windows, load_tokenizer, read_text, tokenize
+def _models(args) -> list[Path]:
+    """MODEL and --compare's models, MODEL first; at least one."""
+    models = ([args.model] if args.model else []) + list(args.compare or [])
+    if not models:
+        raise UserError("pass a model (or --compare A.onnx B.onnx ...)")
+    return models
 
-    if not args.model.is_file():
-        raise UserError(f"model file not found: {args.model}; pass the path of an .onnx file")
-    tok = load_tokenizer(args.tokenizer or args.model.parent)
-    windows = eval_windows(tokenize(read_text(args.text), tok), args.seq_len, args.max_windows)
-    res = perplexity(args.model, windows, threads=args.threads)
-    print(f"perplexity {res.ppl:.4f} over {res.tokens_evaluated} tokens "
-          f"({res.windows} windows x {args.seq_len})")
+
+def _cmd_eval(args) -> None:
+    from ptqonnx.runtime.compare import compare_models, eval_inputs, output_similarity
+    from ptqonnx.runtime.perplexity import perplexity
+
+    models = _models(args)
+    if args.reference and len(models) > 1:
+        raise UserError("pass either --reference (one model) or --compare (the first model is the reference)")
+    if args.inputs_npz and len(models) == 1 and not args.reference:
+        raise UserError("--inputs-npz is compared by cosine similarity: add --reference FP32.onnx "
+                        "(perplexity reads --text)")
+    inputs = eval_inputs(models[0], text=args.text, npz=args.inputs_npz, tokenizer=args.tokenizer,
+                         seq_len=args.seq_len, max_windows=args.max_windows)
+    if len(models) > 1:
+        lines = compare_models(models, windows=inputs, seq_len=args.seq_len, rounds=args.rounds,
+                               threads=args.threads).lines()
+    elif args.reference:
+        lines = output_similarity(models[0], args.reference, inputs, threads=args.threads).lines()
+    else:
+        res = perplexity(models[0], inputs, threads=args.threads)
+        lines = [f"perplexity {res.ppl:.4f} over {res.tokens_evaluated} tokens "
+                 f"({res.windows} windows x {args.seq_len})"]
+    print("\n".join(lines))
 
 
 def _cmd_bench(args) -> None:
     from ptqonnx.runtime.bench import bench_decode, bench_prefill
+    from ptqonnx.runtime.compare import compare_models
 
-    for path in [args.model] + ([args.kv] if args.kv else []):
+    models = _models(args)
+    if args.kv and len(models) > 1:
+        raise UserError("--kv is for one model; with --compare list the KV-cache exports themselves (decode is "
+                        "measured when every model has a cache)")
+    if len(models) > 1:
+        res = compare_models(models, seq_len=args.seq_len, rounds=args.repeats, threads=args.threads)
+        print("\n".join(res.lines()))
+        return
+    for path in models + ([args.kv] if args.kv else []):
         if not path.is_file():
             raise UserError(f"model file not found: {path}; pass the path of an .onnx file")
-    pre = bench_prefill(args.model, seq_len=args.seq_len, repeats=args.repeats, threads=args.threads)
-    print(f"prefill 1x{args.seq_len}: median {pre.median_ms:.1f} ms over {pre.runs} runs, {pre.threads} threads")
+    pre = bench_prefill(models[0], seq_len=args.seq_len, repeats=args.repeats, threads=args.threads)
+    print(f"prefill 1x{args.seq_len}: {pre.describe()}")
     if args.kv:
-        dec = bench_decode(args.kv, repeats=args.repeats, threads=args.threads)
-        print(f"decode: median {dec.median_ms:.2f} ms/token over {dec.runs} runs, {dec.threads} threads")
+        print(f"decode: {bench_decode(args.kv, repeats=args.repeats, threads=args.threads).describe('ms/token')}")
+
+
+def _cmd_inspect(args) -> None:
+    from ptqonnx.inspect import inspect_model
+
+    info = inspect_model(args.model)
+    print(info.to_json() if args.json else "\n".join(info.lines()))
 
 
 _COMMANDS = {
     "export": _cmd_export, "compile": _cmd_compile, "calibrate": _cmd_calibrate,
-    "eval": _cmd_eval, "bench": _cmd_bench, "quickstart": _cmd_quickstart,
+    "eval": _cmd_eval, "bench": _cmd_bench, "inspect": _cmd_inspect, "quickstart": _cmd_quickstart,
 }
 
 

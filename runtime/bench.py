@@ -4,9 +4,10 @@ Load on a shared machine swings single numbers by ±20 %, so compare models with
 the contenders in rotating order, round after round, and reports each one's median and the median of its
 per-round ratio to a baseline (paired, so slow rounds cancel out).
 
-Feeds are built from the session's input metadata: `input_ids` (seeded random tokens below the vocab size,
-read from the `logits` output shape or from a one-token run), `attention_mask` (ones), `position_ids`
-(positions after the past), and optimum-style `past_key_values.{i}.key/.value` [batch, heads, past, head_dim]
+Feeds are built from the session's input metadata by `ModelFeeds` (also what `perplexity` and the cosine
+comparison feed): `input_ids` (seeded random tokens below the vocab size, read from the `logits` output shape
+or from a one-token run), `attention_mask` (ones), `position_ids` (positions after the past),
+`token_type_ids` (zeros), and optimum-style `past_key_values.{i}.key/.value` [batch, heads, past, head_dim]
 fed back from `present.{i}.key/.value`.
 """
 
@@ -27,6 +28,7 @@ from ptqonnx.runtime.ort import make_session, session_threads
 __all__ = [
     "BenchResult",
     "InterleavedResult",
+    "ModelFeeds",
     "bench_decode",
     "bench_prefill",
     "decode_runner",
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -57,6 +60,13 @@ class BenchResult:
     p90: float
     threads: int
     runs: tuple[float, ...]
+
+    def describe(self, unit: str = "ms") -> str:
+        """`median X ms (p10 Y, p90 Z) over N runs, T threads`."""
+        digits = 2 if self.median_ms < 100 else 1
+        f = lambda v: f"{v:.{digits}f}"  # noqa: E731
+        return (f"median {f(self.median_ms)} {unit} (p10 {f(self.p10)}, p90 {f(self.p90)}) over {len(self.runs)} runs, "
+                f"{self.threads} threads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,27 +92,36 @@ def summarize(runs_ms: list[float], threads: int) -> BenchResult:
     )
 
 
-class _Feeds:
-    """Builds feeds for a causal-LM session from its input metadata."""
+class ModelFeeds:
+    """Feeds for a transformer session, built from its input metadata.
 
-    def __init__(self, sess, batch: int, seed: int) -> None:
+    `input_ids` (seeded random tokens below the vocabulary read from the `logits` output, or token 0 for a
+    model without logits, e.g. an encoder: its vocabulary is not in its interface), `attention_mask` (ones
+    over past + new), `position_ids` (positions after the past), `token_type_ids` (zeros), and
+    optimum-style `past_key_values.{i}.key/.value` [batch, kv_heads, past, head_dim]: empty (past 0, dtype
+    and head shape from the input's metadata) for a prefill, or fed back from `present.{i}.key/.value`.
+    """
+
+    def __init__(self, sess, batch: int = 1, seed: int = 0) -> None:
         self.sess = sess
         self.batch = batch
         self.rng = np.random.default_rng(seed)
         self.inputs = {i.name: i for i in sess.get_inputs()}
         if "input_ids" not in self.inputs:
-            raise UserError(f"the model has no input_ids input (inputs: {list(self.inputs)}); bench needs a causal LM")
+            raise UserError(f"the model has no input_ids input (inputs: {list(self.inputs)}); feeds can only be "
+                            "built for token models (pass model inputs as an .npz where the command takes one)")
         self.past = sorted(n for n in self.inputs if n.startswith(_PAST_PREFIX))
-        known = {"input_ids", "attention_mask", "position_ids", *self.past}
-        other = [n for n in self.inputs if n not in known]
+        other = [n for n in self.inputs if n not in (*_TOKEN_INPUTS, *self.past)]
         if other:
-            raise UserError(f"cannot build benchmark feeds for inputs {other}; only causal-LM inputs are supported")
+            raise UserError(f"cannot build feeds for inputs {other}; supported: {', '.join(_TOKEN_INPUTS)} and "
+                            f"{_PAST_PREFIX}{{i}}.key/.value")
         self.outputs = [o.name for o in sess.get_outputs()]
         self.vocab = self._vocab()
 
-    def _vocab(self) -> int:
-        outs = self.sess.get_outputs()
-        logits = next((o for o in outs if o.name == "logits"), outs[0])
+    def _vocab(self) -> int | None:
+        logits = next((o for o in self.sess.get_outputs() if o.name == "logits"), None)
+        if logits is None:
+            return None
         last = logits.shape[-1] if logits.shape else None
         if isinstance(last, int) and last > 0:
             return last
@@ -110,6 +129,8 @@ class _Feeds:
         return int(self.sess.run([logits.name], probe)[0].shape[-1])
 
     def tokens(self, n: int) -> np.ndarray:
+        if self.vocab is None:
+            return np.zeros((self.batch, n), np.int64)
         return self.rng.integers(0, self.vocab, size=(self.batch, n), dtype=np.int64)
 
     def empty_past(self) -> dict[str, np.ndarray]:
@@ -121,14 +142,17 @@ class _Feeds:
                 raise UserError(f"{name} has rank {len(shape)}; expected [batch, heads, past, head_dim]")
             for ax in (1, 3):
                 if not isinstance(shape[ax], int):
-                    raise UserError(f"{name} has a symbolic axis {ax} ({shape[ax]!r}); export with fixed heads/head_dim")
+                    raise UserError(f"{name} has a symbolic axis {ax} ({shape[ax]!r}); "
+                                    "export with fixed heads/head_dim")
             dtype = _ORT_DTYPES.get(meta.type)
             if dtype is None:
-                raise UserError(f"{name} has type {meta.type}; bench supports float32/float16 caches")
+                raise UserError(f"{name} has type {meta.type}; only float32/float16 caches are supported")
             out[name] = np.zeros((self.batch, shape[1], 0, shape[3]), dtype)
         return out
 
-    def build(self, ids: np.ndarray, past: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def build(self, ids: np.ndarray, past: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The feed for tokens `ids` [batch, n] after `past` (default: an empty cache)."""
+        past = self.empty_past() if past is None else past
         b, n = ids.shape
         past_len = next(iter(past.values())).shape[2] if past else 0
         feed: dict[str, np.ndarray] = {"input_ids": ids}
@@ -136,6 +160,8 @@ class _Feeds:
             feed["attention_mask"] = np.ones((b, past_len + n), np.int64)
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + n, dtype=np.int64), (b, n)).copy()
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = np.zeros((b, n), np.int64)
         feed.update(past)
         return feed
 
@@ -161,7 +187,7 @@ def prefill_runner(
 ) -> tuple[Callable[[], float], int]:
     """A zero-argument callable running one prefill and returning its ms, and the session's thread count."""
     sess = make_session(model_path, opt_level=opt_level, threads=threads)
-    feeds = _Feeds(sess, batch, seed)
+    feeds = ModelFeeds(sess, batch, seed)
     feed = feeds.build(feeds.tokens(seq_len), feeds.empty_past())
     fetch = [feeds.outputs[0]] if not feeds.past else None  # a KV model must still produce its presents
 
@@ -186,7 +212,7 @@ def decode_runner(
     """A callable decoding `new_tokens` after a `past_len`-token prefill (done once, up front), returning the
     median ms per decoded token; and the session's thread count."""
     sess = make_session(model_kv_path, opt_level=opt_level, threads=threads)
-    feeds = _Feeds(sess, batch, seed)
+    feeds = ModelFeeds(sess, batch, seed)
     if not feeds.past:
         raise UserError(
             f"{Path(model_kv_path).name} has no past_key_values.* inputs; decode needs a KV-cache export"

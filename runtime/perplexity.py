@@ -8,7 +8,10 @@ the logits at position t, so a window contributes seq-1 predictions:
 
 The log-softmax runs in float64 so the reduction over a 49k vocabulary adds no rounding of its own;
 the logits themselves are whatever precision the model produced. Any graph with an `input_ids`
-input and a `logits` output works (float, QDQ, MatMulNBits).
+input and a `logits` output works (float, QDQ, MatMulNBits), with or without a KV cache: a KV-cache
+model (`attention_mask`, `position_ids`, `past_key_values.*`) runs each window as a prefill after an
+empty cache, past length 0 with the dtype and [batch, kv_heads, 0, head_dim] read from its inputs
+(`ptqonnx.runtime.bench.ModelFeeds`), which is the same computation as the no-cache graph.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqonnx.errors import UserError
+from ptqonnx.runtime.bench import ModelFeeds
 from ptqonnx.runtime.ort import make_session
 
 __all__ = ["PerplexityResult", "perplexity", "window_nll"]
@@ -75,17 +79,16 @@ def perplexity(
         raise UserError(f"model not found: {path}; pass the model.onnx that `ptqonnx export` wrote")
 
     session = make_session(path, opt_level=opt_level, threads=threads)
-    inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != ["input_ids"] or "logits" not in outputs:
+    if "logits" not in outputs:
         raise UserError(
-            f"{path.name} takes {inputs} and returns {outputs}; perplexity needs a graph input_ids -> logits "
-            "(use model.onnx, not the KV-cache model_kv.onnx)"
+            f"{path.name} returns {outputs}, no logits; perplexity needs a causal LM (for an encoder, compare its "
+            "outputs to the float model's: ptqonnx eval MODEL --reference FP32.onnx --text FILE)"
         )
-    vocab = session.get_outputs()[outputs.index("logits")].shape[-1]
-    if isinstance(vocab, int) and int(w.max()) >= vocab:
+    feeds = ModelFeeds(session)
+    if int(w.max()) >= feeds.vocab:
         raise UserError(
-            f"token id {int(w.max())} is outside the model's vocabulary of {vocab}; "
+            f"token id {int(w.max())} is outside the model's vocabulary of {feeds.vocab}; "
             "tokenize with the tokenizer saved beside this model"
         )
 
@@ -93,7 +96,7 @@ def perplexity(
     t0 = time.perf_counter()
     total = 0.0
     for i in range(n):
-        (logits,) = session.run(["logits"], {"input_ids": w[i : i + 1]})  # [1, seq, vocab]
+        (logits,) = session.run(["logits"], feeds.build(w[i : i + 1]))  # [1, seq, vocab]
         nll = window_nll(logits[0], w[i])
         if not math.isfinite(nll):
             raise UserError(f"window {i} gives a non-finite NLL; the model produced inf/NaN logits")
@@ -107,7 +110,7 @@ def perplexity(
     result = PerplexityResult(
         ppl=math.exp(nll_mean), nll_mean=nll_mean, tokens_evaluated=count, windows=n, seconds=seconds
     )
-    logger.info(
+    logger.debug(
         "perplexity %.4f over %d windows x %d tokens (%s, %.1f s)", result.ppl, n, seq, path.name, seconds
     )
     return result

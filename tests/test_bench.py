@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -120,3 +122,90 @@ def test_interleaved_ratios():
     assert interleaved({"a": lambda: None}, rounds=2).medians["a"] >= 0  # wall time when nothing returned
     with pytest.raises(ValueError, match="baseline"):
         interleaved({"a": fast}, baseline="b")
+
+
+def test_describe_is_one_readable_line():
+    r = BenchResult(median_ms=1167.14, p10=1100.0, p90=1380.56, threads=2, runs=(1100.0, 1167.14, 1380.56))
+    assert r.describe() == "median 1167.1 ms (p10 1100.0, p90 1380.6) over 3 runs, 2 threads"
+    small = BenchResult(median_ms=12.345, p10=12.0, p90=13.0, threads=1, runs=(12.345,))
+    assert small.describe("ms/token") == "median 12.35 ms/token (p10 12.00, p90 13.00) over 1 runs, 1 threads"
+
+
+def test_bench_cli_prints_each_result_once(prefill_model, kv_model, capsys):
+    from ptqonnx.cli import main
+
+    args = ["bench", str(prefill_model), "--kv", str(kv_model), "--seq-len", "8", "--repeats", "3", "--threads", "1"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"prefill 1x8: median [\d.]+ ms \(p10 [\d.]+, p90 [\d.]+\) over 3 runs, 1 threads", lines[0])
+    assert re.fullmatch(r"decode: median [\d.]+ ms/token \(p10 [\d.]+, p90 [\d.]+\) over 3 runs, 1 threads", lines[1])
+
+
+def test_compare_table(tmp_path, prefill_model, kv_model):
+    """Two float models and a perturbed copy: sizes from the file system, perplexities equal to `perplexity`
+    of each alone, latency ratios from one interleaved run (the baseline's own ratio is exactly 1)."""
+    from ptqonnx.runtime.compare import compare_models
+    from ptqonnx.runtime.perplexity import perplexity
+
+    other = _save(tmp_path, PREFILL, "other.onnx",
+                  {"w": np.random.default_rng(5).standard_normal((D, V)).astype(np.float32)})
+    windows = np.random.default_rng(6).integers(0, V, size=(3, 9)).astype(np.int64)
+    res = compare_models([prefill_model, other, kv_model], windows=windows, seq_len=8, rounds=3, threads=1)
+    assert [r.label for r in res.rows] == ["lm.onnx", "other.onnx", "lm_kv.onnx"]
+    base = res.rows[0]
+    assert base.prefill_ratio == 1.0 and base.size_ratio == 1.0
+    for r, path in zip(res.rows, [prefill_model, other, kv_model]):
+        assert r.bytes == path.stat().st_size
+        assert r.size_ratio == pytest.approx(path.stat().st_size / prefill_model.stat().st_size, rel=1e-12)
+        assert r.perplexity == pytest.approx(perplexity(path, windows).ppl, rel=1e-9)
+        assert r.prefill_ms > 0 and r.prefill_ratio > 0 and r.decode_ms is None
+    assert res.rows[1].perplexity != pytest.approx(base.perplexity, rel=1e-3)  # other weights, other perplexity
+    assert "decode not measured" in res.decode_note and "lm.onnx, other.onnx" in res.decode_note
+    lines = res.lines()
+    assert len(lines) == 1 + 3 + 1 and "perplexity" in lines[0] and lines[-1].startswith("(latency: median of 3")
+
+
+def test_compare_decode_when_every_model_has_a_cache(kv_model, capsys):
+    from ptqonnx.cli import main
+
+    args = ["bench", str(kv_model), "--compare", str(kv_model), "--seq-len", "8", "--repeats", "2", "--threads", "1"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "decode /token" in lines[0] and len(lines) == 4
+    assert lines[1].split()[0:2] == ["lm_kv.onnx", "#1"] and lines[2].split()[0:2] == ["lm_kv.onnx", "#2"]
+    assert re.search(r"1\.00x\s+[\d.]+ ms\s+1\.00x$", lines[1])  # prefill and decode ratios of the baseline
+
+
+def test_feeds_for_an_encoder(tmp_path):
+    """No logits: token 0 (the vocabulary is unknown), token_type_ids zeros, and the model runs."""
+    from ptqonnx.runtime.bench import ModelFeeds
+    from ptqonnx.runtime.ort import make_session
+
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    enc (int64[b, s] input_ids, int64[b, s] token_type_ids) => (float[b, s, {D}] last_hidden_state) {{
+      e = Gather(emb, input_ids)
+      t = Gather(emb, token_type_ids)
+      last_hidden_state = Add(e, t)
+    }}"""
+    path = _save(tmp_path, text, "enc.onnx")
+    feeds = ModelFeeds(make_session(path))
+    feed = feeds.build(feeds.tokens(5))
+    assert feeds.vocab is None and set(feed) == {"input_ids", "token_type_ids"}
+    assert not feed["input_ids"].any() and not feed["token_type_ids"].any() and feed["input_ids"].shape == (1, 5)
+    _sane(bench_prefill(path, seq_len=5, warmup=0, repeats=2, threads=1), 2)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["bench"], "pass a model"),
+    (["bench", "{p}", "--kv", "{k}", "--compare", "{k}"], "--kv is for one model"),
+    (["eval", "{p}", "--reference", "{p}", "--compare", "{p}", "--text", "{p}"], "either --reference"),
+    (["bench", "{p}", "--compare", "{missing}"], "model file not found"),
+])
+def test_cli_refusals_are_one_line(prefill_model, kv_model, capsys, args, match):
+    from ptqonnx.cli import main
+
+    paths = {"p": prefill_model, "k": kv_model, "missing": prefill_model.parent / "missing.onnx"}
+    assert main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]

@@ -1,4 +1,5 @@
-"""Perplexity: against an independent numpy computation on a tiny graph, on the tiny LLaMA, and errors."""
+"""`eval`: perplexity against an independent numpy computation on a tiny graph, on the tiny LLaMA with and
+without KV cache, and errors; cosine similarity of an encoder's outputs against numpy's."""
 
 from __future__ import annotations
 
@@ -10,10 +11,49 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from graphs import model_from_text, save
 from ptqonnx.errors import UserError
+from ptqonnx.runtime.compare import cosine, output_similarity
 from ptqonnx.runtime.perplexity import perplexity, window_nll
 
 VOCAB = 11
+D = 8
+# A BERT-like encoder: token + token-type embeddings, masked, one linear layer -> last_hidden_state, and a
+# pooled output tanh(h[:, 0] @ wp)
+ENCODER = f"""<ir_version: 10, opset_import: ["" : 21]>
+enc (int64[batch, seq] input_ids, int64[batch, seq] attention_mask, int64[batch, seq] token_type_ids)
+ => (float[batch, seq, {D}] last_hidden_state, float[batch, {D}] pooler_output) {{
+  e = Gather(emb, input_ids)
+  t = Gather(temb, token_type_ids)
+  m = Cast<to = 1>(attention_mask)
+  m3 = Unsqueeze(m, axes)
+  x = Add(e, t)
+  xm = Mul(x, m3)
+  last_hidden_state = MatMul(xm, w)
+  first = Gather<axis = 1>(last_hidden_state, zero)
+  p = MatMul(first, wp)
+  pooler_output = Tanh(p)
+}}"""
+
+
+def _encoder_weights(noise: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    w = {"emb": rng.standard_normal((VOCAB, D)), "temb": rng.standard_normal((2, D)), "w": rng.standard_normal((D, D)),
+         "wp": rng.standard_normal((D, D))}
+    w["w"] = w["w"] + noise * np.random.default_rng(1).standard_normal((D, D))  # the "quantization error"
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    return {**w, "axes": np.array([2], np.int64), "zero": np.array(0, np.int64)}
+
+
+def _encoder_numpy(w: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray, types: np.ndarray):
+    """The encoder in float64 numpy: (last_hidden_state, pooler_output)."""
+    f = {k: v.astype(np.float64) for k, v in w.items()}
+    h = (f["emb"][ids] + f["temb"][types]) * mask[..., None] @ f["w"]
+    return h, np.tanh(h[:, 0] @ f["wp"])
+
+
+def _numpy_cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
+    return [float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 
 
 def _bigram_model(tmp_path: Path) -> tuple[Path, np.ndarray]:
@@ -82,9 +122,35 @@ def test_text_shorter_than_one_window_is_user_error(tiny_export: Path) -> None:
         eval_windows(tokens, 512)
 
 
-def test_kv_model_is_refused(tiny_export: Path) -> None:
-    with pytest.raises(UserError, match="model_kv.onnx"):
-        perplexity(tiny_export / "model_kv.onnx", np.zeros((1, 8), np.int64))
+def test_kv_model_gives_the_no_cache_perplexity(tiny_export: Path) -> None:
+    """model_kv.onnx (prefill after an empty cache) and model.onnx hold the same weights: same perplexity."""
+    windows = np.random.default_rng(2).integers(0, 300, size=(4, 24)).astype(np.int64)
+    plain = perplexity(tiny_export / "model.onnx", windows, threads=1)
+    kv = perplexity(tiny_export / "model_kv.onnx", windows, threads=1)
+    assert kv.tokens_evaluated == plain.tokens_evaluated == 4 * 23
+    assert kv.ppl == pytest.approx(plain.ppl, rel=1e-4)
+
+
+def test_eval_cli_prints_its_result_once(tiny_export: Path, tmp_path: Path, capsys) -> None:
+    from ptqonnx.cli import main
+    from ptqonnx.models.tiny import tiny_corpus
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(tiny_corpus(60, seed=3)))
+    printed = []
+    for name in ("model.onnx", "model_kv.onnx"):
+        args = ["eval", str(tiny_export / name), "--text", str(text), "--seq-len", "32", "--threads", "1"]
+        assert main(args) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 1 and "perplexity" not in err
+        printed.append(out)
+    assert printed[0].startswith("perplexity ") and printed[0] == printed[1]  # same to 4 decimals
+
+
+def test_model_without_logits_points_to_reference(tmp_path: Path) -> None:
+    path = save(model_from_text(ENCODER, _encoder_weights(0.0)), tmp_path / "enc.onnx")
+    with pytest.raises(UserError, match="no logits.*--reference"):
+        perplexity(path, np.zeros((1, 8), np.int64))
 
 
 @pytest.mark.parametrize(
@@ -106,3 +172,58 @@ def test_bad_windows_are_user_errors(tmp_path: Path, windows: np.ndarray, match:
 def test_missing_model_is_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model not found"):
         perplexity(tmp_path / "missing.onnx", np.zeros((1, 8), np.int64))
+
+
+def test_cosine_of_encoder_outputs_matches_numpy(tmp_path: Path) -> None:
+    ref_w, q_w = _encoder_weights(0.0), _encoder_weights(0.3)
+    ref = save(model_from_text(ENCODER, ref_w), tmp_path / "ref.onnx")
+    quant = save(model_from_text(ENCODER, q_w), tmp_path / "q.onnx")
+    windows = np.random.default_rng(3).integers(0, VOCAB, size=(5, 6)).astype(np.int64)
+
+    same = output_similarity(ref, ref, windows)
+    assert same.samples == 5 and [o.name for o in same.outputs] == ["last_hidden_state", "pooler_output"]
+    for o in same.outputs:
+        assert o.mean == pytest.approx(1.0, abs=1e-12) and o.min == pytest.approx(1.0, abs=1e-12)
+
+    # token windows are fed with attention_mask = 1 and token_type_ids = 0
+    ones, zeros = np.ones_like(windows), np.zeros_like(windows)
+    want = [_numpy_cosines(a, b) for a, b in zip(_encoder_numpy(q_w, windows, ones, zeros),
+                                                 _encoder_numpy(ref_w, windows, ones, zeros))]
+    got = output_similarity(quant, ref, windows)
+    for o, cos in zip(got.outputs, want):
+        assert o.mean == pytest.approx(np.mean(cos), abs=1e-6) and o.min == pytest.approx(np.min(cos), abs=1e-6)
+        assert o.min < 1 - 1e-4
+    assert got.outputs[0].mean < 1
+
+
+def test_cosine_eval_from_npz_through_the_cli(tmp_path: Path, capsys) -> None:
+    from ptqonnx.cli import main
+
+    ref_w, q_w = _encoder_weights(0.0), _encoder_weights(0.3)
+    ref = save(model_from_text(ENCODER, ref_w), tmp_path / "ref.onnx")
+    quant = save(model_from_text(ENCODER, q_w), tmp_path / "q.onnx")
+    rng = np.random.default_rng(4)
+    arrays = {"input_ids": rng.integers(0, VOCAB, size=(4, 7)), "attention_mask": rng.integers(0, 2, size=(4, 7)),
+              "token_type_ids": rng.integers(0, 2, size=(4, 7))}  # [samples, seq]: each sample is a batch of 1
+    arrays["attention_mask"][:, 0] = 1  # the pooled first token is never masked (no all-zero outputs)
+    np.savez(tmp_path / "inputs.npz", **arrays)
+    assert main(["eval", str(quant), "--reference", str(ref), "--inputs-npz", str(tmp_path / "inputs.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    feeds = (arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
+    want = [_numpy_cosines(a, b) for a, b in zip(_encoder_numpy(q_w, *feeds), _encoder_numpy(ref_w, *feeds))]
+    assert lines == [f"{name}: cosine similarity mean {np.mean(c):.6f}, min {np.min(c):.6f} over 4 samples"
+                     for name, c in zip(["last_hidden_state", "pooler_output"], want)]
+    assert main(["eval", str(quant), "--inputs-npz", str(tmp_path / "inputs.npz")]) == 2  # no reference
+    assert "--reference" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", **{k: v[:, None] for k, v in arrays.items()})  # one axis too many
+    assert main(["eval", str(quant), "--reference", str(ref), "--inputs-npz", str(tmp_path / "bad.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Invalid rank for input: input_ids" in err[0]
+
+
+def test_cosine_edge_cases() -> None:
+    assert cosine(np.zeros(3), np.zeros(3)) == 1.0
+    assert cosine(np.zeros(3), np.ones(3)) == 0.0
+    assert cosine(np.array([1.0, 0.0]), np.array([-1.0, 0.0])) == -1.0
+    with pytest.raises(UserError, match="different sizes"):
+        cosine(np.zeros(3), np.zeros(4))
