@@ -22,10 +22,26 @@ Graphs (optimum / onnxruntime-genai names):
                  position_ids int64 [batch, sequence],
                  past_key_values.{i}.key / .value float32 [batch, kv_heads, past_sequence, head_dim]
                  -> logits, present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
+
+The KV layout (kv_heads, head_dim per layer) is measured from the cache the model itself returns on a
+two-token input, not read from config fields, whose names differ per architecture (`num_key_value_heads`,
+GPT-2's `n_head`, OPT's and GPT-NeoX's `num_attention_heads`; `head_dim` explicit or hidden / heads). The
+cache handed to the model is a plain `DynamicCache` of full layers, also for architectures with
+sliding-window layers (Gemma-2, Mistral with `sliding_window`): `present` then always holds all
+`total_sequence` positions (the onnxruntime-genai contract) and the window is applied by the model's own
+sliding-window attention mask over that full cache, so logits equal the full-sequence model's. An
+architecture whose cache is not one (key, value) pair of rank-4 tensors per layer is refused for
+`model_kv.onnx` (pass --no-kv-cache).
+
+Tokenizer: saved with the model's own class by transformers, then `tokenizer_config.json` names
+`PreTrainedTokenizerFast` (known to transformers 4.x and 5.x alike; 5.x writes `TokenizersBackend`,
+which 4.57 cannot load); the vocabulary and pre/post-processing live in `tokenizer.json`. A source
+without tokenizer files exports the graphs without a tokenizer (one warning; `tokenizer_path` None).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -56,6 +72,9 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 MODEL_KV_FILE = "model_kv.onnx"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # a tokenizer.json-backed class transformers 4.x and 5.x both know
 DEFAULT_OPSET = 21
 _TWO_GB = 2**31 - 1
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
@@ -71,7 +90,7 @@ class ExportResult:
     model_path: Path
     kv_model_path: Path | None
     config_path: Path
-    tokenizer_path: Path
+    tokenizer_path: Path | None  # None when the source had no tokenizer files
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -108,10 +127,10 @@ def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool)
     model, tokenizer = load_hf_causal_lm(source)
     model.set_attn_implementation("eager")
     cfg = model.config
-    num_layers = int(cfg.num_hidden_layers)
-    num_kv_heads = int(cfg.num_key_value_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     vocab = int(cfg.vocab_size)
+    layout = _cache_layout(model) if kv_cache else None
+    num_layers = int(cfg.num_hidden_layers)
+    num_kv_heads, head_dim = layout[0][0] if layout else _config_kv(cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -141,15 +160,14 @@ def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool)
 
         if kv_cache:
             t1 = time.perf_counter()
-            _export_kv(model, tmp / MODEL_KV_FILE, opset, num_layers, num_kv_heads, head_dim, vocab)
+            _export_kv(model, tmp / MODEL_KV_FILE, opset, layout, vocab)
             logger.info("exported %s (%.1f s)", MODEL_KV_FILE, time.perf_counter() - t1)
 
         _save_config(cfg, type(model).__name__, tmp / CONFIG_FILE)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        if not (tmp / "tokenizer.json").is_file():
-            raise UserError(f"{source} has no fast tokenizer (tokenizer.json); pass a model with a tokenizers-backed tokenizer")
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp, source)
         _move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,7 +179,7 @@ def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool)
         model_path=out / MODEL_FILE,
         kv_model_path=out / MODEL_KV_FILE if kv_cache else None,
         config_path=out / CONFIG_FILE,
-        tokenizer_path=out / "tokenizer.json",
+        tokenizer_path=out / TOKENIZER_FILE if tokenizer is not None else None,
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -193,15 +211,15 @@ def _module_classes():
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-            cache = transformers.DynamicCache(pairs, config=self.m.config)
+            cache = transformers.DynamicCache(pairs)  # full layers only (see the module docstring)
             outputs = self.m(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{_cache_arg(self.m): cache},
             )
-            present = outputs.past_key_values
+            present = _cache_of(outputs)
             flat = []
             for layer in present.layers:
                 flat.extend((layer.keys, layer.values))
@@ -210,21 +228,63 @@ def _module_classes():
     return LogitsOnly, WithCache
 
 
+def _cache_arg(model) -> str:
+    """The forward argument taking the cache: `cache` from transformers 5.x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(outputs):
+    """The cache a forward returned (`cache` from transformers 5.x, `past_key_values` before)."""
+    cache = outputs.get("cache") if hasattr(outputs, "get") else None
+    return cache if cache is not None else outputs.past_key_values
+
+
 def _logits_only(model):
     return _module_classes()[0](model)
 
 
-def _export_kv(model, path: Path, opset: int, num_layers: int, kv_heads: int, head_dim: int, vocab: int) -> None:
+_Layout = list[tuple[tuple[int, int], tuple[int, int]]]  # per layer: key (heads, dim), value (heads, dim)
+
+
+def _config_kv(cfg) -> tuple[int, int]:
+    """(kv_heads, head_dim) from the config when no KV graph is made: `num_key_value_heads` where the
+    architecture has one, else one K/V head per head (GPT-2, OPT, GPT-NeoX); `head_dim` else hidden / heads."""
+    heads = int(cfg.num_attention_heads)  # GPT-2's n_head through its config's attribute_map
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return kv_heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+def _cache_layout(model) -> _Layout:
+    """The (heads, dim) of every layer's key and value in the cache the model returns for two tokens."""
+    torch = require_module("torch", "export")
+    with torch.no_grad():
+        cache = _cache_of(model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True))
+    layers = getattr(cache, "layers", None)
+    kinds = (type(cache).__name__, model.config.model_type)
+    if not layers or not all(getattr(lay, "keys", None) is not None and getattr(lay, "values", None) is not None
+                             and lay.keys.dim() == 4 and lay.values.dim() == 4 for lay in layers):
+        raise UserError(f"{kinds[1]}: its cache ({kinds[0]}) is not one (key, value) pair of [batch, heads, "
+                        "sequence, dim] tensors per layer, the form model_kv.onnx takes; pass --no-kv-cache")
+    if any(lay.keys.shape[2] != 2 for lay in layers):
+        raise UserError(f"{kinds[1]}: its cache does not keep one entry per position (a compressed cache); "
+                        "pass --no-kv-cache")
+    return [((int(lay.keys.shape[1]), int(lay.keys.shape[3])), (int(lay.values.shape[1]), int(lay.values.shape[3])))
+            for lay in layers]
+
+
+def _export_kv(model, path: Path, opset: int, layout: _Layout, vocab: int) -> None:
     torch = require_module("torch", "export")
     _, WithCache = _module_classes()
     batch, seq, past = 2, 3, 5
+    num_layers = len(layout)
     rng = np.random.default_rng(1)
     ids = torch.tensor(rng.integers(0, vocab, size=(batch, seq)), dtype=torch.int64)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq, dtype=torch.int64).unsqueeze(0).expand(batch, seq).contiguous()
+    kv_dims = [dims for pair in layout for dims in pair]  # (heads, dim) of past i, in input order
     kv = tuple(
-        torch.randn(batch, kv_heads, past, head_dim, generator=torch.Generator().manual_seed(i))
-        for i in range(2 * num_layers)
+        torch.randn(batch, heads, past, dim, generator=torch.Generator().manual_seed(i))
+        for i, (heads, dim) in enumerate(kv_dims)
     )
     kv_names = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     present_names = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
@@ -248,8 +308,8 @@ def _export_kv(model, path: Path, opset: int, num_layers: int, kv_heads: int, he
             verbose=False,
         )
     out_dims = {"logits": ["batch", "sequence", "vocab"]}
-    out_dims.update({n: ["batch", kv_heads, "total_sequence", head_dim] for n in present_names})
-    in_dims = {n: ["batch", kv_heads, "past_sequence", head_dim] for n in kv_names}
+    out_dims.update({n: ["batch", h, "total_sequence", d] for n, (h, d) in zip(present_names, kv_dims)})
+    in_dims = {n: ["batch", h, "past_sequence", d] for n, (h, d) in zip(kv_names, kv_dims)}
     in_dims["attention_mask"] = ["batch", "total_sequence"]
     _save(program.model, path, opset, out_dims, in_dims)
 
@@ -347,9 +407,24 @@ def _save_config(cfg, architecture: str, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _save_tokenizer(tokenizer, folder: Path, source: str) -> None:
+    """save_pretrained, then name a class in tokenizer_config.json that transformers 4.x and 5.x both load."""
+    tokenizer.save_pretrained(str(folder))
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise UserError(f"{source} has no fast tokenizer ({TOKENIZER_FILE}); pass a model with a tokenizers-backed "
+                        "tokenizer")
+    path = folder / TOKENIZER_CONFIG_FILE
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for key in ("backend", "is_local", "local_files_only"):  # 5.x's backend marker; load-time kwargs it keeps
+        data.pop(key, None)
+    data["tokenizer_class"] = TOKENIZER_CLASS
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _move_into(tmp: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (MODEL_FILE + ".data", MODEL_KV_FILE + ".data", MODEL_KV_FILE):
+    for stale in (MODEL_FILE + ".data", MODEL_KV_FILE + ".data", MODEL_KV_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                  "special_tokens_map.json"):
         if (out / stale).exists() and not (tmp / stale).exists():
             (out / stale).unlink()
     for item in sorted(tmp.iterdir()):

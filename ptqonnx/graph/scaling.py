@@ -9,23 +9,32 @@ float graph unchanged. A `ScalingGroup` is X, *all* the given linear sites readi
 absorbed (found structurally, never by node names):
 
 * `norm_gamma`: X = Mul(A, γ) with γ a constant whose last axis is K (decomposed RMSNorm's
-  `normed * weight`, or any scale by a constant); ONNX `LayerNormalization` (γ, β);
-  `SimplifiedLayerNormalization` (ORT runs it in the default domain; com.microsoft accepted too);
-  com.microsoft `SkipSimplifiedLayerNormalization` / `SkipLayerNormalization` (output 0 only).
-  Absorb: γ /= s (β /= s): X' = normalize(A) γ/s + β/s = X / s.
+  `normed * weight`, or any scale by a constant; Gemma's `normed * (1 + γ)` is exported with 1 + γ
+  already folded into one constant, which is the one divided); ONNX `LayerNormalization` (γ, β: GPT-2,
+  OPT, Phi, GPT-NeoX); `SimplifiedLayerNormalization` (ORT runs it in the default domain; com.microsoft
+  accepted too); com.microsoft `SkipSimplifiedLayerNormalization` / `SkipLayerNormalization` (output 0
+  only). Absorb: γ /= s (β /= s): X' = normalize(A) γ/s + β/s = X / s.
 * `linear_columns`: X = P(Z) (+ constant bias) with P a linear site, or X = Mul(A, P(Z) (+ bias)) with A
   independent of P (LLaMA's down_proj input SiLU(gate) * up). Absorb: W_P[:, j] /= s_j (bias too), since
-  (Z W_P diag(1/s)) = P(Z) / s, and A * (B / s) = (A * B) / s.
-* attention output (AWQ's "o after v"): X = layout(P·V), V = layout(P_v(Z) (+ bias)) with P_v a linear
-  site, the probabilities P independent of P_v and only layout ops (Reshape, Transpose, Squeeze,
-  Unsqueeze, Flatten, Identity, Expand) on both paths. P·V is linear in V and mixes only along V's
-  sequence axis, so a per-column scale of V reaches the same (head, dim) channel of P·V: `linear_columns`
-  into P_v's columns, through the channel map X channel c <- P_v column `channels[c]` (a permutation; see
-  `ptqonnx.graph.attention.channel_map`). As llm-awq, grouped-query attention (P_v narrower than X: one V head serves several
-  heads) is skipped, and so are fused attention ops, non-layout ops on the path, a V shared with other
-  consumers (a KV cache) and maps that are not 1:1, each with a Skip saying which.
+  (Z W_P diag(1/s)) = P(Z) / s, and A * (B / s) = (A * B) / s. The P(Z) of a fused projection may be a
+  part of P's columns (Phi-3's gate_up_proj: up = Split(P(Z))[1]): then only those columns are divided
+  (`channels`, `width`) and A may read P's *other* columns (gate), which never see s.
+* attention output (AWQ's "o after v"): X = layout(P·V), V = path(P_v(Z) (+ bias)) with P_v a linear
+  site, the probabilities P independent of V's columns and only layout ops (Reshape, Transpose, Squeeze,
+  Unsqueeze, Flatten, Identity, Expand) and selections (Slice, Split: a fused qkv's V part, Phi-3,
+  GPT-2, GPT-NeoX) on both paths. P·V is linear in V and mixes only along V's sequence axis, so a
+  per-column scale of V reaches the same (head, dim) channel of P·V: `linear_columns` into P_v's
+  columns, through the channel map X channel c <- P_v column `channels[c]` (see
+  `ptqonnx.graph.attention`). As llm-awq, grouped-query attention (V narrower than X: one V head serves
+  several heads) is skipped, and so are fused attention ops, non-layout ops on the path, a V shared with
+  other consumers (a KV cache) and maps that are not 1:1, each with a Skip saying which.
 * `mul_insert`: anything else but attention outputs (including an X with consumers besides the group's
-  sites): a new `Mul(X, 1/s)` feeds only the group's sites.
+  sites): a new `Mul(X, 1/s)` feeds only the group's sites (exact too; e.g. after GELU, which s does not
+  pass through).
+
+Between X and its producer the matches look through `Relu` (relu(y)/s = relu(y/s) for s > 0: OPT's fc2
+folds into fc1's columns) and through a `Reshape` keeping the last axis K (a channel stays a channel:
+GPT-2's Conv1D runs on [batch*sequence, K]), each the only reader of its input.
 
 Only the sites given form groups: a linear consumer of X not in `sites` counts as another consumer.
 """
@@ -39,7 +48,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph.attention import ATTENTION_OPS, attention_path, channel_map, v_path
+from ptqonnx.graph.attention import (
+    ATTENTION_OPS, SELECT_OPS, attention_path, channel_map, column_path, row_columns, trace_columns,
+)
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
 from ptqonnx.graph.trace import ONNX_DOMAINS, attr, gemm_trans_b, trace_const, upstream_any
 
@@ -90,12 +101,14 @@ class ScalingGroup:
     K: int
     channels: tuple[int, ...] | None = None  # producer channel absorbing each s[k] (None: channel k)
     through: ir.Node | None = None  # the P·V MatMul 1/s passes through (attention output), whose V it scales
+    width: int | None = None  # the producer's channel count when `channels` index a wider one (a fused part)
 
     def producer_scales(self, s: np.ndarray) -> np.ndarray:
-        """s in the producer's channel order (the factor its channel axis absorbs the inverse of)."""
+        """s in the producer's channel order (the factor its channel axis absorbs the inverse of); 1 on the
+        producer channels X does not carry (a fused projection's other parts)."""
         if self.channels is None:
             return s
-        out = np.empty_like(s)
+        out = np.ones(self.width or self.K, dtype=s.dtype)
         out[list(self.channels)] = s
         return out
 
@@ -118,9 +131,10 @@ def _channel_vector(value: ir.Value | None, k: int) -> bool:
     return len(shape) >= 1 and shape[-1] == k and all(d == 1 for d in shape[:-1])
 
 
-def _depends_on(value: ir.Value, target: ir.Node) -> bool:
-    """Whether `value` is computed (transitively) from `target`'s outputs."""
-    return upstream_any(value, lambda v: v.producer() is target)
+def _depends_on(value: ir.Value, target: ir.Node, stop: frozenset[int] = frozenset()) -> bool:
+    """Whether `value` is computed (transitively) from `target`'s outputs, not counting what it reads through
+    the values in `stop` (by id: a fused projection's other parts)."""
+    return upstream_any(value, lambda v: v.producer() is target, stop)
 
 
 def _only_consumer(value: ir.Value, node: ir.Node) -> bool:
@@ -128,9 +142,40 @@ def _only_consumer(value: ir.Value, node: ir.Node) -> bool:
     return not value.is_graph_output() and len(uses) == 1 and uses[0][0] is node
 
 
+def _last_dim(value: ir.Value) -> int | None:
+    d = value.shape[-1] if value.shape is not None and len(value.shape) else None
+    return d if isinstance(d, int) else None
+
+
+@dataclass(frozen=True)
+class _Absorb:
+    """How a producer absorbs 1/s: a ScalingGroup's kind, producer, absorb, channels, width."""
+
+    kind: ProducerKind
+    producer: ir.Node
+    refs: tuple[ConstRef, ...]
+    channels: tuple[int, ...] | None = None
+    width: int | None = None
+    stop: frozenset[int] = frozenset()  # values holding the producer's other columns (not scaled)
+
+
+def _peel(value: ir.Value, k: int, end: ir.Node | None) -> tuple[ir.Value, ir.Node | None]:
+    """Back through Relu and last-axis-keeping Reshapes, each its input's only reader: (value, its reader)."""
+    for _ in range(4):
+        prod = value.producer()
+        inner = prod.inputs[0] if prod is not None and prod.domain in ONNX_DOMAINS and prod.inputs else None
+        if inner is None or not _only_consumer(inner, prod):
+            break
+        if prod.op_type == "Relu" or prod.op_type == "Reshape" and _last_dim(inner) == k == _last_dim(value):
+            value, end = inner, prod
+        else:
+            break
+    return value, end
+
+
 def _linear_output(
     value: ir.Value, k: int, producers: dict[int, LinearSite]
-) -> tuple[ir.Node, list[ConstRef]] | None:
+) -> tuple[ir.Node, tuple[ConstRef, ...]] | None:
     """value = P(Z) or Add(P(Z), c) with P a linear site of N = K whose output feeds only that path."""
     prod = value.producer()
     if prod is None:
@@ -152,45 +197,78 @@ def _linear_output(
     refs = [ConstRef(prod, 1, 0 if gemm_trans_b(prod) else 1)]  # N axis of the node's view of W
     if site.bias is not None:
         refs.append(ConstRef(prod, 2, -1))
-    return prod, refs + bias
+    return prod, tuple(refs + bias)
+
+
+def _columns_source(value: ir.Value, k: int, producers: dict[int, LinearSite], end: ir.Node) -> _Absorb | None:
+    """value (read by `end`) = [Relu/Reshape of] P(Z) (+ bias), or a selection of P(Z)'s columns (Slice / Split,
+    through layout ops) that no other reader of P(Z) shares: how P's columns absorb 1/s."""
+    value, end = _peel(value, k, end)
+    found = _linear_output(value, k, producers)
+    if found is not None:
+        return _Absorb("linear_columns", *found)
+    top, steps = column_path(value)
+    width = _last_dim(top)
+    if width is None or not any(n.op_type in SELECT_OPS for n, _ in steps) \
+            or any(n.op_type in ("Concat", "Expand") for n, _ in steps):
+        return None
+    found = _linear_output(top, width, producers)
+    trace = trace_columns(top, steps) if found is not None else None
+    if trace is None or isinstance(trace, str):
+        return None
+    channels, siblings = row_columns(trace, k), trace.siblings(end)
+    if isinstance(channels, str) or isinstance(siblings, str):
+        logger.debug("%s: no column fold into %s: %s", value.name, found[0].name,
+                     channels if isinstance(channels, str) else siblings)
+        return None
+    return _Absorb("linear_columns", *found, channels=channels, width=width,
+                   stop=frozenset(id(v) for v in siblings))
 
 
 def _attention_producer(
     k: int, producers: dict[int, LinearSite], o_path: list[ir.Node], pv: ir.Node
-) -> tuple[ir.Node, list[ConstRef], tuple[int, ...] | None] | str:
-    """X = layout(P·V) with V a layout of a linear site's output: (that node, its refs, the channel map or
-    None for the identity), or the reason a per-channel scale does not pass to it."""
+) -> _Absorb | str:
+    """X = layout(P·V) with V a layout or selection of a linear site's output: how that site's columns absorb
+    1/s, or the reason a per-channel scale does not pass to it."""
     if pv.op_type in ATTENTION_OPS:
         return f"fused {pv.op_type} (the scale cannot pass through it)"
     p, v = pv.inputs[0], pv.inputs[1]
-    top, v_nodes = v_path(v)
-    width = top.shape[-1] if top.shape is not None and len(top.shape) else None
-    found = _linear_output(top, width, producers) if isinstance(width, int) else None
+    top, steps = column_path(v)
+    width = _last_dim(top)
+    found = _linear_output(top, width, producers) if width is not None else None
     if found is None:
         stop = top.producer().op_type if top.producer() is not None else "a graph input"
         return f"V is not a layout of a linear layer's output (reached {stop})"
     node, refs = found
     site = producers[id(node)]
-    if site.N != k:
-        kind = "grouped-query attention" if k % site.N == 0 else "V narrower than the attention output"
-        return (f"{kind} ({site.weight_name or site.name} {site.N} outputs, this layer reads {k}): per-channel "
-                "scales don't pass (as llm-awq)")
-    if any(n.op_type == "Concat" for n in v_nodes):
+    concat = next((i for i, (n, _) in enumerate(steps) if n.op_type == "Concat"), len(steps))
+    trace = trace_columns(top, steps[:concat])
+    if isinstance(trace, str):
+        return trace
+    n_v = int(trace.columns.size)
+    if n_v != k:
+        kind = "grouped-query attention" if k % n_v == 0 else "V narrower than the attention output"
+        name = site.weight_name or site.name
+        what = f"{name} {site.N} outputs" if n_v == site.N else f"V is {n_v} of {name}'s {site.N} outputs"
+        return f"{kind} ({what}, this layer reads {k}): per-channel scales don't pass (as llm-awq)"
+    if concat < len(steps):
         return "V also holds tensors from outside (a KV cache Concat) that would not carry the scale"
-    chain = v_nodes + [pv] + o_path[::-1]  # from P_v's output to X
-    if not all(_only_consumer(val, user) for val, user in zip([top] + [n.outputs[0] for n in chain], chain)):
+    siblings = trace.siblings(pv)
+    post = [pv] + o_path[::-1]  # from P·V to X
+    if isinstance(siblings, str) or not all(_only_consumer(a.outputs[0], b) for a, b in zip(post, post[1:])):
         return f"{site.name}'s output or the attention output has other consumers (the fold would change them)"
-    if _depends_on(p, node):
+    stop = frozenset(id(s) for s in siblings)
+    if _depends_on(p, node, stop):
         return "the attention probabilities depend on V (P·V is not linear in V)"
-    mapped = channel_map(top, k, v_nodes, pv, o_path)
+    mapped = channel_map(trace, k, pv, o_path)
     if isinstance(mapped, str):
         return mapped
-    return node, refs, None if mapped == tuple(range(k)) else mapped
+    identity = width == k and mapped == tuple(range(k))
+    return _Absorb("linear_columns", node, refs, None if identity else mapped, None if width == k else width, stop)
 
 
-def _producer(
-    x: ir.Value, k: int, producers: dict[int, LinearSite]
-) -> tuple[ProducerKind, ir.Node, list[ConstRef]] | None:
+def _producer(x: ir.Value, k: int, producers: dict[int, LinearSite]) -> _Absorb | None:
+    x, _ = _peel(x, k, None)
     prod = x.producer()
     if prod is None:
         return None
@@ -204,20 +282,22 @@ def _producer(
         if bi is not None and len(prod.inputs) > bi and prod.inputs[bi] is not None:
             refs.append(ConstRef(prod, bi, -1))
         if all(_channel_vector(prod.inputs[r.index], k) for r in refs):
-            return "norm_gamma", prod, refs
+            return _Absorb("norm_gamma", prod, tuple(refs))
         return None
     if op == "Mul" and prod.domain in ONNX_DOMAINS:
         for i in (1, 0):  # γ is usually the second operand, but the exporter writes Mul(γ, normed)
             if _channel_vector(prod.inputs[i], k) and not trace_const(prod.inputs[1 - i]):
-                return "norm_gamma", prod, [ConstRef(prod, i, -1)]
+                return _Absorb("norm_gamma", prod, (ConstRef(prod, i, -1),))
         for i in (1, 0):
             b, a = prod.inputs[i], prod.inputs[1 - i]
-            found = _linear_output(b, k, producers)
-            if found is not None and _only_consumer(b, prod) and not _depends_on(a, found[0]):
-                return "linear_columns", found[0], found[1]
+            if b is None or a is None or not _only_consumer(b, prod):
+                continue
+            found = _columns_source(b, k, producers, prod)
+            if found is not None and not _depends_on(a, found.producer, found.stop):
+                return found
         return None
     found = _linear_output(x, k, producers)
-    return None if found is None else ("linear_columns", found[0], found[1])
+    return None if found is None else _Absorb("linear_columns", *found)
 
 
 def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[ScalingGroup], list[Skip]]:
@@ -237,7 +317,7 @@ def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[
         private = not x.is_graph_output() and all(
             idx == 0 and id(n) in member_nodes for n, idx in x.uses()
         )
-        attention, channels = attention_path(x), None
+        attention = attention_path(x)
         if attention is not None:
             found = (_attention_producer(k, producers, *attention) if private
                      else "the attention output has other consumers")
@@ -246,15 +326,15 @@ def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[
                 logger.debug("%s: not scaled: %s", [s.name for s in members], reason)
                 skipped += [Skip(s.name, s.node.op_type, reason) for s in members]
                 continue
-            prod, refs, channels = found
-            kind = "linear_columns"
         else:
             found = _producer(x, k, producers) if private else None
-            kind, prod, refs = ("mul_insert", None, []) if found is None else found
-        group = ScalingGroup(x, tuple(members), kind, prod, tuple(refs), k, channels,
-                             attention[1] if attention is not None else None)
-        logger.debug("scaling group %s: %s via %s (%s)", group.name, group.site_names, kind,
-                     prod.name if prod is not None else "inserted Mul")
+        if found is None:
+            group = ScalingGroup(x, tuple(members), "mul_insert", None, (), k)
+        else:
+            group = ScalingGroup(x, tuple(members), found.kind, found.producer, found.refs, k, found.channels,
+                                 attention[1] if attention is not None else None, found.width)
+        logger.debug("scaling group %s: %s via %s (%s)", group.name, group.site_names, group.kind,
+                     group.producer.name if group.producer is not None else "inserted Mul")
         groups.append(group)
     logger.info("scaling groups: %d (%s); %d sites skipped", len(groups),
                 ", ".join(f"{n} {g}" for g, n in _count(groups)), len(skipped))

@@ -1,7 +1,8 @@
 """Shared IR queries: which MatMul/Gemm nodes are quantizable linear layers, and small edit helpers.
 
 A linear site is `Y = X @ W (+ bias)` whose weight W is a constant initializer, reached directly or
-through a Transpose (W stored [N, K]) and/or a Cast (W stored in another float type). The weight is
+through a Transpose (W stored [N, K]), a Cast (W stored in another float type) and/or an Identity; a
+Gemm's bias C the same way (a BERT pooler's bias reaches its Gemm through an Identity). The weight is
 always handed to numerics as W [N, K] float32 (torch's layout), whatever its stored layout.
 """
 
@@ -132,7 +133,8 @@ def _scan_node(node: ir.Node) -> LinearSite | Skip:
         transposed = not transposed
     n, k = shape if transposed else shape[::-1]
     bias = node.inputs[2] if op == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None and (bias.const_value is None or bias.const_value.size != n):
+    bias_const = trace_const(bias) if bias is not None else None
+    if bias is not None and (not bias_const or bias_const.initializer.const_value.size != n):
         return skip("Gemm bias C is not a constant vector of length N")
     return LinearSite(
         node=node, activation=x, weight_input=w, weight_source=source, weight_transposed=transposed,

@@ -1,10 +1,12 @@
-"""The one constant-tracing helper: follow a value back through float Casts and 2-D Transposes to an initializer.
+"""The one constant-tracing helper: follow a value back through float Casts, 2-D Transposes and Identity to an
+initializer.
 
 Exporters put layout and type ops between a weight and the node that reads it: a `Transpose` (a weight
-stored [N, K], a tied LM head reading the embedding table) and/or a `Cast` (float16 storage read as
-float32). Every query that needs "the constant behind this input" (linear sites, scaling groups' γ and
-biases, the scale fold, sequential calibration's private weight copies) goes through `trace_const`, so they
-agree on what counts as a constant.
+stored [N, K], a tied LM head reading the embedding table), a `Cast` (float16 storage read as float32)
+and/or an `Identity` (a parameter aliased by the exporter, e.g. a BERT pooler's Gemm bias). Every query
+that needs "the constant behind this input" (linear sites, scaling groups' γ and biases, the scale fold,
+sequential calibration's private weight copies) goes through `trace_const`, so they agree on what counts
+as a constant.
 
 A value is a constant when it holds a tensor (`const_value`): an initializer, including an initializer that
 is also listed as a graph input (IR < 4 models list every initializer as an input).
@@ -64,7 +66,8 @@ def gemm_trans_b(node: ir.Node) -> bool:
 
 
 def trace_const(value: ir.Value | None) -> ConstTrace | Refusal:
-    """Follow float `Cast` and 2-D `Transpose` (perm absent or [1, 0]) back to a constant (at most three nodes)."""
+    """Follow float `Cast`, 2-D `Transpose` (perm absent or [1, 0]) and `Identity` back to a constant (at most
+    three nodes)."""
     chain: list[ir.Node] = []
     v = value
     for _ in range(_MAX_CHAIN):
@@ -75,7 +78,7 @@ def trace_const(value: ir.Value | None) -> ConstTrace | Refusal:
         prod = v.producer()
         if prod is None:
             return Refusal("weight is a graph input, not a constant")
-        if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Cast", "Transpose"):
+        if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Cast", "Transpose", "Identity"):
             return Refusal(f"weight is computed by {prod.op_type}, not a constant")
         if prod.op_type == "Cast" and attr(prod, "to", None) not in _FLOAT_TYPE_IDS:
             return Refusal("weight Cast is not to a float type")
@@ -88,9 +91,10 @@ def trace_const(value: ir.Value | None) -> ConstTrace | Refusal:
     return Refusal("weight is not a constant")
 
 
-def upstream_any(value: ir.Value, pred) -> bool:
-    """Whether `value` or any value it is computed from (transitively, through producers) satisfies `pred`."""
-    todo, seen = [value], set()
+def upstream_any(value: ir.Value, pred, stop: frozenset[int] = frozenset()) -> bool:
+    """Whether `value` or any value it is computed from (transitively, through producers) satisfies `pred`;
+    values whose id is in `stop` are not looked at (nor what they are computed from)."""
+    todo, seen = [value], set(stop)
     while todo:
         v = todo.pop()
         if v is None or id(v) in seen:
