@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "selection, calibration); method flags are then refused, calibration flags override its own")
     p.add_argument("--stats", type=Path, help="statistics from `ptqonnx calibrate` for the one-shot stages "
                    "(smoothquant, w8a8, gptq --one-shot) instead of a calibration run")
-    p.add_argument("--no-verify", action="store_true", help="skip loading the output in ONNX Runtime")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks of the output (loading it "
+                   "and comparing ORT_ENABLE_ALL with ORT_DISABLE_ALL on a probe input)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     _TABLES["config"] = add_config_flags(p, classes)
     _TABLES["calib"] = add_calibration_flags(p)
 
@@ -143,7 +145,7 @@ def _cmd_quickstart(args) -> None:
     else:
         export_causal_lm("smollm2", args.out, kv_cache=False)
         print(f"exported SmolLM2-135M to {fp32}")
-    report = compile_model(fp32, None, RtnConfig(bits=4, group_size=128, symmetric=True))
+    report = compile_model(fp32, None, RtnConfig(bits=4, group_size=128, symmetric=True), force=True)
     print(f"RTN INT4 g128: {len(report.quantized)} linear layers -> {report.output_path} "
           f"({_mib(report.output_bytes)} vs {_mib(report.input_bytes)}) in {report.seconds:.1f} s")
     windows = eval_windows(tokenize(text, load_tokenizer(args.out)), 512, args.max_windows)
@@ -196,7 +198,7 @@ def _cmd_compile(args) -> None:
     recipe, calib = _compile_recipe(args)
     report = compile_model(
         args.model, args.output, recipe, calibration=calib, stats=args.stats, verify_ort=not args.no_verify,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=lambda line: print(line, file=sys.stderr, flush=True), force=args.force,
     )
     for line in report.lines(all_skips=args.verbose > 0):
         print(line)
@@ -299,14 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.verbose < 2:  # onnx_ir's own passes log at INFO per pass; keep our summary lines readable
         logging.getLogger("onnx_ir").setLevel(max(level, logging.WARNING))
+    from ptqonnx.errors import Interrupted
+    from ptqonnx.io import cleanup_on_signal
+
     try:
-        _COMMANDS[args.command](args)
+        with cleanup_on_signal():  # SIGINT/SIGTERM: temporary files removed, one line, exit 128 + signal
+            _COMMANDS[args.command](args)
     except UserError as exc:
         print(f"ptqonnx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"ptqonnx {args.command}: {exc}; no output was written", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("ptqonnx: interrupted; no output was written", file=sys.stderr)
+        print(f"ptqonnx {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ptqonnx inspect ... | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 

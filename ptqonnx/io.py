@@ -349,8 +349,9 @@ def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> Non
             tmp, tmp_data = tmpdir / output.name, data_path(tmpdir / output.name)
             with _attribute_tensors_in_memory(model):
                 ir.save(model, str(tmp), external_data=tmp_data.name)
+            probes = _probe_feeds(model) if verify_ort else None
             _release_mappings(model)
-            _check_saved(tmp, verify_ort)
+            _check_saved(tmp, probes)
             if _initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
                 embed_external_data(tmp, tmp_data)
             _commit(tmp, output)
@@ -362,20 +363,34 @@ def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> Non
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _check_saved(tmp: Path, verify_ort: bool) -> None:
+def _probe_feeds(model: ir.Model):
+    from ptqonnx.calibration.sources import probe_feeds
+
+    return probe_feeds(model, 2)
+
+
+def _check_saved(tmp: Path, probes) -> None:
+    """The outputs gate: no reference outside the output, onnx.checker's full check (strict shape inference
+    too), and, with `probes`, ONNX Runtime at ORT_ENABLE_ALL and ORT_DISABLE_ALL computing the same outputs on
+    them (ORT fusions have miscomputed silently before)."""
     import onnx
 
     outside = [r for r in _scan(tmp).refs if r.location != data_path(tmp).name]
     assert not outside, f"emitted model references files other than its own data file: {outside[:3]}"
     try:
-        onnx.checker.check_model(str(tmp))
-    except onnx.checker.ValidationError as exc:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise RuntimeError(f"internal error: the emitted model fails onnx.checker: {first}") from exc
-    if verify_ort:
-        from ptqonnx.runtime.ort import make_session
+    if probes is not None:
+        from ptqonnx.runtime.ort import GAP_TOLERANCE, optimization_gap
 
-        make_session(tmp)  # from the path: ORT maps external data; raises UserError with ORT's first line
+        # from the path: ORT maps external data; a load failure is a UserError with ORT's first line
+        gap = optimization_gap(tmp, probes)
+        if not gap <= GAP_TOLERANCE:
+            raise RuntimeError(f"internal error: ONNX Runtime's optimized graph computes other outputs than the "
+                               f"unoptimized one on a probe input (max relative difference {gap:.3g} > "
+                               f"{GAP_TOLERANCE}); nothing was written")
 
 
 def _commit(tmp: Path, output: Path) -> None:

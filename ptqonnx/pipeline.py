@@ -30,7 +30,7 @@ from ptqonnx.calibration.stats import Statistics
 from ptqonnx.config import CalibConfig, ConfigError, Recipe, StageConfig, as_recipe, matches_any
 from ptqonnx.errors import UserError, require_module
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
-from ptqonnx.io import file_bytes, load_model, save_model
+from ptqonnx.io import check_output_path, file_bytes, load_model, model_files, preflight, save_model
 from ptqonnx.methods.base import ActivationResult, Calibration, MethodContext, Progress
 from ptqonnx.passes import run_passes
 from ptqonnx.registry import method_spec
@@ -248,17 +248,21 @@ def compile_model(
     verify_ort: bool = True,
     progress: Progress | None = None,
     write_recipe: bool = True,
+    force: bool = False,
 ) -> CompileReport:
     """Quantize the model file at `input_path` and write it to `output_path` (or a default beside it), plus
-    the recipe actually run (`recipe_path_for(output)`), from which the same output can be compiled again."""
+    the recipe actually run (`recipe_path_for(output)`), from which the same output can be compiled again.
+    An existing output is replaced only with `force`; the output never names an input file (checked, with the
+    disk space, before any compute)."""
     t0 = time.perf_counter()
     recipe = _recipe(config)
     _check_requirements(recipe)
     src = Path(input_path)
     dst = Path(output_path) if output_path else default_output_path(src, recipe)
-    if dst.resolve() == src.resolve():
-        raise UserError(f"output {dst} is the input file; pass a different -o path (the input is never overwritten)")
     model = load_model(src)
+    inputs = model_files(src)
+    check_output_path(dst, inputs, force=force)
+    preflight(dst, file_bytes(src))
     calib = calibration if calibration is not None else recipe.calibration
     if isinstance(calib, CalibConfig):
         calib = _absolute(calib)

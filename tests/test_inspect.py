@@ -300,7 +300,7 @@ def test_cli_json_and_text(compiled, capsys) -> None:
 
 @pytest.mark.parametrize("make, match", [
     (lambda d: d / "missing.onnx", "model file not found"),
-    (lambda d: d, "model file not found"),
+    (lambda d: d, "is a folder, not a model file"),
     (lambda d: (d / "x.onnx").write_text("not onnx") and d / "x.onnx", "not a readable ONNX model"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, make, match) -> None:

@@ -269,7 +269,7 @@ def test_streamed_embedding_matches_onnx_own_external_data_loader(tmp_path, monk
 @pytest.mark.parametrize("external", [False, True], ids=["embedded", "external"])
 def test_compile_with_untouched_external_tensors(tmp_path, monkeypatch, external):
     """The whole compile on an external-data input: the weight is quantized, bias and table pass through."""
-    from ptqonnx.config import CompileConfig
+    from ptqonnx.config import RtnConfig
     from ptqonnx.pipeline import compile_model
 
     if external:
@@ -277,7 +277,7 @@ def test_compile_with_untouched_external_tensors(tmp_path, monkeypatch, external
     model, arrays = _model()
     src = _save_external(model, tmp_path / "m.onnx")
     before = _snapshot(tmp_path)
-    compile_model(src, tmp_path / "o.onnx", CompileConfig())
+    compile_model(src, tmp_path / "o.onnx", RtnConfig())
     assert {k: v for k, v in _snapshot(tmp_path).items() if k in before} == before
     out = onnx.load(str(tmp_path / "o.onnx"))
     assert "MatMulNBits" in [n.op_type for n in out.graph.node]

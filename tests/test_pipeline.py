@@ -123,7 +123,10 @@ def test_existing_output_replaced_only_when_complete(tmp_path):
     src = save(linear_model(64, 16)[0], tmp_path / "m.onnx")
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old")
-    compile_model(src, out, RtnConfig())
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        compile_model(src, out, RtnConfig())
+    assert out.read_bytes() == b"old"
+    compile_model(src, out, RtnConfig(), force=True)
     assert onnx.load(out).graph.node[0].op_type == "MatMulNBits"
 
 
