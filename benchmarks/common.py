@@ -151,18 +151,21 @@ def run_child(code: str, *args: str, python: str | Path | None = None) -> dict:
 
 
 OURS = """
-from ptqonnx.calibration.sources import CalibConfig
+from ptqonnx.config import CalibConfig
 from ptqonnx.pipeline import compile_model
-from ptqonnx.config import AwqConfig, CompileConfig, GptqConfig, SmoothQuantConfig, W8A8Config, WeightQuantConfig
+from ptqonnx.registry import recipe_for
 spec = json.loads(args[2])
-tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists -> tuple fields
+method = spec.pop("method", "rtn")
 w8a8 = spec.pop("w8a8", None)
-cfg = CompileConfig(method=spec.pop("method", "rtn"), gptq=GptqConfig(**spec.pop("gptq", {})),
-                    awq=AwqConfig(**spec.pop("awq", {})), weights=WeightQuantConfig(**tuples(spec.pop("weights"))),
-                    smoothquant=SmoothQuantConfig(**spec.pop("smoothquant", {})),
-                    w8a8=None if w8a8 is None else W8A8Config(**tuples(w8a8)))
+fields = dict(spec.pop("weights", {}))
+for stage in ("gptq", "awq", "smoothquant"):  # a stage's settings apply when the method runs that stage
+    settings = spec.pop(stage, {})
+    if stage in method.split("+"):
+        fields.update(settings)
+fields.update(w8a8 or {})
+fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}  # JSON lists -> tuple fields
 calib = CalibConfig(**spec["calib"]) if "calib" in spec else None
-compile_model(args[0], args[1], cfg, calibration=calib)
+compile_model(args[0], args[1], recipe_for(method, w8a8=w8a8 is not None, **fields), calibration=calib, force=True)
 """
 
 

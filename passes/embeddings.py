@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
@@ -54,6 +55,9 @@ class QuantizeEmbeddingsPass(InPlacePass):
         for node in find_embedding_gathers(model):
             table = node.inputs[0]
             v, h = table.const_value.shape
+            if not np.isfinite(table.const_value.numpy()).all():
+                self.skipped.append((node.name or "", "table holds NaN/Inf values"))
+                continue
             bs = embedding_block_size(h, self.block_size)
             if bs is None:
                 self.skipped.append((node.name or "", f"hidden size {h} has no power-of-two block >= 16"))

@@ -89,7 +89,7 @@ class LowerToMatMulNBitsPass(InPlacePass):
             bits = storage_bits(qw.bits)  # W3 codes are stored as 4-bit
             b = add_initializer(graph, f"{base}_Q{bits}", pack_matmulnbits_weight(qw.q, bits, bs), names)
             scales = add_initializer(graph, f"{base}_scales", qw.scale.astype(dtype), names)  # [N, k_blocks]
-            inputs: list[ir.Value | None] = [site.activation, b, scales]
+            inputs: list[ir.Value | None] = [node.inputs[0], b, scales]  # not site.activation: an earlier lowering may have replaced it
             if not qw.symmetric or bits != qw.bits:  # the implicit zero point is 2^(bits-1) of the storage
                 inputs.append(add_initializer(graph, f"{base}_zero_points", pack_zero_points(qw.zero_point, bits), names))
             if site.bias is not None:

@@ -223,6 +223,9 @@ def _cmd_calibrate(args) -> None:
     if not names:
         raise UserError(f"{args.model} has no quantizable MatMul/Gemm to calibrate; pass a model with linear layers")
     batches = calibration_batches(cfg, args.model.parent, [v.name for v in model.graph.inputs])
+    from ptqonnx.calibration.validate import check_feeds
+
+    check_feeds(model, batches)
     stats = collect_statistics(model, batches, {n: set(kinds) for n in names},
                                **({"sample_rows": args.sample_rows} if args.sample_rows else {}))
     stats.save(args.output)
@@ -316,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ptqonnx {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # an internal check failed (a bug, not bad input): one line, the trace on -vv
+        if args.verbose > 1:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"ptqonnx {args.command}: {first} (a bug: please report it; -vv shows the traceback)", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `ptqonnx inspect ... | head`
         sys.stderr.close()
         return 0

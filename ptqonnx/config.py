@@ -448,6 +448,11 @@ class Recipe:
     exclude: tuple[str, ...] = option((), "a layer to leave in float: a node or weight name, '*' patterns "
                                       "allowed (e.g. '*down_proj*'); repeat the flag for more",
                                       flag="--exclude", metavar="NAME", repeat=True)
+    nonfinite_weights: str = option("error", "a weight holding NaN/Inf: refuse the model (error), or leave that "
+                                    "layer in float with a warning (keep-float)", flag="--nonfinite-weights",
+                                    choices=("error", "keep-float"))
+    only_float_layers: bool = option(False, "the model is already partly quantized: quantize its float layers "
+                                     "and leave the quantized ones as they are", flag="--only-float-layers")
     calibration: CalibConfig | None = None
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from ptqonnx.calibration.stats import Statistics
 from ptqonnx.config import CalibConfig, ConfigError, Recipe, StageConfig, as_recipe, matches_any
 from ptqonnx.errors import UserError, require_module
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
+from ptqonnx.graph.validate import NONFINITE_REASON, describe_quantized, nonfinite_sites
 from ptqonnx.io import check_output_path, file_bytes, load_model, model_files, preflight, save_model
 from ptqonnx.methods.base import ActivationResult, Calibration, MethodContext, Progress
 from ptqonnx.passes import run_passes
@@ -76,6 +77,26 @@ def _select_sites(sites: list[LinearSite], recipe: Recipe) -> tuple[list[LinearS
         else:
             chosen.append(s)
     return chosen, skipped
+
+
+def _check_model(model: ir.Model, recipe: Recipe, sites: list[LinearSite]) -> tuple[list[LinearSite], list[Skip]]:
+    """Refuse an already-quantized model (unless only its float layers are asked for) and NaN/Inf weights
+    (unless asked to leave those layers float), before any work."""
+    quantized = describe_quantized(model)
+    if quantized and not recipe.only_float_layers:
+        rest = (f"pass --only-float-layers (only_float_layers) to quantize its {len(sites)} float layers and keep the "
+                "rest as they are" if sites else "there is nothing left to quantize; pass the float model")
+        raise UserError(f"the model is already quantized ({quantized}); {rest}")
+    bad = nonfinite_sites(sites)
+    if not bad:
+        return sites, []
+    if recipe.nonfinite_weights == "error":
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        raise UserError(f"weight {bad[0].weight_name} of {bad[0].name} holds NaN/Inf values{more}; fix the model, or "
+                        "pass --nonfinite-weights keep-float to leave such layers in float")
+    logger.warning("%d layers have NaN/Inf weights and stay in float: %s", len(bad), ", ".join(s.name for s in bad[:5]))
+    names = {s.name for s in bad}
+    return [s for s in sites if s.name not in names], [Skip(s.name, s.node.op_type, NONFINITE_REASON) for s in bad]
 
 
 def _check_requirements(recipe: Recipe) -> None:
@@ -191,6 +212,8 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     scan = find_linear_sites(model)
     sites, skipped = _select_sites(scan.sites, recipe)
     skipped = scan.skipped + skipped
+    sites, more = _check_model(model, recipe, sites)
+    skipped += more
     ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, [v.name for v in model.graph.inputs]),
                         progress=progress)
     specs = [(method_spec(stage), stage) for stage in recipe.stages]

@@ -40,12 +40,17 @@ class WeightsSummary(StageSummary):
     layers: int = 0
     calibration: str = ""
     losses: dict[str, float] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)  # layer -> why its data gave no signal (RTN used)
 
     def lines(self) -> list[str]:
-        if not self.losses:
-            return [f"{self.stage}: calibration {self.calibration}"] if self.calibration else []
-        return [f"{self.stage}: calibration {self.calibration}; loss summed over layers "
-                f"{sum(self.losses.values()):.4g}"]
+        out = []
+        if self.calibration:
+            loss = f"; loss summed over layers {sum(self.losses.values()):.4g}" if self.losses else ""
+            out.append(f"{self.stage}: calibration {self.calibration}{loss}")
+        if self.fallback:
+            out.append(f"{self.stage}: {len(self.fallback)} layers fell back to RTN (calibration input "
+                       f"{', '.join(sorted(set(self.fallback.values())))}): {', '.join(list(self.fallback)[:3])}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -81,12 +86,17 @@ class W8A8Summary(StageSummary):
     dynamic_layers: int = 0
     bmm_nodes: int = 0
     calibration: str = ""
+    weight_only: tuple[str, ...] = ()  # layers whose calibration input was all zero: INT8 weights, float input
 
     def lines(self) -> list[str]:
         dyn = f", {self.dynamic_layers} dynamic per row and block" if self.dynamic_layers else ""
         bmm = f", {self.bmm_nodes} attention MatMuls" if self.bmm_nodes else ""
-        return [f"W8A8 ({self.target}): activations of {self.static_layers} layers static per tensor{dyn}{bmm}; "
-                f"calibration {self.calibration}"]
+        out = [f"W8A8 ({self.target}): activations of {self.static_layers} layers static per tensor{dyn}{bmm}; "
+               f"calibration {self.calibration}"]
+        if self.weight_only:
+            out.append(f"W8A8: {len(self.weight_only)} layers saw all-zero calibration inputs and keep float "
+                       f"activations (INT8 weights only): {', '.join(self.weight_only[:3])}")
+        return out
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ptqonnx.calibration.stats import Statistics
 from ptqonnx.errors import UserError
 from ptqonnx.runtime.ort import make_session
 
-__all__ = ["collect_statistics", "instrumented_session"]
+__all__ = ["collect_statistics", "instrumented_session", "first_nonfinite", "raise_nonfinite"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def collect_statistics(
             if missing:
                 raise UserError(f"calibration feed lacks model inputs {missing}; provide them in the data")
             outs = sess.run(fetched, {k: feed[k] for k in graph_inputs})
+            if not all(_finite(a) for a in outs):
+                raise_nonfinite(model, feed, done)
             for name, arr in zip(fetched, outs):
                 observers[name].update(arr)
             for name in from_feed:
@@ -195,3 +197,32 @@ def _link_external(tensors: list[ir.ExternalTensor], tmp: Path) -> bool:
                 (tmp / loc).unlink()
         return False
     return True
+
+
+def _finite(a) -> bool:
+    a = np.asarray(a)
+    return not np.issubdtype(a.dtype, np.floating) or bool(np.isfinite(a).all())
+
+
+def first_nonfinite(model: ir.Model | str | Path, feed: Mapping[str, np.ndarray]) -> ir.Node | None:
+    """The first node (graph order) whose float output holds NaN/Inf on `feed` while its inputs do not: every
+    node output is fetched once (a diagnosis on the error path, not a calibration run)."""
+    clone = ir.load(os.fspath(model)) if isinstance(model, (str, Path)) else model
+    nodes = list(clone.graph)
+    names = [v.name for n in nodes for v in n.outputs if v.name and (v.dtype is None or v.dtype.is_floating_point())]
+    with instrumented_session(clone, names, opt_level="disable") as (sess, fetched):
+        graph_inputs = [i.name for i in sess.get_inputs()]
+        values = dict(zip(fetched, sess.run(fetched, {k: feed[k] for k in graph_inputs})))
+    bad = {k for k, v in values.items() if not _finite(v)}
+    for n in nodes:
+        if any(v.name in bad for v in n.outputs) and not any(v is not None and v.name in bad for v in n.inputs):
+            return n
+    return None
+
+
+def raise_nonfinite(model: ir.Model | str | Path, feed: Mapping[str, np.ndarray], index: int) -> None:
+    """UserError naming the first node that produced NaN/Inf on calibration sample `index`."""
+    node = first_nonfinite(model, feed)
+    where = f"node {node.name!r} ({node.op_type})" if node is not None else "the model"
+    raise UserError(f"calibration sample {index}: {where} produced NaN/Inf from finite inputs; the float model "
+                    "overflows on this data (an fp16 model? out-of-range inputs?): check the data or the model")

@@ -55,8 +55,8 @@ def _private_weight(block_model: ir.Model, site: LinearSite) -> ir.Value | None:
     assert found, f"{site.name}: the weight is no longer a constant"
     value = found.initializer
     holder, index = (found.chain[-1], 0) if found.chain else (node, 1)  # the node reading the initializer
-    private = ir.val(f"{value.name}__seq", const_value=value.const_value)
-    private.const_value.name = private.name
+    name = f"{value.name}__seq"  # a new tensor object: renaming the shared one would rename the caller's weight
+    private = ir.val(name, const_value=ir.Tensor(np.asarray(value.const_value.numpy()), name=name))
     graph.register_initializer(private)
     holder.replace_input_with(index, private)
     return private
@@ -170,6 +170,12 @@ def run_sequential(
             t0 = time.perf_counter()
             if stage.activation not in local:  # else: a block input (e.g. a side value), or computed already
                 (local[stage.activation],) = run(bmodel, [stage.activation], local)
+            bad = next((i for i, x in enumerate(local[stage.activation])
+                        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all()), None)
+            if bad is not None:  # name the node from the partly quantized model as far as it is built
+                from ptqonnx.runtime.collect import raise_nonfinite
+
+                raise_nonfinite(model, feeds[bad], bad)
             observer = TensorObserver(kinds, sample_rows=sample_rows, xtx_chunk_dtype=np.float32)
             chunk = _Chunker(observer)
             for x in local[stage.activation]:

@@ -216,3 +216,20 @@ def test_w3_grid_in_4bit_containers(tmp_path, fmt, symmetric):
     if fmt == "matmulnbits":
         node = onnx.load(out).graph.node[0]
         assert {a.name: a.i for a in node.attribute}["bits"] == 4 and len(node.input) == 4
+
+
+def test_back_to_back_linear_layers_lower_in_order(tmp_path):
+    """y = MatMul(MatMul(x, w1), w2): the second layer's input is the first one's lowered output (it once read
+    the removed node's output and the graph lost its order)."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((32, 16)).astype(np.float32)
+    text = """<ir_version: 10, opset_import: ["" : 21]>
+    g (float[S, 32] x) => (float[S, 16] y) { h = MatMul(x, w1)
+        z = MatMul(h, w2)
+        y = Neg(z) }"""
+    src = save(model_from_text(text, {"w1": w1, "w2": w2}), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    compile_model(src, out, recipe_for("rtn", group_size=16))
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    ref = -(x @ fake_quantize(w1.T, 4, 16, True).T @ fake_quantize(w2.T, 4, 16, True).T)
+    np.testing.assert_allclose(run(out, {"x": x}, "disable")[0], ref, rtol=1e-4, atol=1e-4)

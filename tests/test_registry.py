@@ -213,3 +213,31 @@ def test_compile_stats_reuses_a_calibrate_run_bit_for_bit(tmp_path, capsys, tiny
     code, _, err = _cli(capsys, "compile", src, "--method", "gptq", "--one-shot", "--stats", tmp_path / "nohess.npz")
     assert code == 2 and "lacks statistics" in err and "(xtx)" in err and "--hessian" in err
     assert onnx.load(tmp_path / "sq.onnx").graph.node  # the outputs are real models
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_calibrated_methods_never_modify_the_callers_model(method):
+    """Sequential calibration works on private copies of the weights (renaming a shared tensor once renamed
+    the caller's initializer: found by tests/test_properties.py)."""
+    import onnx_ir as ir
+
+    from graphs import model_from_text
+
+    rng = np.random.default_rng(0)
+    text = """<ir_version: 10, opset_import: ["" : 21]>
+    g (float[S, 32] x) => (float[S, 16] y) { h = MatMul(x, w1)
+        r = Relu(h)
+        z = MatMul(r, w2)
+        y = Neg(z) }"""
+    proto = model_from_text(text, {"w1": rng.standard_normal((32, 32)).astype(np.float32),
+                                   "w2": rng.standard_normal((32, 16)).astype(np.float32)})
+    before = proto.SerializeToString()
+    ir_model = ir.from_proto(proto)
+    feeds = [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(3)]
+    config = ptqonnx.recipe_for(method, w8a8=method == "smoothquant", **({} if method == "smoothquant" else
+                                                                         {"group_size": 16}))
+    for m in (proto, ir_model):
+        ptqonnx.quantize(m, config, calibration=feeds)
+    assert proto.SerializeToString() == before
+    assert sorted(ir_model.graph.initializers) == ["w1", "w2"]
+    assert ir.to_proto(ir_model).SerializeToString() == ir.to_proto(ir.from_proto(proto)).SerializeToString()

@@ -24,6 +24,7 @@ import logging
 import numpy as np
 
 from ptqonnx.calibration.observers import Stat
+from ptqonnx.calibration.validate import check_signal, no_signal
 from ptqonnx.config import AwqConfig, GptqConfig, RtnConfig
 from ptqonnx.errors import UserError
 from ptqonnx.graph import find_blocks, find_scaling_groups
@@ -70,10 +71,20 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
     gptq = gptq_stage_solver(w, losses) if isinstance(w, GptqConfig) else None
     rtn = rtn_solver(w, ratios)
 
+    fallback: dict[str, str] = {}
+
     def solve_stage(block, stage, stats):
         k = stats.channels
         s = np.ones(k, np.float32)
         group = group_of.get(stage.activation)
+        why = no_signal(stats.xtx, stats.count)
+        if why is not None:  # nothing to search scales or clips on: plain RTN, s = 1
+            fallback.update((site.name, why) for site in stage.sites)
+            qws = [rtn_solver(w)(site, site.weight_nk()) for site in stage.sites]
+            planned.update((site.name, qw) for site, qw in zip(stage.sites, qws))
+            if group is not None:
+                scales.setdefault(group.name, s)
+            return {site.name: dequantize_weight(qw) for site, qw in zip(stage.sites, qws)}
         if group is not None and group.name in scales:  # a group split over two blocks: searched at its first
             s = scales[group.name]
         elif group is not None:
@@ -115,6 +126,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
         clipped = sum(int((r < 1).sum()) for r in ratios.values())
         logger.info("AWQ clip: %d of %d blocks clipped", clipped, sum(r.size for r in ratios.values()))
 
+    check_signal(fallback, len(sites))
     fold = fold_scales_checked(model, groups, scales, feeds[:2], no_insert=acfg.no_insert, what="AWQ scales")
     for g in groups:  # a planned producer's output rows were divided by s after its codes were chosen
         if g.name in fold.folded and g.kind == "linear_columns" and g.producer.name in planned:
@@ -127,6 +139,6 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
     summary = ScalesSummary(acfg.stage, groups=len(groups), folded=fold.folded, inserted=fold.inserted,
                             alpha=alphas, fold_max_rel_err=fold.max_rel_err, calibration=calibration)
     weights = WeightsSummary(w.stage, layers=len(planned), calibration=f"driven by awq, {calibration}",
-                             losses=losses)
+                             losses=losses, fallback=fallback)
     return MethodResult((summary, weights), plan={s.name: PlannedWeight(s, planned[s.name]) for s in sites},
                         folds=fold.records)

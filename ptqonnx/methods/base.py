@@ -106,9 +106,17 @@ class MethodContext:
     folds: list[ScaleFold] = field(default_factory=list)
     plan: WeightPlan | None = None
     progress: Progress | None = None
+    _checked: bool = False
 
     def feeds(self) -> Feeds:
-        return self.calibration.feeds()
+        """The calibration feeds, checked against the model's inputs on first use (`calibration.validate`)."""
+        feeds = self.calibration.feeds()
+        if not self._checked:
+            from ptqonnx.calibration.validate import check_feeds
+
+            check_feeds(self.model, feeds)
+            self._checked = True
+        return feeds
 
     def check_feeds(self, n: int = 2) -> Feeds:
         """Inputs for checking that a float rewrite left the outputs unchanged: calibration feeds when data was

@@ -15,7 +15,8 @@ from ptqonnx.calibration.observers import Stat
 from ptqonnx.config import GptqConfig
 from ptqonnx.graph import Block, LinearSite, find_blocks
 from ptqonnx.methods.base import MethodContext, MethodResult
-from ptqonnx.plan import PlannedWeight, gptq_stage_solver
+from ptqonnx.calibration.validate import check_signal, no_signal
+from ptqonnx.plan import PlannedWeight, gptq_stage_solver, rtn_solver
 from ptqonnx.registry import register_method
 from ptqonnx.report import WeightsSummary
 
@@ -50,19 +51,29 @@ def run_gptq(ctx: MethodContext, cfg: GptqConfig) -> MethodResult:
     from ptqonnx.numerics.quant import dequantize_weight
 
     losses: dict[str, float] = {}
-    solve = gptq_stage_solver(cfg, losses)  # sites sharing an activation: one sweep
+    fallback: dict[str, str] = {}
+    gptq = gptq_stage_solver(cfg, losses)  # sites sharing an activation: one sweep
+    rtn = rtn_solver(cfg)
+
+    def solve(sites, weights, stats):
+        why = no_signal(stats.xtx, stats.count)
+        if why is None:
+            return gptq(sites, weights, hessian_from_xtx(stats.xtx, stats.count))
+        fallback.update((s.name, why) for s in sites)  # GPTQ would zero W's dead columns, fit one direction
+        return [rtn(s, w) for s, w in zip(sites, weights)]
     blocks = _blocks(ctx, cfg)
     plan: dict[str, PlannedWeight] = {}
     if len(blocks) >= 2:
         from ptqonnx.runtime.sequential import run_sequential
 
         def solve_stage(block, stage, stats):
-            qws = solve(stage.sites, [s.weight_nk() for s in stage.sites], hessian_from_xtx(stats.xtx, stats.count))
+            qws = solve(stage.sites, [s.weight_nk() for s in stage.sites], stats)
             plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(stage.sites, qws))
             return {site.name: dequantize_weight(qw) for site, qw in zip(stage.sites, qws)}
 
         def on_stage(block, stage, seconds):
-            shown = ", ".join(f"{s.weight_name} {losses[s.weight_name]:.4g}" for s in stage.sites)
+            shown = ", ".join(f"{s.weight_name} {losses[s.weight_name]:.4g}" if s.weight_name in losses else
+                              f"{s.weight_name} RTN ({fallback.get(s.name)})" for s in stage.sites)
             ctx.say(f"GPTQ block {block.index + 1}/{len(blocks)} ({seconds:.1f} s) loss: {shown}")
 
         feeds = ctx.feeds()
@@ -74,9 +85,10 @@ def run_gptq(ctx: MethodContext, cfg: GptqConfig) -> MethodResult:
             logger.warning("no residual-stream cut found in the graph: GPTQ falls back to one-shot Hessians "
                            "from the float model")
         for act, group in _by_activation(ctx.sites).items():
-            st = ctx.stats[act]
-            qws = solve(group, [s.weight_nk() for s in group], hessian_from_xtx(st.xtx, st.count))
+            qws = solve(group, [s.weight_nk() for s in group], ctx.stats[act])
             plan.update((site.name, PlannedWeight(site, qw)) for site, qw in zip(group, qws))
         plan = {s.name: plan[s.name] for s in ctx.sites}  # graph order
         calibration = f"one-shot, {ctx.stats_origin}"
-    return MethodResult(WeightsSummary(cfg.stage, layers=len(plan), calibration=calibration, losses=losses), plan=plan)
+    check_signal(fallback, len(plan))
+    summary = WeightsSummary(cfg.stage, layers=len(plan), calibration=calibration, losses=losses, fallback=fallback)
+    return MethodResult(summary, plan=plan)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 from ptqonnx.calibration.observers import Stat, TensorStats
+from ptqonnx.calibration.validate import check_signal
 from ptqonnx.config import SmoothQuantConfig, W8A8Config, matches_any
 from ptqonnx.errors import UserError
 from ptqonnx.graph import LinearSite, Skip
@@ -109,12 +110,19 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
     dynamic = dynamic_sites(ctx.sites, cfg)
     static = [s for s in ctx.sites if s.name not in dynamic]
     grids: dict[str, dict[int, ActivationQParams]] = {}
+    fallback: dict[str, str] = {}
     for s in static:
-        grids[s.name] = {0: activation_grid(stats[s.activation.name], cfg, symmetric)}
+        st = stats[s.activation.name]
+        if st.absmax is not None and not float(st.absmax.max()) > 0:  # no range to set a scale from
+            fallback[s.name] = "all zero"
+            continue
+        grids[s.name] = {0: activation_grid(st, cfg, symmetric)}
+    check_signal(fallback, len(static))
     for n in bmm:
         grids[n.name] = {i: activation_grid(stats[n.inputs[i].name], cfg, symmetric) for i in (0, 1)}
     logger.info("W8A8 activations: %d layers static per tensor (QDQ), %d dynamic per row and block "
                 "(MatMulNBits int8)", len(static), len(dynamic))
-    summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "", static_layers=len(static),
-                          dynamic_layers=len(dynamic), bmm_nodes=len(bmm), calibration=ctx.stats_origin)
+    summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "", static_layers=len(static) - len(fallback),
+                          dynamic_layers=len(dynamic), bmm_nodes=len(bmm), calibration=ctx.stats_origin,
+                          weight_only=tuple(fallback))
     return MethodResult(summary, activations=ActivationResult(grids, frozenset(dynamic), DYNAMIC_ACCURACY_LEVEL))
