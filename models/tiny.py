@@ -188,21 +188,7 @@ def build_tiny(
     return out
 
 
-def build_tiny_llama(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab: int = 300,
-    tie_word_embeddings: bool = True,
-    rope_theta: float = 100000.0,
-) -> Path:
+def build_tiny_llama(out_dir: str | Path, **kwargs) -> Path:
     """Save a random `LlamaForCausalLM` (SmolLM2's structure: GQA, tied embeddings) + tokenizer; returns the
-    folder. Same arguments give byte-identical weights and the same tokenizer."""
-    return build_tiny("llama", out_dir, seed=seed, hidden_size=hidden_size, layers=layers, heads=heads,
-                      kv_heads=kv_heads, intermediate=intermediate, vocab=vocab,
-                      tie_word_embeddings=tie_word_embeddings, rope_theta=rope_theta)
+    folder. `kwargs` as `build_tiny`'s; same arguments give byte-identical weights and the same tokenizer."""
+    return build_tiny("llama", out_dir, **{"tie_word_embeddings": True, **kwargs})

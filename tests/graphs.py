@@ -15,6 +15,19 @@ CALIB_TEXT = SHARED_DATA / "wikitext-2-calib" / "valid.txt"  # calibration only
 TEST_TEXT = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"  # evaluation only
 
 
+# multi-head attention on q, k, v [B, S, H*D] (the `heads` shape splits heads; the caller merges `a` back):
+# QKᵀ, Softmax, P·V, as our exporter writes it; used inside test graphs' f-strings as {ATTENTION}
+ATTENTION = """qh = Reshape(q, heads)
+        qt = Transpose<perm=[0, 2, 1, 3]>(qh)
+        kh = Reshape(k, heads)
+        kt = Transpose<perm=[0, 2, 3, 1]>(kh)
+        sc = MatMul(qt, kt)
+        pr = Softmax<axis=-1>(sc)
+        vh = Reshape(v, heads)
+        vt = Transpose<perm=[0, 2, 1, 3]>(vh)
+        a = MatMul(pr, vt)"""
+
+
 def real_windows(export, n: int, chars: int = 40_000) -> list:
     """The first `n` 512-token windows of the first `chars` characters of WikiText-2 test, tokenized with the
     exported model's tokenizer (`export`: an ExportResult)."""

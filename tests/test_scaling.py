@@ -14,7 +14,7 @@ from onnx_ir.passes import PreconditionError
 from ptqonnx.graph import find_linear_sites
 from ptqonnx.passes.fold_scales import FoldScalesPass
 from ptqonnx.graph.scaling import ATTENTION_SKIP_REASON, ScalingGroup, find_scaling_groups
-from graphs import model_from_text, run
+from graphs import ATTENTION, model_from_text, run
 
 K = 16
 HDR = '<ir_version: 10, opset_import: ["" : 21, "com.microsoft" : 1]>'
@@ -283,15 +283,7 @@ def _attention_graph(o_perm: str, v_op: str = "Identity") -> onnx.ModelProto:
         v0 = MatMul(x, wv)
         v1 = Add(v0, bv)
         v = {v_op}(v1)
-        qh = Reshape(q, heads)
-        qt = Transpose<perm=[0, 2, 1, 3]>(qh)
-        kh = Reshape(k, heads)
-        kt = Transpose<perm=[0, 2, 3, 1]>(kh)
-        sc = MatMul(qt, kt)
-        pr = Softmax<axis=-1>(sc)
-        vh = Reshape(v, heads)
-        vt = Transpose<perm=[0, 2, 1, 3]>(vh)
-        a = MatMul(pr, vt)
+        {ATTENTION}
         at = Transpose<perm={o_perm}>(a)
         am = Reshape(at, merged)
         y = MatMul(am, wo)

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import pytest
 
 from ptqonnx.graph import find_linear_sites, find_scaling_groups
-from graphs import model_from_text
+from graphs import ATTENTION, model_from_text
 from test_scaling import HDR, K, _fold_and_compare, _w, _x
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -67,15 +67,7 @@ def _fused_attention(select: str) -> onnx.ModelProto:
         qkv0 = MatMul(x, wqkv)
         qkv = Add(qkv0, bqkv)
         {select}
-        qh = Reshape(q, heads)
-        qt = Transpose<perm=[0, 2, 1, 3]>(qh)
-        kh = Reshape(k, heads)
-        kt = Transpose<perm=[0, 2, 3, 1]>(kh)
-        sc = MatMul(qt, kt)
-        pr = Softmax<axis=-1>(sc)
-        vh = Reshape(v, heads)
-        vt = Transpose<perm=[0, 2, 1, 3]>(vh)
-        a = MatMul(pr, vt)
+        {ATTENTION}
         at = Transpose<perm=[0, 2, 1, 3]>(a)
         am = Reshape(at, merged)
         y = MatMul(am, wo)
