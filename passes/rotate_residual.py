@@ -69,7 +69,8 @@ class RotateResidualPass(InPlacePass):
                                     f"{stream.hidden} wide")
 
     def call(self, model: ir.Model) -> PassResult:
-        stream, self.refusal, self.rotated = self._stream, None, 0
+        stream = self._stream if self._stream is not None else find_residual_stream(model)
+        self._stream, self.refusal, self.rotated = None, None, 0
         if not stream:
             self.refusal = stream
             logger.info("rotate residual: nothing rotated: %s", stream.reason)

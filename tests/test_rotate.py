@@ -149,6 +149,25 @@ def test_rotate_value_heads_is_exact_with_and_without_gqa(tiny_export: Path, tin
         _assert_same_outputs(src / "model.onnx", tmp_path / "r2.onnx", _ids(src))
 
 
+def test_rotate_value_heads_rotates_a_v_bias(tiny_mha_export: Path, tmp_path: Path) -> None:
+    model = ir.load(str(tiny_mha_export / "model.onnx"))
+    rng = np.random.default_rng(0)
+    for pair in find_value_heads(model)[0]:  # v_proj(Z) + b: the new float reference
+        out = pair.v.node.outputs[0]
+        b = ir.val(f"{pair.v.name}_b", const_value=ir.tensor(rng.standard_normal(pair.v.N).astype(np.float32)))
+        model.graph.register_initializer(b)
+        biased = ir.Value(name=f"{out.name}_biased", type=out.type, shape=ir.Shape(out.shape))
+        for node, idx in list(out.uses()):
+            node.replace_input_with(idx, biased)
+        model.graph.insert_after(pair.v.node, [ir.node("Add", [out, b], outputs=[biased])])
+    _save(model, tmp_path / "src.onnx")
+    pairs, _ = find_value_heads(ir.load(str(tmp_path / "src.onnx")))
+    assert len(pairs) == 2 and all(p.v_bias is not None for p in pairs)
+    _, (res,) = _apply(tmp_path / "src.onnx", tmp_path / "r2.onnx", RotateValueHeadsPass(seed=1))
+    assert res.modified
+    _assert_same_outputs(tmp_path / "src.onnx", tmp_path / "r2.onnx", _ids(tiny_mha_export))
+
+
 @pytest.mark.parametrize("export", EXPORTS)
 def test_online_hadamard_is_exact_and_not_a_linear_layer(export: str, request, tmp_path: Path) -> None:
     src = request.getfixturevalue(export)
