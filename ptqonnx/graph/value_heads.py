@@ -1,0 +1,131 @@
+"""v_proj → attention → o_proj pairs whose value heads can be rotated (QuaRot / SpinQuant R2), found structurally.
+
+Per-head value rotation needs o_proj's input X = layout(P·V), V = layout(v_proj(Z) [+ b]) with only
+element-moving ops (and grouped-query attention's Expand) on both paths. `find_value_heads` proves, by pushing
+ids through those ops at their annotated shapes (`ptqonnx.graph.attention`'s helpers, as `channel_map` does
+for AWQ's 1:1 case), that X's channel b·d + j carries V column g(b)·d + j (d = head_dim) and that all d channels
+of X's block b come from one P·V head, i.e. one set of attention probabilities P_b. Then for any R [d, d]
+
+    X'_b = P_b (V blockdiag(R))_g = (P_b V_g) R = X_b R,    so V' = V blockdiag(R) gives X' = X blockdiag(R).
+
+Refused (a Skip per o_proj, with the reason): fused attention ops, V stored in a KV cache (a Concat with a graph
+input: the cache would hold rotated values), v_proj or attention outputs with other consumers, probabilities
+that depend on V, unknown shapes, channel maps that are not whole head blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqonnx.graph.attention import ATTENTION_OPS, _concrete, _follow, attention_path, v_path
+from ptqonnx.graph.scaling import ConstRef, _channel_vector
+from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
+from ptqonnx.graph.trace import ONNX_DOMAINS, trace_const, upstream_any
+
+__all__ = ["ValueHeads", "find_value_heads"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValueHeads:
+    """v_proj → P·V → o_proj: V's columns come in blocks of `head_dim` (one per KV head), o_proj's rows too
+    (one per attention head), and o_proj's block b reads V's block `groups[b]`."""
+
+    v: LinearSite
+    v_bias: ConstRef | None  # a constant added to v_proj's output before the attention (Gemm's C: v.bias)
+    o: LinearSite
+    head_dim: int
+    groups: tuple[int, ...]
+
+
+def _head_blocks(top: ir.Value, v_nodes: list[ir.Node], pv: ir.Node, o_path: list[ir.Node], d: int,
+                 k: int) -> tuple[int, ...] | str:
+    """X block b ↦ V block g(b) with channel b·d + j carrying V column g(b)·d + j, all of one P·V head."""
+    sizes: dict[str, int] = {}
+    shape, out_shape = _concrete(top.shape, sizes), None
+    if shape is None or not shape:
+        return "shapes on the v→o path unknown (run shape inference)"
+    cols = _follow(np.broadcast_to(np.arange(shape[-1]), shape), v_nodes, sizes)  # V column behind each V element
+    out_shape = _concrete(pv.outputs[0].shape, sizes)
+    if cols is None or cols.ndim < 2 or out_shape is None or out_shape[-1] != d:
+        return "shapes on the v→o path unknown or inconsistent"
+    if not (cols == cols[..., :1, :]).all():
+        return "V's sequence axis mixes channels"
+    try:
+        cols = np.broadcast_to(cols[..., :1, :], out_shape)  # P·V's output element (.., t, j) reads V column
+    except ValueError:
+        return "shapes on the v→o path inconsistent"
+    elems = np.arange(int(np.prod(out_shape))).reshape(out_shape)  # which P·V output element (head row, j)
+    cols, elems = _follow(cols, o_path[::-1], sizes), _follow(elems, o_path[::-1], sizes)
+    if cols is None or elems is None or cols.shape[-1] != k or k % d:
+        return "shapes on the v→o path unknown or inconsistent"
+    cols, elems = cols.reshape(-1, k // d, d), elems.reshape(-1, k // d, d)
+    j = np.arange(d)
+    if not (cols == cols[:1]).all() or not (cols % d == j).all() or not (cols // d == cols[..., :1] // d).all():
+        return f"o_proj's input channels are not V's columns in whole blocks of head_dim {d}"
+    if not (elems % d == j).all() or not (elems // d == elems[..., :1] // d).all():
+        return f"o_proj's input blocks of {d} channels do not each come from one attention head"
+    return tuple(int(g) for g in cols[0, :, 0] // d)
+
+
+def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | str | None:
+    path = attention_path(o.activation)
+    if path is None:
+        return None
+    o_path, pv = path
+    if pv.op_type in ATTENTION_OPS:
+        return f"fused {pv.op_type}: V's rotation cannot be proven to pass through it"
+    p, v = pv.inputs[0], pv.inputs[1]
+    top, v_nodes = v_path(v)
+    if any(n.op_type == "Concat" for n in v_nodes):
+        return "V is stored in a KV cache (Concat with a graph input): rotated values would change the cache"
+    prod, bias = top.producer(), None
+    if prod is not None and prod.op_type == "Add" and prod.domain in ONNX_DOMAINS:
+        for i in (0, 1):
+            inner = prod.inputs[1 - i]
+            if inner is not None and inner.producer() is not None and id(inner.producer()) in sites \
+                    and trace_const(prod.inputs[i]) and len(inner.uses()) == 1:
+                width = sites[id(inner.producer())].N
+                if not _channel_vector(prod.inputs[i], width):
+                    return "V's bias is not a constant vector"
+                bias, prod = ConstRef(prod, i, -1), inner.producer()
+                break
+    v_site = sites.get(id(prod)) if prod is not None else None
+    if v_site is None:
+        return "V is not a layout of a linear layer's output"
+    chain = v_nodes + [pv] + o_path[::-1]
+    inner = v_site.node.outputs[0]
+    values = ([inner] if bias is not None else []) + [top] + [n.outputs[0] for n in chain]
+    users = ([bias.node] if bias is not None else []) + chain + [o.node]
+    if not all(len(val.uses()) == 1 and not val.is_graph_output() and val.uses()[0][0] is u
+               for val, u in zip(values, users)):
+        return f"{v_site.name}'s output or the attention output has other consumers"
+    if upstream_any(p, lambda val: val.producer() is v_site.node):
+        return "the attention probabilities depend on V"
+    d = v.shape[-1] if v.shape is not None and len(v.shape) else None
+    if not isinstance(d, int):
+        return "head_dim unknown (run shape inference)"
+    groups = _head_blocks(top, v_nodes, pv, o_path, d, o.K)
+    if isinstance(groups, str):
+        return groups
+    return ValueHeads(v_site, bias, o, d, groups)
+
+
+def find_value_heads(model: ir.Model) -> tuple[list[ValueHeads], list[Skip]]:
+    """Every linear layer reading an attention output, as a v/o pair or a Skip saying why it is none."""
+    scan = find_linear_sites(model).sites
+    sites = {id(s.node): s for s in scan}
+    pairs, skipped = [], []
+    for o in scan:
+        found = _value_heads(o, sites)
+        if isinstance(found, ValueHeads):
+            pairs.append(found)
+        elif isinstance(found, str):
+            skipped.append(Skip(o.name, o.node.op_type, f"attention output: {found}"))
+    logger.info("value heads: %d v/o pairs, %d attention outputs skipped", len(pairs), len(skipped))
+    return pairs, skipped
