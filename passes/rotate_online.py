@@ -32,6 +32,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ptqonnx.graph import FLOAT_TYPES, LinearSite, NameScope, Refusal, Skip
+from ptqonnx.graph.sites import ONLINE_HADAMARD_ROLE, ROLE_KEY
 from ptqonnx.graph.attention import attention_path
 from ptqonnx.graph.residual import find_residual_stream
 from ptqonnx.numerics.rotation import apply_kronecker, has_hadamard, kronecker_factors
@@ -41,8 +42,6 @@ __all__ = ["ROLE_KEY", "ONLINE_HADAMARD_ROLE", "OnlineHadamardPass"]
 
 logger = logging.getLogger(__name__)
 
-ROLE_KEY = "ptqonnx.role"
-ONLINE_HADAMARD_ROLE = "online_hadamard"
 
 
 class OnlineHadamardPass(InPlacePass):

@@ -48,7 +48,9 @@ def _stage_classes() -> list:
 
 
 def _method_help(classes: list) -> str:
-    methods = [c.stage for c in classes if c.kind != "activations"]
+    from ptqonnx.registry import FLAG_STAGES
+
+    methods = [c.stage for c in classes if c.stage not in FLAG_STAGES]
     lines = {c.stage: (c.__doc__ or "").strip().split(":")[0].split(".")[0] for c in classes}
     return ("one method or stages joined by '+' (e.g. awq+gptq): " + "; ".join(
         f"{m}: {lines[m]}" for m in methods) + " (default: rtn)")
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method, "
                    "bits and format); the recipe it ran is written beside it as OUTPUT_STEM.recipe.yaml")
     p.add_argument("--method", default=None, metavar="METHOD", help=_method_help(classes))
+    p.add_argument("--rotate", action="store_true", help="first rotate the model (QuaRot/SpinQuant: R1 residual "
+                   "stream, R2 value heads, R4 online Hadamard before down_proj; exact, checked): outlier-free "
+                   "activations for the stages after it")
     p.add_argument("--w8a8", action="store_true", help="INT8 weights (per channel) and INT8 activations "
                    "(per tensor, static scales from calibration: QDQ; see --act-scales)")
     p.add_argument("--recipe", type=Path, help="a YAML recipe describing the whole compile (stages, layer "
@@ -172,13 +177,14 @@ def _compile_recipe(args):
     classes = _stage_classes()
     table = _TABLES["config"]
     if args.recipe is not None:
-        extra = list(given_flags(args, table)) + [f for f, v in (("--method", args.method), ("--w8a8", args.w8a8))
+        extra = list(given_flags(args, table)) + [f for f, v in (("--method", args.method), ("--w8a8", args.w8a8),
+                                                                   ("--rotate", args.rotate))
                                                    if v]
         if extra:
             raise UserError(f"--recipe describes the whole compile; drop {', '.join(extra)} or edit the recipe")
         recipe = load_recipe(args.recipe)
     else:
-        recipe = recipe_from_args(args.method or "rtn", args.w8a8, args, table, classes)
+        recipe = recipe_from_args(args.method or "rtn", args.w8a8, args, table, classes, rotate=args.rotate)
     calib = calib_from_args(args, _TABLES["calib"], recipe.calibration, classes)
     given = given_flags(args, _TABLES["calib"])
     if given and not recipe.needs_calibration:

@@ -119,7 +119,9 @@ def _value(cls: type, name: str, flag: str, value: Any) -> Any:
 def flag_name(ref: FieldRef, stage_classes: list[type[StageConfig]]) -> str:
     """How the CLI spells a config field: its flag, `--w8a8` / `--method X` for a stage itself."""
     if not ref.name:
-        return "--w8a8" if ref.stage == W8A8Config.stage else f"--method {ref.stage}"
+        from ptqonnx.registry import FLAG_STAGES
+
+        return FLAG_STAGES.get(ref.stage, f"--method {ref.stage}")
     if ref.stage == "" and ref.name == "stages":
         return "--method"
     classes = {"": Recipe, "calibration": CalibConfig} | {c.stage: c for c in stage_classes}
@@ -149,7 +151,7 @@ def calib_from_args(args: argparse.Namespace, table: dict[str, list], base: Cali
 
 
 def recipe_from_args(method: str, w8a8: bool, args: argparse.Namespace, table: dict[str, list],
-                     stage_classes: list[type[StageConfig]]) -> Recipe:
+                     stage_classes: list[type[StageConfig]], rotate: bool = False) -> Recipe:
     """The recipe `compile --method METHOD [--w8a8] FLAGS` stands for (`ptqonnx.registry.recipe_for`)."""
     from ptqonnx.registry import recipe_for
 
@@ -158,6 +160,6 @@ def recipe_from_args(method: str, w8a8: bool, args: argparse.Namespace, table: d
         cls, name = table[flag][0]
         fields[name] = _value(cls, name, flag, value)
     try:
-        return recipe_for(method, w8a8=w8a8, **fields)
+        return recipe_for(method, w8a8=w8a8, rotate=rotate, **fields)
     except ConfigError as exc:
         raise render_error(exc, stage_classes) from None

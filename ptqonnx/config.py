@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 __all__ = [
     "WEIGHT_BITS", "FORMATS", "TARGETS", "CALIB_RANGES", "ACT_SCALES", "AUTO", "ConfigError", "FieldRef", "option",
     "StageConfig", "WeightStage", "RtnConfig", "GptqConfig", "AwqConfig", "SmoothQuantConfig", "W8A8Config",
+    "RotateConfig", "ROTATIONS",
     "CalibConfig", "Recipe", "as_recipe", "matches_any",
 ]
 
@@ -38,6 +39,7 @@ TARGETS = ("tensorrt", "ort-cpu")
 CALIB_RANGES = ("minmax", "percentile")
 ACT_SCALES = ("static", "dynamic")
 AUTO = "auto"  # group_size: 128 for 3/4 bits, per output channel for 8
+ROTATIONS = ("random_hadamard", "hadamard", "random_orthogonal")  # ptqonnx.numerics.rotation.ROTATION_KINDS
 
 
 def matches_any(patterns: tuple[str, ...], *names: str) -> bool:
@@ -182,6 +184,7 @@ class StageConfig:
     order: ClassVar[int] = 0
     needs_calibration: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
+    before_statistics: ClassVar[bool] = False  # runs before sites are selected and statistics collected
 
     def __post_init__(self) -> None:
         _check_fields(self, self.stage)
@@ -292,6 +295,30 @@ class AwqConfig(StageConfig):
         if not 1 <= self.grid <= 1000:
             raise ConfigError(f"{{0}} must be in [1, 1000], got {self.grid}", self.ref("grid"))
         _device(self.ref("device"), self.device)
+
+
+@dataclass(frozen=True)
+class RotateConfig(StageConfig):
+    """Rotations (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024): norms' γ folded into their readers,
+    then R1 the residual stream (E Q, readers Qᵀ W, writers W Q), R2 the value heads (V and o_proj per head) and
+    R4 an online Hadamard before each down_proj, all exact (the float model's outputs are checked unchanged):
+    activations lose their outlier channels before anything is measured or quantized. The first stage of a
+    recipe (`--rotate`)."""
+
+    stage: ClassVar[str] = "rotate"
+    kind: ClassVar[str] = "transform"
+    order: ClassVar[int] = 5
+    before_statistics: ClassVar[bool] = True
+
+    rotation: str = option("random_hadamard", "the orthogonal matrices: random_hadamard (QuaRot), hadamard, or "
+                           "random_orthogonal (SpinQuant's random start)", flag="--rotation", choices=ROTATIONS)
+    seed: int = option(0, "seed of the random rotations", flag="--rotation-seed")
+    heads: bool = option(True, "skip R2, the per-head rotation of V and o_proj", flag="--no-r2", invert=True)
+    online: bool = option(True, "skip R4, the online Hadamard before down_proj", flag="--no-r4", invert=True)
+
+    def validate(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"{{0}} must be non-negative, got {self.seed}", self.ref("seed"))
 
 
 @dataclass(frozen=True)
@@ -519,8 +546,8 @@ class Recipe:
             seen[s.stage] = s
         for a, b in zip(stages, stages[1:]):
             if a.order >= b.order:
-                raise ConfigError(f"stage {b.stage} cannot follow {a.stage} in {{0}}: the order is transforms "
-                                  "(rotate, smoothquant), then awq, then the weights (rtn or gptq), then w8a8",
+                raise ConfigError(f"stage {b.stage} cannot follow {a.stage} in {{0}}: the order is rotate, "
+                                  "smoothquant, then awq, then the weights (rtn or gptq), then w8a8",
                                   FieldRef("", "stages"))
         weights = [s for s in stages if s.kind == "weights"]
         if len(weights) > 1:

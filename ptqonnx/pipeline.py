@@ -217,6 +217,16 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, [v.name for v in model.graph.inputs]),
                         progress=progress)
     specs = [(method_spec(stage), stage) for stage in recipe.stages]
+    early = [(spec, cfg) for spec, cfg in specs if cfg.before_statistics]
+    if early:  # rotations: every later stage selects, measures and quantizes the rewritten graph
+        if more:
+            raise UserError("rotations would spread the NaN/Inf weights of "
+                            f"{', '.join(s.node for s in more[:3])} into every layer; fix the model or drop --rotate")
+        for spec, cfg in early:
+            _run_stage(spec, cfg, ctx, report, skipped)
+        scan = find_linear_sites(model)
+        ctx.sites, selected = _select_sites(scan.sites, recipe)
+        skipped = scan.skipped + selected
     for spec, cfg in specs:
         if spec.select is not None:
             ctx.sites, more = spec.select(ctx, cfg, ctx.sites)
@@ -239,26 +249,29 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         ctx.stats, ctx.stats_origin = _statistics(ctx, requests, Path(stats_path) if stats_path else None)
 
     driven = any(s.kind == "scaling" for s in recipe.stages)  # awq runs the weights stage itself
-    act: ActivationResult | None = None
     for spec, cfg in specs:
-        if cfg.kind == "weights" and driven:
-            continue
-        result = spec.run(ctx, cfg)
-        ctx.folds.extend(result.folds)
-        if result.plan is not None:
-            ctx.plan = result.plan
-        if result.activations is not None:
-            act = result.activations
-        report.stages += list(result.summary) if isinstance(result.summary, tuple) else [result.summary]
-        skipped += list(result.skipped)
+        if not (cfg.kind == "weights" and driven) and not cfg.before_statistics:
+            _run_stage(spec, cfg, ctx, report, skipped)
 
-    passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), act)
+    passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), ctx.activations)
     run_passes(passes, model)
     report.quantized = [s.name for s in ctx.sites]
     report.skipped = skipped
     if emb is not None:
         report.embeddings_quantized = sum(1 for n in model.graph if n.op_type == "GatherBlockQuantized")
         report.skipped += [Skip(n, "Gather", r) for n, r in emb.skipped]
+
+
+def _run_stage(spec, cfg: StageConfig, ctx: MethodContext, report: CompileReport, skipped: list[Skip]) -> None:
+    """Run one stage and keep what it returned: folds, the weight plan, the activation plan, its summary."""
+    result = spec.run(ctx, cfg)
+    ctx.folds.extend(result.folds)
+    if result.plan is not None:
+        ctx.plan = result.plan
+    if result.activations is not None:
+        ctx.activations = result.activations
+    report.stages += list(result.summary) if isinstance(result.summary, tuple) else [result.summary]
+    skipped += list(result.skipped)
 
 
 def compile_model(

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ptqonnx.config import ConfigError, FieldRef, Recipe, RtnConfig, StageConfig, W8A8Config, WeightStage
+from ptqonnx.config import ConfigError, FieldRef, Recipe, RotateConfig, RtnConfig, StageConfig, W8A8Config, WeightStage
 
 __all__ = ["MethodSpec", "register_method", "method_spec", "stage_class", "stage_names", "recipe_for",
            "BUILTIN_MODULES"]
 
 BUILTIN_MODULES = (
-    "ptqonnx.methods.rtn", "ptqonnx.methods.gptq", "ptqonnx.methods.awq", "ptqonnx.methods.smoothquant",
+    "ptqonnx.methods.rotate", "ptqonnx.methods.rtn", "ptqonnx.methods.gptq", "ptqonnx.methods.awq", "ptqonnx.methods.smoothquant",
     "ptqonnx.methods.w8a8",
 )
 
@@ -93,7 +93,10 @@ def stage_class(name: str) -> type[StageConfig]:
     return method_spec(name).config
 
 
-def recipe_for(method: str = "rtn", *, w8a8: bool = False, **fields: Any) -> Recipe:
+FLAG_STAGES = {W8A8Config.stage: "--w8a8", RotateConfig.stage: "--rotate"}  # stages added by a flag, not --method
+
+
+def recipe_for(method: str = "rtn", *, w8a8: bool = False, rotate: bool = False, **fields: Any) -> Recipe:
     """The recipe `ptqonnx compile --method METHOD [--w8a8]` builds: the stages named in `method` (joined by
     `+`), the w8a8 stage, an implied rtn weights stage when none is named (8-bit per channel under w8a8), and
     each of `fields` set in every stage (or the recipe) that has a field of that name, e.g.
@@ -101,13 +104,13 @@ def recipe_for(method: str = "rtn", *, w8a8: bool = False, **fields: Any) -> Rec
     is a ConfigError naming the stages that do."""
     names = [n for n in method.split("+") if n]
     known = stage_names()
-    bad = next((n for n in names if n not in known or n == W8A8Config.stage), None) if names else method
+    bad = next((n for n in names if n not in known or n in FLAG_STAGES), None) if names else method
     if bad is not None:
-        hint = "; W8A8 is the w8a8 flag" if bad == W8A8Config.stage else ""
+        hint = f"; {bad} is the {FLAG_STAGES[bad]} flag" if bad in FLAG_STAGES else ""
         raise ConfigError(f"{{0}} {method!r}: unknown method {bad!r}; choose from "
-                          f"{', '.join(n for n in known if n != W8A8Config.stage)} or a combination such as "
+                          f"{', '.join(n for n in known if n not in FLAG_STAGES)} or a combination such as "
                           f"awq+gptq{hint}", FieldRef("", "stages"))
-    classes = [stage_class(n) for n in names] + ([W8A8Config] if w8a8 else [])
+    classes = [stage_class(n) for n in names] + ([W8A8Config] if w8a8 else []) + ([RotateConfig] if rotate else [])
     if not any(issubclass(c, WeightStage) for c in classes):
         classes.append(RtnConfig)
     classes.sort(key=lambda c: c.order)
@@ -120,7 +123,7 @@ def recipe_for(method: str = "rtn", *, w8a8: bool = False, **fields: Any) -> Rec
         if not targets:
             owners = [spec.config for spec in _builtins().values()
                       if name in {f.name for f in dataclasses.fields(spec.config)}]
-            spelled = method + (" with w8a8" if w8a8 else "")
+            spelled = method + (" with w8a8" if w8a8 else "") + (" with rotate" if rotate else "")
             if not owners:
                 raise ConfigError(f"{{0}} is not a setting of any method (not {spelled})", FieldRef("", name))
             where = " and ".join(f"{{{i + 1}}}" for i in range(len(owners)))

@@ -16,7 +16,7 @@ from typing import Any
 from ptqonnx.graph import Skip
 
 __all__ = [
-    "StageSummary", "WeightsSummary", "ScalesSummary", "W8A8Summary", "CompileReport",
+    "StageSummary", "WeightsSummary", "ScalesSummary", "RotationSummary", "W8A8Summary", "CompileReport",
 ]
 
 
@@ -76,6 +76,29 @@ class ScalesSummary(StageSummary):
         if self.not_scaled:
             reasons = Counter(s.reason for s in self.not_scaled).most_common(1)[0]
             out.append(f"{self.stage}: {len(self.not_scaled)} layers not scaled, e.g. {reasons[0]} ({reasons[1]}x)")
+        return out
+
+
+@dataclass(frozen=True)
+class RotationSummary(StageSummary):
+    """The rotate stage: which rotations, how many heads / layers, the untied LM head's bytes, the float check."""
+
+    rotation: str = ""
+    residual: bool = False
+    heads: int = 0  # v/o pairs rotated (R2)
+    online: int = 0  # layers given an online Hadamard (R4)
+    untied_bytes: int = 0
+    not_rotated: tuple[Skip, ...] = ()
+    fold_max_rel_err: float | None = None
+
+    def lines(self) -> list[str]:
+        parts = ["R1 residual stream"] + ([f"R2 {self.heads} value heads"] if self.heads else []) + (
+            [f"R4 online Hadamard before {self.online} layers"] if self.online else [])
+        untied = f"; LM head untied (+{self.untied_bytes / 2**20:.1f} MiB)" if self.untied_bytes else ""
+        out = [f"rotate ({self.rotation}): {', '.join(parts)}{untied}; float outputs unchanged to "
+               f"{self.fold_max_rel_err:.1g}"]
+        if self.not_rotated:
+            out.append(f"rotate: {len(self.not_rotated)} layers not rotated, e.g. {self.not_rotated[0].reason}")
         return out
 
 

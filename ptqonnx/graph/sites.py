@@ -77,6 +77,9 @@ class SiteScan:
 
 
 ACTIVATION_MATMUL_REASON = "activation x activation (e.g. attention's Q·Kᵀ, P·V): no constant weight"
+ROLE_KEY = "ptqonnx.role"  # node metadata naming nodes ptqonnx inserted for a purpose
+ONLINE_HADAMARD_ROLE = "online_hadamard"
+ONLINE_HADAMARD_REASON = "online Hadamard of a rotation (kept float)"
 GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
 
 
@@ -110,6 +113,8 @@ def _is_lm_head(node: ir.Node) -> bool:
 def _scan_node(node: ir.Node) -> LinearSite | Skip:
     op = node.op_type
     skip = lambda why: Skip(node.name or "", op, why)  # noqa: E731
+    if node.metadata_props.get(ROLE_KEY) == ONLINE_HADAMARD_ROLE:
+        return skip(ONLINE_HADAMARD_REASON)
     if op == "Gemm":
         if attr(node, "transA", 0) != 0:
             return skip("Gemm with transA=1")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph.attention import ATTENTION_OPS, _concrete, _follow, attention_path, v_path
+from ptqonnx.graph.attention import ATTENTION_OPS, Step, _concrete, _step, attention_path, column_path
 from ptqonnx.graph.scaling import ConstRef, _channel_vector
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
 from ptqonnx.graph.trace import ONNX_DOMAINS, trace_const, upstream_any
@@ -43,14 +43,23 @@ class ValueHeads:
     groups: tuple[int, ...]
 
 
-def _head_blocks(top: ir.Value, v_nodes: list[ir.Node], pv: ir.Node, o_path: list[ir.Node], d: int,
+def _follow(ids: np.ndarray, steps: list[Step], sizes: dict[str, int]) -> np.ndarray | None:
+    """`ids` pushed along `steps` (`ptqonnx.graph.attention._step`), None where the shapes disagree."""
+    for node, out in steps:
+        ids = _step(ids, node, out, sizes)
+        if ids is None:
+            return None
+    return ids
+
+
+def _head_blocks(top: ir.Value, v_steps: list[Step], pv: ir.Node, o_path: list[ir.Node], d: int,
                  k: int) -> tuple[int, ...] | str:
     """X block b ↦ V block g(b) with channel b·d + j carrying V column g(b)·d + j, all of one P·V head."""
     sizes: dict[str, int] = {}
     shape, out_shape = _concrete(top.shape, sizes), None
     if shape is None or not shape:
         return "shapes on the v→o path unknown (run shape inference)"
-    cols = _follow(np.broadcast_to(np.arange(shape[-1]), shape), v_nodes, sizes)  # V column behind each V element
+    cols = _follow(np.broadcast_to(np.arange(shape[-1]), shape), v_steps, sizes)  # V column behind each V element
     out_shape = _concrete(pv.outputs[0].shape, sizes)
     if cols is None or cols.ndim < 2 or out_shape is None or out_shape[-1] != d:
         return "shapes on the v→o path unknown or inconsistent"
@@ -61,7 +70,8 @@ def _head_blocks(top: ir.Value, v_nodes: list[ir.Node], pv: ir.Node, o_path: lis
     except ValueError:
         return "shapes on the v→o path inconsistent"
     elems = np.arange(int(np.prod(out_shape))).reshape(out_shape)  # which P·V output element (head row, j)
-    cols, elems = _follow(cols, o_path[::-1], sizes), _follow(elems, o_path[::-1], sizes)
+    o_steps = [(n, n.outputs[0]) for n in o_path[::-1]]
+    cols, elems = _follow(cols, o_steps, sizes), _follow(elems, o_steps, sizes)
     if cols is None or elems is None or cols.shape[-1] != k or k % d:
         return "shapes on the v→o path unknown or inconsistent"
     cols, elems = cols.reshape(-1, k // d, d), elems.reshape(-1, k // d, d)
@@ -81,8 +91,8 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | st
     if pv.op_type in ATTENTION_OPS:
         return f"fused {pv.op_type}: V's rotation cannot be proven to pass through it"
     p, v = pv.inputs[0], pv.inputs[1]
-    top, v_nodes = v_path(v)
-    if any(n.op_type == "Concat" for n in v_nodes):
+    top, v_steps = column_path(v)
+    if any(n.op_type == "Concat" for n, _ in v_steps):
         return "V is stored in a KV cache (Concat with a graph input): rotated values would change the cache"
     prod, bias = top.producer(), None
     if prod is not None and prod.op_type == "Add" and prod.domain in ONNX_DOMAINS:
@@ -98,9 +108,10 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | st
     v_site = sites.get(id(prod)) if prod is not None else None
     if v_site is None:
         return "V is not a layout of a linear layer's output"
-    chain = v_nodes + [pv] + o_path[::-1]
+    chain = [n for n, _ in v_steps] + [pv] + o_path[::-1]
     inner = v_site.node.outputs[0]
-    values = ([inner] if bias is not None else []) + [top] + [n.outputs[0] for n in chain]
+    values = ([inner] if bias is not None else []) + [top] + [out for _, out in v_steps] + \
+        [n.outputs[0] for n in [pv] + o_path[::-1]]
     users = ([bias.node] if bias is not None else []) + chain + [o.node]
     if not all(len(val.uses()) == 1 and not val.is_graph_output() and val.uses()[0][0] is u
                for val, u in zip(values, users)):
@@ -110,7 +121,7 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | st
     d = v.shape[-1] if v.shape is not None and len(v.shape) else None
     if not isinstance(d, int):
         return "head_dim unknown (run shape inference)"
-    groups = _head_blocks(top, v_nodes, pv, o_path, d, o.K)
+    groups = _head_blocks(top, v_steps, pv, o_path, d, o.K)
     if isinstance(groups, str):
         return groups
     return ValueHeads(v_site, bias, o, d, groups)

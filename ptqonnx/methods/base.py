@@ -105,6 +105,7 @@ class MethodContext:
     stats_origin: str = ""  # where `stats` came from, in words ("32 samples", "stats.npz")
     folds: list[ScaleFold] = field(default_factory=list)
     plan: WeightPlan | None = None
+    activations: ActivationResult | None = None
     progress: Progress | None = None
     _checked: bool = False
 

@@ -21,7 +21,7 @@ from ptqonnx.passes.fold_scales import FoldScalesPass
 from ptqonnx.graph.scaling import ScalingGroup
 from ptqonnx.methods.base import ScaleFold
 
-__all__ = ["FOLD_TOLERANCE", "FoldOutcome", "fold_scales_checked", "max_relative_error"]
+__all__ = ["FOLD_TOLERANCE", "FoldOutcome", "fold_scales_checked", "max_relative_error", "model_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class FoldOutcome:
     records: tuple[ScaleFold, ...] = ()  # what was folded, keyed by the sites' weight names
 
 
-def _outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+def model_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """Graph outputs on `feeds` from an unoptimized ORT session on a clone (external data handled)."""
     from ptqonnx.runtime.collect import instrumented_session
 
@@ -71,10 +71,10 @@ def fold_scales_checked(
     Raises RuntimeError (nothing is written by the caller) when they moved by more than FOLD_TOLERANCE.
     `stats`, when given, is returned rescaled to what the sites read now (under an inserted Mul's new name).
     """
-    before = _outputs(model, feeds)
+    before = model_outputs(model, feeds)
     fold = FoldScalesPass(dict(scales), list(groups), no_insert=no_insert)
     run_passes([fold], model)
-    err = max_relative_error(before, _outputs(model, feeds))
+    err = max_relative_error(before, model_outputs(model, feeds))
     if not err <= FOLD_TOLERANCE:
         raise RuntimeError(
             f"internal error: the float model changed when {what} were folded (max relative output error "
