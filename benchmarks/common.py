@@ -157,6 +157,7 @@ from ptqonnx.registry import recipe_for
 spec = json.loads(args[2])
 method = spec.pop("method", "rtn")
 w8a8 = spec.pop("w8a8", None)
+rotate = spec.pop("rotate", False)
 fields = dict(spec.pop("weights", {}))
 for stage in ("gptq", "awq", "smoothquant"):  # a stage's settings apply when the method runs that stage
     settings = spec.pop(stage, {})
@@ -165,7 +166,8 @@ for stage in ("gptq", "awq", "smoothquant"):  # a stage's settings apply when th
 fields.update(w8a8 or {})
 fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}  # JSON lists -> tuple fields
 calib = CalibConfig(**spec["calib"]) if "calib" in spec else None
-compile_model(args[0], args[1], recipe_for(method, w8a8=w8a8 is not None, **fields), calibration=calib, force=True)
+recipe = recipe_for(method, w8a8=w8a8 is not None, rotate=rotate, **fields)
+compile_model(args[0], args[1], recipe, calibration=calib, force=True)
 """
 
 

@@ -223,7 +223,7 @@ def _cmd_calibrate(args) -> None:
 
     model = prepare_model(load_model(args.model))
     cfg = calib_from_args(args, _TABLES["calib"]) or CalibConfig()
-    kinds = {"absmax", "mean_abs", "minmax"} | ({"xtx"} if args.hessian else set()) | (
+    kinds = {"absmax", "mean_abs", "minmax", "row_absmax"} | ({"xtx"} if args.hessian else set()) | (
         {"sample"} if args.sample_rows else set())
     names = sorted({s.activation.name for s in find_linear_sites(model).sites})
     if not names:

@@ -223,8 +223,20 @@ class WeightStage(StageConfig):
         metavar="N", default_help="128 for 3/4 bits, per channel for 8 bits")
     symmetric: bool = option(True, "asymmetric grid with zero points (default: symmetric)", flag="--asym",
                              invert=True)
+    scales: str = option(
+        AUTO, "symmetric grid's scales: signed (ONNX Runtime's grid, its quantizer's bytes: the block's signed "
+        "extreme on code -2^(b-1), so some scales are negative) or positive (what TensorRT accepts: "
+        "max(-min/2^(b-1), max/(2^(b-1)-1))); auto: positive for W8A8 --target tensorrt, else signed",
+        flag="--scales", choices=(AUTO, "signed", "positive"))
+
+    @property
+    def positive_scales(self) -> bool:
+        return self.scales == "positive"
 
     def validate(self) -> None:
+        if self.scales == "positive" and not self.symmetric:
+            raise ConfigError("{0} positive is for the symmetric grid (asymmetric scales are positive already): "
+                              "drop {0} or {1}", self.ref("scales"), self.ref("symmetric"))
         g = self.group_size
         if isinstance(g, str):
             if g != AUTO:
@@ -377,12 +389,18 @@ class W8A8Config(StageConfig):
     act_scales: str = option("static", "static: per-tensor activation scales from calibration, QDQ; dynamic: "
                              "int8 scales per row and block of K computed at run time by ORT's MatMulNBits "
                              "(--target ort-cpu)", flag="--act-scales", choices=ACT_SCALES)
+    min_levels: int = option(
+        0, "a layer whose median token would get fewer INT8 levels than this under its per-tensor static scale "
+        "(a few tokens, e.g. an attention sink, set the range) keeps float activations and INT8 weights; 0: "
+        "quantize every layer's activations (the default)", flag="--min-levels", metavar="N")
     dynamic_layers: tuple[str, ...] = option(
         (), "with static scales, give this layer dynamic ones instead (a node or weight name, '*' allowed, e.g. "
         "'*down_proj*'; --target ort-cpu; repeat the flag for more)", flag="--dynamic-layers", metavar="PATTERN",
         repeat=True)
 
     def validate(self) -> None:
+        if not 0 <= self.min_levels <= 127:
+            raise ConfigError(f"{{0}} must be in [0, 127], got {self.min_levels}", self.ref("min_levels"))
         if self.percentile is not None:
             if self.calib_range != "percentile":
                 raise ConfigError("{0} applies to {1} percentile; drop {0} or set {1} percentile",
@@ -401,6 +419,9 @@ class W8A8Config(StageConfig):
             if self.calib_range != "minmax":
                 raise ConfigError("{0} sets static activation ranges; drop it with {1} dynamic",
                                   self.ref("calib_range"), self.ref("act_scales"))
+            if self.min_levels:
+                raise ConfigError("{0} picks layers out of static activation scales; drop it with {1} dynamic",
+                                  self.ref("min_levels"), self.ref("act_scales"))
 
     def dynamic(self, *names: str) -> bool:
         """Whether the layer known by `names` (node name, weight name) gets dynamic activation scales."""
@@ -605,6 +626,12 @@ class Recipe:
                 raise ConfigError("{0} quantizes embeddings blockwise (GatherBlockQuantized), and 8-bit weights "
                                   "default to per channel: set {1} (e.g. 128)", ref("quantize_embeddings"),
                                   w.ref("group_size"))
+        if awq is not None and w.scales == "positive":
+            raise ConfigError("awq searches its scales and clipping on ONNX Runtime's signed grid: drop {0}",
+                              w.ref("scales"))
+        if w.scales == AUTO and w8a8 is not None and self.target == "tensorrt" and w.symmetric:
+            resolved = dataclasses.replace(w, scales="positive")  # auto elsewhere reads as signed
+            object.__setattr__(self, "stages", tuple(resolved if s is w else s for s in self.stages))
 
 
 def as_recipe(config: Recipe | StageConfig | list | tuple, **options: Any) -> Recipe:

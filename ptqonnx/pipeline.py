@@ -305,7 +305,7 @@ def compile_model(
         recipe = as_recipe(recipe, calibration=calib) if recipe.needs_calibration else recipe
     report = CompileReport(src, dst, recipe=recipe, input_bytes=file_bytes(src))
     _quantize_in_place(model, recipe, calib, src.parent, stats, progress, report)
-    save_model(model, dst, verify_ort=verify_ort)
+    report.notes += save_model(model, dst, verify_ort=verify_ort)
     if write_recipe:
         from ptqonnx.recipe import save_recipe
 

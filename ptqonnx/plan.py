@@ -55,7 +55,7 @@ def rtn_solver(cfg: WeightStage, clip_ratios: Mapping[str, np.ndarray] | None = 
 
     def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
         ratio = 1.0 if clip_ratios is None else clip_ratios.get(site.name, 1.0)
-        return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric, ratio)
+        return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric, ratio, cfg.positive_scales)
 
     return solve
 
@@ -83,7 +83,8 @@ def gptq_stage_solver(cfg: GptqConfig, losses: dict[str, float] | None = None):
         ends = np.cumsum([w.shape[0] for w in weights])
         res = gptq_quantize(
             np.concatenate(weights) if len(weights) > 1 else weights[0], hessian, bits=cfg.bits,
-            block_size=cfg.group_size, symmetric=cfg.symmetric, damp=cfg.damp, act_order=cfg.act_order,
+            block_size=cfg.group_size, symmetric=cfg.symmetric, positive=cfg.positive_scales, damp=cfg.damp,
+            act_order=cfg.act_order,
             static_groups=cfg.act_order, device=cfg.device,
         )
         qw, out = res.qweight, []

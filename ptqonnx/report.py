@@ -110,6 +110,7 @@ class W8A8Summary(StageSummary):
     bmm_nodes: int = 0
     calibration: str = ""
     weight_only: tuple[str, ...] = ()  # layers whose calibration input was all zero: INT8 weights, float input
+    token_outliers: dict[str, float] = field(default_factory=dict)  # layer -> median token's levels (float input)
 
     def lines(self) -> list[str]:
         dyn = f", {self.dynamic_layers} dynamic per row and block" if self.dynamic_layers else ""
@@ -119,6 +120,11 @@ class W8A8Summary(StageSummary):
         if self.weight_only:
             out.append(f"W8A8: {len(self.weight_only)} layers saw all-zero calibration inputs and keep float "
                        f"activations (INT8 weights only): {', '.join(self.weight_only[:3])}")
+        if self.token_outliers:
+            worst = sorted(self.token_outliers.items(), key=lambda kv: kv[1])[:3]
+            out.append(f"W8A8: {len(self.token_outliers)} layers keep float activations (INT8 weights): a few tokens "
+                       f"set their range, the median token would get {', '.join(f'{v:.1f}' for _, v in worst)} "
+                       f"levels ({', '.join(k for k, _ in worst)}); --min-levels 0 quantizes them too")
         return out
 
 
@@ -137,6 +143,7 @@ class CompileReport:
     seconds: float = 0.0
     input_bytes: int = 0
     output_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # what the output checks found for the user (io.save_model)
 
     def skip_summary(self) -> list[tuple[str, int]]:
         return Counter(s.reason for s in self.skipped).most_common()
@@ -155,6 +162,7 @@ class CompileReport:
             out.append(f"  skipped {n}: {reason}: {', '.join(shown)}{more}")
         for s in self.stages:
             out += s.lines()
+        out += [f"note: {n}" for n in self.notes]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,7 +172,7 @@ class CompileReport:
             "quantized": self.quantized, "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "embeddings_quantized": self.embeddings_quantized, "stages": [s.to_dict() for s in self.stages],
             "peak_rss_mib": self.peak_rss_mib, "seconds": self.seconds, "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes,
+            "output_bytes": self.output_bytes, "notes": self.notes,
         })
 
 

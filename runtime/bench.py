@@ -184,9 +184,11 @@ def prefill_runner(
     threads: int | None = None,
     opt_level: str = "all",
     seed: int = 0,
+    config: dict[str, str] | None = None,
 ) -> tuple[Callable[[], float], int]:
-    """A zero-argument callable running one prefill and returning its ms, and the session's thread count."""
-    sess = make_session(model_path, opt_level=opt_level, threads=threads)
+    """A zero-argument callable running one prefill and returning its ms, and the session's thread count
+    (`config`: more ORT session options)."""
+    sess = make_session(model_path, opt_level=opt_level, threads=threads, config=config)
     feeds = ModelFeeds(sess, batch, seed)
     feed = feeds.build(feeds.tokens(seq_len), feeds.empty_past())
     fetch = [feeds.outputs[0]] if not feeds.past else None  # a KV model must still produce its presents

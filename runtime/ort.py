@@ -7,12 +7,22 @@ from pathlib import Path
 
 from ptqonnx.errors import UserError, require_module
 
-__all__ = ["OPT_LEVELS", "GAP_TOLERANCE", "make_session", "optimization_gap", "session_threads"]
+__all__ = ["OPT_LEVELS", "GAP_TOLERANCE", "PRECISE_INT8", "UNFUSED_INT8", "explain_gap", "make_session",
+           "optimization_gap", "session_threads"]
 
 # max relative output difference allowed between ORT_DISABLE_ALL and ORT_ENABLE_ALL on a probe input: fusions
 # that change the arithmetic by design are held exact (QDQ->MatMulNBits at accuracy level 0), so a gap above
-# this is a miscompute (an ORT fusion bug or a malformed rewrite), not quantization error
+# this is a miscompute (an ORT fusion bug or a malformed rewrite), not quantization error, unless the model
+# quantizes activations and its float-activation view agrees (`explain_gap`)
 GAP_TOLERANCE = 0.1
+
+# ORT's x86 u8s8 GEMM without VNNI (AVX2: vpmaddubsw) adds pairs of u8*s8 products in int16 and saturates: with
+# full-range int8 weights its MatMulIntegerToFloat / QLinearMatMul fusions of QDQ MatMuls are off by up to 20 %
+# per layer (measured: tests/test_io.py). The first option selects its exact (slower) kernel instead (ORT 1.32
+# fails on some int8-activation QDQ graphs with it: per-axis zero points of the wrong length); the second keeps
+# the QDQ nodes unfused (float MatMuls on dequantized values).
+PRECISE_INT8 = {"session.x64quantprecision": "1"}
+UNFUSED_INT8 = {"session.disable_quant_qdq": "1"}
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +74,25 @@ def session_threads(session) -> int:
     return n if n > 0 else (os.cpu_count() or 1)
 
 
-def optimization_gap(model: str | Path | bytes, feeds) -> float:
-    """max over feeds and outputs of max|y_all - y_none| / max|y_none| between ORT_ENABLE_ALL and
-    ORT_DISABLE_ALL (inf where one has a NaN/inf the other has not). The QDQ -> MatMulNBits fusion runs at
-    accuracy level 0 here (its default, 4, quantizes activations on purpose)."""
+def _run(model: str | Path | bytes, feeds, level: str, config: dict[str, str] | None = None) -> list[list]:
+    """Outputs of `model` on each feed at `level`, the QDQ -> MatMulNBits fusion at accuracy level 0 (its default,
+    4, quantizes activations on purpose); one session at a time, freed after: never two copies of the weights."""
+    exact = {"session.qdq_matmulnbits_accuracy_level": "0", **(config or {})}
+    sess = make_session(model, opt_level=level, config=exact)
+    names = [i.name for i in sess.get_inputs()]
+    outs = [sess.run(None, {k: f[k] for k in names}) for f in feeds]
+    del sess
+    _release_freed_memory()
+    return outs
+
+
+def _max_gap(reference: list[list], other: list[list]) -> float:
+    """max over feeds and outputs of max|y - y_ref| / max|y_ref| (inf where one has a NaN/inf the other has not)."""
     import numpy as np
 
-    exact = {"session.qdq_matmulnbits_accuracy_level": "0"}
-    outputs = []
-    for level in ("disable", "all"):  # one session at a time: never two copies of the weights in ORT
-        sess = make_session(model, opt_level=level, config=exact)
-        names = [i.name for i in sess.get_inputs()]
-        outputs.append([sess.run(None, {k: f[k] for k in names}) for f in feeds])
-        del sess
-        _release_freed_memory()
     worst = 0.0
-    for ref_outs, fused_outs in zip(*outputs):
-        for ref, out in zip(ref_outs, fused_outs):
+    for ref_outs, outs in zip(reference, other):
+        for ref, out in zip(ref_outs, outs):
             ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
             if not np.array_equal(np.isfinite(ref), np.isfinite(out)):
                 return float("inf")
@@ -88,6 +100,84 @@ def optimization_gap(model: str | Path | bytes, feeds) -> float:
             if ok.any():
                 worst = max(worst, float(np.abs(ref[ok] - out[ok]).max() / max(np.abs(ref[ok]).max(), 1e-30)))
     return worst
+
+
+def optimization_gap(model: str | Path | bytes, feeds, config: dict[str, str] | None = None) -> float:
+    """`_max_gap` between ORT_DISABLE_ALL's and ORT_ENABLE_ALL's outputs; `config`: more session options."""
+    return _max_gap(_run(model, feeds, "disable", config), _run(model, feeds, "all", config))
+
+
+def _activation_qdq_removed(model_path: Path) -> Path | None:
+    """A copy of `model_path`'s graph beside it (sharing its data file) with every activation
+    QuantizeLinear -> DequantizeLinear pair bypassed (the DequantizeLinear's readers read the float input),
+    weights' DequantizeLinear kept; None when the model quantizes no activation."""
+    import onnx
+    from onnx import helper
+
+    model_path = Path(model_path)
+    m = onnx.load(str(model_path), load_external_data=False)
+    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant"
+                                                      for o in n.output}
+    quants = {n.output[0]: n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+    bypass = {n.output[0]: quants[n.input[0]].input[0] for n in m.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in quants}
+    if not bypass:
+        return None
+    nodes = []
+    for n in m.graph.node:
+        if n.output and n.output[0] in bypass:
+            continue
+        n.input[:] = [bypass.get(i, i) for i in n.input]
+        nodes.append(n)
+    used = {i for n in nodes for i in n.input} | {o.name for o in m.graph.output}
+    nodes = [n for n in nodes if not (n.op_type == "QuantizeLinear" and n.output[0] in quants
+                                      and n.output[0] not in used)]
+    for o in m.graph.output:  # a graph output that was a bypassed DequantizeLinear's: keep its name
+        if o.name in bypass:
+            nodes.append(helper.make_node("Identity", [bypass[o.name]], [o.name]))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    out = model_path.with_name(f".{model_path.stem}.float_activations.onnx")
+    onnx.save_model(m, str(out))
+    return out
+
+
+def explain_gap(model_path: Path, feeds, gap: float) -> str | None:
+    """Why ORT_ENABLE_ALL computes other outputs than ORT_DISABLE_ALL (`gap`, from `optimization_gap`) when it
+    is not a miscompute: a note for the user, or None (refuse the model).
+
+    Static activation quantizers make a model's outputs ill-conditioned in float rounding: a fused kernel that
+    sums in another order moves an activation across a rounding boundary, a whole step on a coarse grid, and
+    that grows through the layers. So the check that separates a miscompute from that is the same graph with
+    its activation Q/DQ pairs bypassed (weights' DequantizeLinear, every fusion of them and the rest of the
+    graph kept): it must agree at both levels. The note then gives the measured gap, and, where it closes with
+    ORT's QDQ fusions off, says that it is ORT's fused int8 kernels (on x86 without VNNI its u8s8 GEMM
+    saturates int16 sums) and which session option runs the model exactly."""
+    view = _activation_qdq_removed(model_path)
+    if view is None:
+        return None
+    try:
+        float_gap = optimization_gap(view, feeds)
+    finally:
+        view.unlink(missing_ok=True)
+    if not float_gap <= GAP_TOLERANCE:
+        return None
+    ref = _run(model_path, feeds, "disable")
+    note = (f"ONNX Runtime's optimized graph computes outputs up to {gap:.3g} (relative) away from its unoptimized "
+            f"one on probe inputs, and {float_gap:.2g} with the activation quantizers bypassed: static activation "
+            f"grids amplify float rounding differences here (`ptqonnx eval` measures what that costs)")
+    if _max_gap(ref, _run(model_path, feeds, "all", UNFUSED_INT8)) <= GAP_TOLERANCE:
+        try:
+            precise = _max_gap(ref, _run(model_path, feeds, "all", PRECISE_INT8))
+        except Exception:  # noqa: BLE001 - ORT's exact-kernel path fails on some graphs: then don't recommend it
+            precise = float("inf")
+        how = [f"{k}={v}" for k, v in (PRECISE_INT8 if precise <= GAP_TOLERANCE else {}).items()]
+        how += [f"{k}={v}" for k, v in UNFUSED_INT8.items()]
+        note = (f"ONNX Runtime's fused int8 kernels on this CPU compute outputs up to {gap:.3g} (relative) away "
+                f"from this model's QDQ graph, which its other optimizations compute exactly (on x86 without VNNI "
+                f"its u8s8 GEMM saturates int16 sums; TensorRT is not affected); on such CPUs set the session "
+                f"option {' or '.join(how)} (SessionOptions.add_session_config_entry)")
+    return note
 
 
 def _release_freed_memory() -> None:

@@ -60,10 +60,12 @@ def perplexity(
     opt_level: str = "all",
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    config: dict[str, str] | None = None,
 ) -> PerplexityResult:
     """exp(mean NLL) of `windows` (int64 [n, seq], e.g. from `ptqonnx.text.eval_windows`).
 
-    `progress(done, total)` is called after each window.
+    `progress(done, total)` is called after each window; `config`: ORT session options (e.g.
+    `runtime.ort.PRECISE_INT8`).
     """
     w = np.asarray(windows)
     if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2:
@@ -78,7 +80,7 @@ def perplexity(
     if not path.is_file():
         raise UserError(f"model not found: {path}; pass the model.onnx that `ptqonnx export` wrote")
 
-    session = make_session(path, opt_level=opt_level, threads=threads)
+    session = make_session(path, opt_level=opt_level, threads=threads, config=config)
     outputs = [o.name for o in session.get_outputs()]
     if "logits" not in outputs:
         raise UserError(

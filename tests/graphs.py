@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -78,3 +79,49 @@ def int8_activation_bound(x: np.ndarray, w_hat_kn: np.ndarray, block: int) -> np
     step = np.abs(xb).max(axis=-1, keepdims=True) / 127.0
     half = np.broadcast_to(step / 2, xb.shape).reshape(*x.shape[:-1], -1)[..., :k]
     return half @ np.abs(w_hat_kn)
+
+
+def int8_matmul_model(k: int = 256, n: int = 64) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """One static W8A8 MatMul (QDQ, full-range int8 weights per column) and an input whose products with the
+    weights mostly have one sign (rows of W share a sign; outlier channels do this): the case where ORT's x86
+    u8s8 kernel without VNNI saturates its int16 pair sums."""
+    rng = np.random.default_rng(0)
+    sign = np.where(rng.random((k, 1)) < 0.5, -1, 1)
+    w = (sign * rng.integers(64, 128, (k, n))).astype(np.int8)
+    inits = [numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "wz"), numpy_helper.from_array(np.float32(0.1), "xs"),
+             numpy_helper.from_array(np.int8(0), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = np.repeat(sign.T.astype(np.float32) * 12.7, 4, axis=0)
+    return model, {"x": x}
+
+
+@functools.cache
+def ort_int8_kernel_saturates() -> bool:
+    """Whether ORT's default fused int8 GEMM on this CPU misses `int8_matmul_model`'s QDQ outputs (x86 without
+    VNNI: its u8s8 kernel saturates int16 pair sums)."""
+    from ptqonnx.runtime.ort import optimization_gap
+
+    model, feeds = int8_matmul_model()
+    return optimization_gap(model.SerializeToString(), [feeds]) > 1e-3
+
+
+def run_optimized(path: Path, feeds: dict[str, np.ndarray]):
+    """Outputs at ORT_ENABLE_ALL, where a static W8A8 model's QDQ MatMuls run in ORT's fused int8 kernels; on a
+    CPU where those saturate (`ort_int8_kernel_saturates`) in ORT's exact kernel instead, or, where ORT fails
+    on the graph with it (int8 activations, ORT 1.32), with the QDQ fusions off: the outputs ORT computes on a
+    CPU with VNNI."""
+    if not ort_int8_kernel_saturates():
+        return run(path, feeds, "all")
+    from ptqonnx.runtime.ort import PRECISE_INT8, UNFUSED_INT8
+
+    try:
+        return run(path, feeds, "all", PRECISE_INT8)
+    except Exception:  # noqa: BLE001 - see runtime/ort.py
+        return run(path, feeds, "all", UNFUSED_INT8)

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 import ptqonnx.io as io
 from ptqonnx.errors import Interrupted, UserError
 from ptqonnx.protoscan import scan_model
-from graphs import model_from_text, run
+from graphs import linear_model, model_from_text, run
 
 TEXT = """<ir_version: 10, opset_import: ["" : 21]>
 g (int64[1, S] ids, float[1, S, 32] x) => (float[1, S, 16] y, float[1, S, 32] e) {
@@ -462,6 +462,13 @@ del model, graph, arrays
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
 loaded = io.load_model(folder / "m.onnx")
+# warm up: the first save pays one-time costs (lazy imports, allocator arenas) that are not the save's
+small = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "s",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+                          opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+onnx.save_model(small, str(folder / "s.onnx"))
+io.save_model(io.load_model(folder / "s.onnx"), folder / "warm" / "w.onnx", verify_ort=True)
 for threshold, verify in ((1 << 40, False), (0, False), (1 << 40, True), (0, True)):
     io.EXTERNAL_DATA_THRESHOLD = threshold
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -475,8 +482,9 @@ for threshold, verify in ((1 << 40, False), (0, False), (1 << 40, True), (0, Tru
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_save_streams_the_weights(tmp_path):
     """Peak RSS that saving adds on top of the loaded model (48 MiB of external weights, none of them in
-    memory), as a fraction of the weights, embedded and external: the save itself streams (measured 0.05x,
-    bound 0.15x: under one 16 MiB tensor); with the ORT check, ORT's own session maps the weights and
+    memory), as a fraction of the weights, embedded and external: the save itself streams (measured 0.0-0.06x
+    here, 0.19x once on CI before the warm-up save; bound: less than one of the three 16 MiB tensors, where
+    holding the weights would be 1x); with the ORT check, ORT's own session maps the weights and
     prepacks the MatMul ones (measured 0.8x-1.4x, bound 1.8x), so a Python-side copy of the model
     (serialized bytes for the session: 1x more) would not fit."""
     script = tmp_path / "measure.py"
@@ -485,4 +493,87 @@ def test_save_streams_the_weights(tmp_path):
     rows = [__import__("json").loads(line) for line in out.stdout.strip().splitlines()]
     assert len(rows) == 4
     for r in rows:
-        assert r["extra"] < (1.8 if r["verify_ort"] else 0.15), r
+        assert r["extra"] < (1.8 if r["verify_ort"] else 1 / 3), r
+
+
+def test_ort_int8_saturation_is_diagnosed_not_refused(tmp_path, monkeypatch):
+    """ORT's exact int8 kernel (session.x64quantprecision=1) computes the QDQ graph's outputs on any CPU; where
+    the default kernel does not (x86 without VNNI: measured 0.2 here), the gate writes the model and says how
+    to run it instead of calling a correct model an internal error. (A gap that stays with ORT's QDQ fusions off
+    is still refused: test_hardening.py.)"""
+    from graphs import int8_matmul_model
+    from ptqonnx.runtime.ort import GAP_TOLERANCE, PRECISE_INT8, optimization_gap
+
+    model, feeds = int8_matmul_model()
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    assert optimization_gap(path, [feeds], PRECISE_INT8) < 1e-5
+    gap = optimization_gap(path, [feeds])
+    if gap <= GAP_TOLERANCE / 10:
+        pytest.skip(f"this CPU's default int8 kernel is exact here (gap {gap:.2g}: VNNI or not x86)")
+    out = tmp_path / "o" / "m.onnx"
+    notes = io.save_model(io.load_model(path), out, verify_ort=False)
+    assert notes == [] and out.is_file()  # without probes nothing is run
+    assert gap > GAP_TOLERANCE
+    monkeypatch.setattr(io, "_probe_feeds", lambda m: [feeds])
+    notes = io.save_model(io.load_model(path), tmp_path / "p" / "m.onnx")
+    assert len(notes) == 1 and "session.x64quantprecision=1 or session.disable_quant_qdq=1" in notes[0], notes
+    assert (tmp_path / "p" / "m.onnx").is_file()
+
+
+class _Skewed:
+    """An ORT session whose outputs are 1.5x the real ones (a simulated fusion that miscomputes)."""
+
+    def __init__(self, sess):
+        self.sess = sess
+
+    def get_inputs(self):
+        return self.sess.get_inputs()
+
+    def run(self, names, feed):
+        return [o * 1.5 for o in self.sess.run(names, feed)]
+
+
+def test_gap_with_activation_quantizers_is_explained_only_if_their_float_view_agrees(tmp_path, monkeypatch):
+    """explain_gap checks the graph with its activation Q/DQ pairs bypassed (the same float computation, the
+    weights' DequantizeLinear kept): where that agrees across levels, the gap is the static grid's amplification
+    of rounding (a note, the model is written); where it does not, it is a miscompute (None: refused)."""
+    import ptqonnx.runtime.ort as ort_mod
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    inits = [numpy_helper.from_array(np.float32(0.25), "s"), numpy_helper.from_array(np.int8(0), "z"),
+             numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.full(8, 0.01, np.float32), "ws")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    feeds = [{"x": rng.standard_normal((4, 16)).astype(np.float32)}]
+    view = ort_mod._activation_qdq_removed(path)
+    (out,) = run(view, feeds[0], "disable")
+    np.testing.assert_allclose(out, feeds[0]["x"] @ (w.astype(np.float32) * 0.01), rtol=1e-5, atol=1e-5)
+    assert {n.op_type for n in onnx.load(str(view)).graph.node} == {"DequantizeLinear", "MatMul"}
+    view.unlink()
+
+    real = ort_mod.make_session
+
+    def skew(where):
+        def session(model, *, opt_level="all", **kw):
+            s = real(model, opt_level=opt_level, **kw)
+            return _Skewed(s) if opt_level == "all" and where(str(model)) else s
+        return session
+
+    monkeypatch.setattr(ort_mod, "make_session", skew(lambda m: "float_activations" not in m))
+    note = ort_mod.explain_gap(path, feeds, 0.5)
+    assert note is not None and "activation quantizers bypassed" in note, note
+    assert not list(tmp_path.glob(".*float_activations*"))  # the view is removed
+    monkeypatch.setattr(ort_mod, "make_session", skew(lambda m: True))
+    assert ort_mod.explain_gap(path, feeds, 0.5) is None
+    plain = tmp_path / "p.onnx"
+    onnx.save_model(linear_model(16, 8)[0], str(plain))
+    assert ort_mod.explain_gap(plain, [{"x": np.ones((1, 2, 16), np.float32)}], 0.5) is None  # weight-only

@@ -108,3 +108,46 @@ def test_quantize_rejects_bad_arguments(bad):
     args = dict(bits=4, block_size=16) | bad
     with pytest.raises(ValueError):
         quantize_weight(np.ones((2, 16), np.float32), args["bits"], args["block_size"], True)
+
+
+# -- the positive symmetric grid (TensorRT: scales must be positive) ----------------------------------------
+
+@pytest.mark.parametrize("bits,block", [(8, None), (4, 32), (4, 128), (3, 128)])
+def test_positive_grid_holds_every_block_with_the_smallest_positive_scale(bits, block):
+    """s = max(-min/2^(b-1), max/(2^(b-1)-1)) >= 0: every weight within half a step of its value (no clipping),
+    an end of the range exactly on its grid end, and rows whose signed extreme is negative (and whose max stays
+    inside the grid ORT's signed scale gives them) on the same grid as ORT's signed one."""
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    w[::3] -= 0.5  # rows with a negative extreme
+    w[1::3] += 0.5  # and with a positive one
+    qw = quantize_weight(w, bits, block, True, positive=True)
+    mid = 1 << (bits - 1)
+    assert (qw.scale >= 0).all() and (qw.zero_point == mid).all()
+    bs = qw.block_size
+    blocks = w.reshape(64, -1, bs)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    np.testing.assert_allclose(qw.scale, np.maximum(-lo / mid, hi / (mid - 1)), rtol=1e-6)
+    err = np.abs(dequantize_weight(qw) - w).reshape(64, -1, bs)
+    assert (err <= qw.scale[..., None] * 0.5 * (1 + 1e-5) + 1e-7).all()
+    signed = quantize_weight(w, bits, block, True)
+    same = (np.abs(lo) >= np.abs(hi)) & (hi <= (mid - 1) * signed.scale)
+    assert same.any() and (signed.scale < 0).any()  # and rows where ORT's scale is negative
+    np.testing.assert_array_equal(qw.scale[same], signed.scale[same])  # ORT's: s = lo / -mid
+    np.testing.assert_array_equal(qw.q.reshape(64, -1, bs)[same], signed.q.reshape(64, -1, bs)[same])
+
+
+def test_gptq_keeps_the_positive_grid():
+    """GPTQ chooses its grids with the same rule (`positive=True`): positive scales, codes in range, and its
+    output error no worse than RTN's on the same grid."""
+    from ptqonnx.numerics.gptq import gptq_quantize
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 64)) * np.linspace(0.2, 3.0, 64)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    h = 2 * x.T @ x / len(x)
+    res = gptq_quantize(w, h, bits=8, block_size=None, symmetric=True, positive=True)
+    assert (res.qweight.scale >= 0).all()
+    rtn = quantize_weight(w, 8, None, True, positive=True)
+    err = lambda q: float(np.sum((x @ (dequantize_weight(q) - w).T) ** 2))  # noqa: E731
+    assert err(res.qweight) <= err(rtn)

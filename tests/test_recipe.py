@@ -28,7 +28,9 @@ def _sha(path) -> str:
 def test_the_issue_examples_load():
     r = recipe_from_dict({"stages": [{"smoothquant": {"alpha": 0.5}}, {"gptq": {"bits": 8}}, {"w8a8": {}}],
                           "target": "tensorrt", "exclude": ["*down_proj*"]})
-    assert r.stages == (SmoothQuantConfig(alpha=0.5), GptqConfig(bits=8, group_size=None), W8A8Config())
+    # target tensorrt (W8A8's default): the weights' grid resolves to positive scales
+    assert r.stages == (SmoothQuantConfig(alpha=0.5), GptqConfig(bits=8, group_size=None, scales="positive"),
+                        W8A8Config())
     assert r.exclude == ("*down_proj*",) and r.format == "qdq" and r.method == "smoothquant+gptq"
     r = recipe_from_dict({"stages": [{"awq": {}}, {"gptq": {"act_order": True}}]})
     assert r.stages == (AwqConfig(), GptqConfig()) and r.method == "awq+gptq" and r.format == "matmulnbits"
@@ -40,7 +42,7 @@ def test_the_issue_examples_load():
     ("stages:\n  - gptq:\n      bits: four\n", "r.yaml:3: gptq.bits must be an integer, got 'four'"),
     ("stages:\n  - gptq:\n      damp: 2\n", "r.yaml:3: gptq.damp must be in (0, 1), got 2.0"),
     ("stages:\n  - gptq\n  - awq\n", "r.yaml:1: stage awq cannot follow gptq in stages"),
-    ("stages:\n  - hqq\n", "r.yaml:2: unknown stage 'hqq'; stages: rtn, gptq, awq, smoothquant, w8a8"),
+    ("stages:\n  - hqq\n", "r.yaml:2: unknown stage 'hqq'; stages: rotate, rtn, gptq, awq, smoothquant, w8a8"),
     ("stages: [rtn]\nformatt: qdq\n", "r.yaml:2: unknown key 'formatt'; recipe keys:"),
     ("stages: [rtn]\nformat: int4\n", "r.yaml:2: format must be one of matmulnbits, qdq, got 'int4'"),
     ("stages: [smoothquant]\n", "r.yaml:1: smoothquant emits W8A8; add a w8a8 stage"),

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx_ir.passes.common import NameFixPass
 
-from graphs import CALIB_TEXT, model_from_text, real_windows, run, save
+from graphs import CALIB_TEXT, model_from_text, ort_int8_kernel_saturates, real_windows, run, run_optimized, save
 from ptqonnx.calibration.sources import CalibConfig
 from ptqonnx.errors import UserError
 from ptqonnx.graph import find_linear_sites
@@ -32,6 +32,7 @@ from ptqonnx.pipeline import compile_model
 from ptqonnx.plan import plan_weights, rtn_solver
 from ptqonnx.config import ConfigError, GptqConfig, Recipe, RtnConfig, SmoothQuantConfig, W8A8Config
 from ptqonnx.registry import recipe_for
+from ptqonnx.runtime.ort import PRECISE_INT8
 from ptqonnx.report import ScalesSummary
 
 W8 = RtnConfig(bits=8, group_size=None, symmetric=True)
@@ -171,7 +172,10 @@ def test_w8a8_qdq_matches_numpy_fake_quant(tmp_path, signed):
     bound = [np.abs(x - xq).max() * np.abs(fake_quantize(w, 8, None, True)).sum(1) for w in ws]
     for out, ref in zip(run(path, {"x": x}, "disable"), refs):
         assert _rel(out, ref) < 1e-5
-    for out, ref, b in zip(run(path, {"x": x}, "all"), refs, bound):
+    # ORT fuses the uint8 case to MatMulIntegerToFloat; on x86 without VNNI its default u8s8 kernel saturates
+    # (io.py's gate says so), so the check runs in its exact kernel there
+    exact = PRECISE_INT8 if not signed and ort_int8_kernel_saturates() else None
+    for out, ref, b in zip(run(path, {"x": x}, "all", exact), refs, bound):
         assert np.all(np.abs(out - ref) <= b + 1e-4 * np.abs(ref).max())
     if not signed:  # ORT's CPU EP fuses uint8 activations shared by two MatMuls (int8 ones only with one reader)
         assert _optimized_ops(path, tmp_path).count("MatMulIntegerToFloat") == 2
@@ -253,7 +257,7 @@ def _encoder(tmp_path: Path, seed: int = 0) -> tuple[Path, Path, np.ndarray]:
 
 
 def _loads_and_runs(path: Path, feeds: dict) -> list[np.ndarray]:
-    outs = run(path, feeds, "all")
+    outs = run_optimized(path, feeds)
     for a, b in zip(outs, run(path, feeds, "disable")):
         assert np.all(np.isfinite(a)) and _rel(a, b) < 1e-2
     return outs
@@ -379,7 +383,11 @@ def test_tiny_llama_without_gqa_smooths_o_proj_through_v_proj(tmp_path, tiny_mha
     src = tiny_mha_export / "model.onnx"
     ref = run(src, {"input_ids": ids})[0]
     bmm_scales = {}
-    for name, cfg in {"smooth": _w8a8(quantize_bmm=True), "rtn": _w8a8("rtn", quantize_bmm=True)}.items():
+    # on ORT's signed weight grid, as this bound was set (the positive TensorRT grid, one level fewer on some
+    # rows, gives 0.209 / 0.096 for smooth / rtn here vs 0.186 / 0.095: this tiny model amplifies any change)
+    grid = dict(scales="signed")
+    for name, cfg in {"smooth": _w8a8(quantize_bmm=True, **grid),
+                      "rtn": _w8a8("rtn", quantize_bmm=True, **grid)}.items():
         with caplog.at_level(logging.INFO, logger="ptqonnx.methods"):
             rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
         assert len(rep.quantized) == 14 and _rel(_loads_and_runs(rep.output_path, {"input_ids": ids})[0], ref) < 0.2
@@ -461,3 +469,55 @@ def test_smollm2_smoothquant_w8a8(smollm2_export, tmp_path):
         ppl[name] = perplexity(rep.output_path, windows).ppl
     assert ppl["smooth"] < 0.8 * ppl["plain"], ppl
     assert ppl["dynamic"] <= 1.02 * ppl["fp32"], ppl
+
+
+# -- --min-levels: layers whose range a few tokens set keep float activations -------------------------------
+
+_SINK = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[B, S, 32] x) => (float[B, S, 16] y, float[B, S, 16] z) {
+    a = MatMul(x, w1) y = Relu(a) t = Tanh(x) b = MatMul(t, w2) z = Relu(b) }"""
+
+
+def test_token_levels_is_the_median_tokens_share_of_the_grid():
+    from ptqonnx.calibration.observers import Stat, TensorObserver
+    from ptqonnx.methods.w8a8 import token_levels
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[5] *= 300.0  # one sink token
+    obs = TensorObserver({Stat.ROW_ABSMAX})
+    obs.update(x[:20])
+    obs.update(x[20:])
+    rows = np.abs(x).max(1)
+    assert np.array_equal(obs.finalize().row_absmax, rows)
+    assert token_levels(obs.finalize()) == pytest.approx(127 * np.median(rows) / rows.max(), rel=1e-6)
+
+
+def test_min_levels_keeps_float_activations_where_a_few_tokens_set_the_range(tmp_path):
+    """x carries a token 300x the others (the median token would get < 1 level of a per-tensor grid); tanh(x)
+    does not. --min-levels 16 keeps the first layer's activation float (INT8 weights), quantizes the second,
+    reports it; the default (0) quantizes both."""
+    rng = np.random.default_rng(0)
+    src = save(model_from_text(_SINK, {"w1": rng.standard_normal((32, 16)).astype(np.float32),
+                                       "w2": rng.standard_normal((32, 16)).astype(np.float32)}), tmp_path / "m.onnx")
+    x = rng.standard_normal((4, 24, 32)).astype(np.float32)
+    x[:, 0] *= 300.0
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = CalibConfig(npz=str(tmp_path / "c.npz"))
+    counts = {}
+    for levels in (0, 16):
+        rep = compile_model(src, tmp_path / f"o{levels}.onnx", _w8a8("rtn", min_levels=levels), calibration=calib)
+        ops = [n.op_type for n in onnx.load(str(rep.output_path)).graph.node]
+        counts[levels] = ops.count("QuantizeLinear")
+        w8a8 = next(s for s in rep.stages if s.stage == "w8a8")
+        assert len(rep.quantized) == 2 and ops.count("DequantizeLinear") == 2 + counts[levels]
+        if levels:
+            assert list(w8a8.token_outliers) == [rep.quantized[0]] and w8a8.token_outliers[rep.quantized[0]] < 1
+            assert w8a8.static_layers == 1 and any("--min-levels 0" in line for line in rep.lines())
+        else:
+            assert not w8a8.token_outliers and w8a8.static_layers == 2
+    assert counts == {0: 2, 16: 1}
+    with pytest.raises(ConfigError, match="min_levels must be in"):
+        _w8a8("rtn", min_levels=200)
+    with pytest.raises(ConfigError, match="min_levels picks layers out of static"):
+        _w8a8("rtn", min_levels=16, target="ort-cpu", act_scales="dynamic")

@@ -106,6 +106,7 @@ def test_tiny_llama_compile_outputs(tmp_path, tiny_export):
         "w8a8-tensorrt": ["--method", "rtn", "--w8a8", *calib],
         "w8a8-ort-cpu": ["--method", "rtn", "--w8a8", "--target", "ort-cpu", *calib],
         "qdq-int4": ["--method", "rtn", "--format", "qdq"],
+        "qdq-int4-positive": ["--method", "rtn", "--format", "qdq", "--scales", "positive"],
         "qdq-int4-asym": ["--method", "rtn", "--format", "qdq", "--asym"],
         "matmulnbits": ["--method", "rtn"],
     }
@@ -121,17 +122,14 @@ def test_tiny_llama_compile_outputs(tmp_path, tiny_export):
         if not built.parse.ok:
             assert errors(findings), (name, built.parse.errors, format_findings(findings))
     w8a8 = ir.load(str(tmp_path / "w8a8-tensorrt.onnx"))
-    for node in w8a8.graph:  # every negative-scale row holds the grid end -128: a sign flip cannot fix it
-        if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
-            q, s = node.inputs[0].const_value.numpy(), node.inputs[1].const_value.numpy()
-            axis = node.attributes["axis"].value if "axis" in node.attributes else 1
-            if s.ndim == 1 and (s < 0).any():
-                assert (np.moveaxis(q, axis, 0)[s < 0] == -128).any(axis=1).all()
-    # What each refusal is about (today the symmetric grid's negative scales are the open issue: W8A8 for
-    # TensorRT is refused at its first weight DequantizeLinear; the INT4 QDQ file builds although its scales
-    # are negative too, since TensorRT-RTX 1.7 lets INT4 through while NvInfer.h requires positive scales).
-    if "trt-scale-positive" in report["w8a8-tensorrt"][1]:
-        assert "Scale coefficients must all be positive" in report["w8a8-tensorrt"][0][0]
+    weight_scales = [node.inputs[1].const_value.numpy() for node in w8a8.graph if node.op_type == "DequantizeLinear"
+                     and node.inputs[0].const_value is not None]
+    assert weight_scales and all((s >= 0).all() for s in weight_scales)  # --target tensorrt: positive grid
+    # W8A8 for TensorRT passes the checker, parses and builds (the signed grid's negative scales were refused
+    # at the first weight DequantizeLinear: "Scale coefficients must all be positive"); the INT4 QDQ file with
+    # the signed grid builds too, since TensorRT-RTX 1.7 lets INT4 through while NvInfer.h requires positive
+    assert report["w8a8-tensorrt"] == ((), []), report["w8a8-tensorrt"]
+    assert report["qdq-int4-positive"] == ((), []), report["qdq-int4-positive"]
     assert "Non-zero zero point is not supported" in report["w8a8-ort-cpu"][0][0]
     assert {"trt-qdq-type", "trt-zero-point"} <= set(report["w8a8-ort-cpu"][1])
     assert "Failed to import initializer" in report["qdq-int4-asym"][0][0]

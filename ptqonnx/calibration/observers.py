@@ -8,8 +8,10 @@ axis of a MatMul input is its last axis). Over all rows of all batches, with `n`
     min, max    = min_{r,c} X[r, c], max_{r,c} X[r, c] (per-tensor range for static activation scales)
     xtx         = sum_r X[r]^T X[r]  in float64        (GPTQ: H = 2/n * xtx, Frantar et al. 2022, eq. 2)
     sample      = up to `k` rows drawn uniformly without replacement (seeded reservoir, Vitter's Algorithm R)
+    row_absmax  = max_c |X[r, c]| of every row r                (how unevenly tokens use a per-tensor range)
 
-Memory per value is O(C) for the first three, O(C^2) for `xtx` and O(k*C) for `sample`; the activations
+Memory per value is O(C) for the first three, O(C^2) for `xtx`, O(k*C) for `sample` and O(n) for
+`row_absmax` (one float per row: 64k for 128 windows of 512 tokens); the activations
 themselves are discarded after each `update`. Pure numpy: this module never imports onnx or onnxruntime.
 """
 
@@ -43,6 +45,7 @@ class Stat(str, enum.Enum):
     MINMAX = "minmax"
     XTX = "xtx"
     SAMPLE = "sample"
+    ROW_ABSMAX = "row_absmax"
 
 
 def parse_stats(kinds: Iterable[str | Stat]) -> frozenset[Stat]:
@@ -75,6 +78,7 @@ class TensorStats:
     max: float | None = None
     xtx: np.ndarray | None = None  # [C, C] float64
     sample: np.ndarray | None = None  # [k, C] float32, k <= sample rows requested
+    row_absmax: np.ndarray | None = None  # [n] float32: each row's max |x|, of the activation as measured
     minmax_stale: bool = False
 
     @property
@@ -90,6 +94,8 @@ class TensorStats:
             have.add(Stat.XTX)
         if self.sample is not None:
             have.add(Stat.SAMPLE)
+        if self.row_absmax is not None:
+            have.add(Stat.ROW_ABSMAX)
         return frozenset(have)
 
     def hessian(self) -> np.ndarray:
@@ -102,7 +108,8 @@ class TensorStats:
         """Statistics of x' = x / s (s per channel, [C], positive): exact for every kind but min/max.
 
         absmax' = absmax / s, mean_abs' = mean_abs / s, xtx' = diag(1/s) xtx diag(1/s), sample' = sample / s;
-        per-tensor min/max of x/s depend on which channel held the extreme, so they are dropped (stale).
+        per-tensor min/max of x/s depend on which channel held the extreme, so they are dropped (stale);
+        `row_absmax` stays as measured before the scaling (rows' maxima of x/s are not recoverable from it).
         """
         s = np.asarray(s)
         if s.shape != (self.channels,):
@@ -155,6 +162,7 @@ class TensorObserver:
         self._max = -np.inf
         self._xtx: np.ndarray | None = None  # [C, C] float64
         self._sample: np.ndarray | None = None  # [k, C] float32
+        self._row_absmax: list[np.ndarray] = []
         self._filled = 0
 
     def update(self, x: np.ndarray) -> None:
@@ -186,6 +194,8 @@ class TensorObserver:
             self._xtx += rc.T @ rc
         if Stat.SAMPLE in ks:
             self._reservoir(rows)
+        if Stat.ROW_ABSMAX in ks:
+            self._row_absmax.append(np.abs(rows).max(axis=1).astype(np.float32))
         self.count += rows.shape[0]
 
     def _init(self, c: int) -> None:
@@ -229,4 +239,5 @@ class TensorObserver:
             max=self._max if Stat.MINMAX in ks else None,
             xtx=self._xtx.copy() if Stat.XTX in ks else None,
             sample=self._sample[: self._filled].copy() if Stat.SAMPLE in ks else None,
+            row_absmax=np.concatenate(self._row_absmax) if Stat.ROW_ABSMAX in ks else None,
         )

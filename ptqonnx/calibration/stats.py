@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 _FORMAT_KEY = "__ptqonnx_statistics__"
 _FORMAT_VERSION = 1
-_ARRAY_FIELDS = ("absmax", "mean_abs", "xtx", "sample")
+_ARRAY_FIELDS = ("absmax", "mean_abs", "xtx", "sample", "row_absmax")
 
 
 class Statistics(Mapping[str, TensorStats]):
@@ -111,6 +111,7 @@ class Statistics(Mapping[str, TensorStats]):
                 mean_abs=f.get("mean_abs"),
                 xtx=f.get("xtx"),
                 sample=f.get("sample"),
+                row_absmax=f.get("row_absmax"),
                 min=float(f["min"]) if "min" in f else None,
                 max=float(f["max"]) if "max" in f else None,
                 minmax_stale=bool(f["minmax_stale"]),

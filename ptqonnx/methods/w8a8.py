@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from ptqonnx.calibration.observers import Stat, TensorStats
 from ptqonnx.calibration.validate import check_signal
 from ptqonnx.config import SmoothQuantConfig, W8A8Config, matches_any
@@ -79,6 +81,14 @@ def _kinds(ctx: MethodContext, cfg: W8A8Config) -> set[Stat]:
     return {Stat.ABSMAX, Stat.MINMAX} | ({Stat.SAMPLE} if need_sample else set())
 
 
+def token_levels(st: TensorStats) -> float:
+    """The INT8 levels the median token (row) gets under a per-tensor symmetric grid set by the largest one:
+    127 · median_r max|x_r| / max_r max|x_r| (per-tensor scales are as good as their worst token allows)."""
+    r = st.row_absmax
+    top = float(r.max()) if r is not None and r.size else 0.0
+    return 127.0 * float(np.median(r)) / top if top > 0 else 0.0
+
+
 def _bmm_requests(ctx: MethodContext, cfg: W8A8Config) -> dict[str, set[Stat]]:
     from ptqonnx.passes.w8a8 import find_bmm_nodes
 
@@ -90,7 +100,8 @@ def _bmm_requests(ctx: MethodContext, cfg: W8A8Config) -> dict[str, set[Stat]]:
 def w8a8_requests(ctx: MethodContext, cfg: W8A8Config) -> dict[str, set[Stat]]:
     """Static layers need their input's range; dynamic layers none (their group's maxima are smoothquant's)."""
     dynamic = dynamic_sites(ctx.sites, cfg)
-    out = {s.activation.name: _kinds(ctx, cfg) for s in ctx.sites if s.name not in dynamic}
+    kinds = _kinds(ctx, cfg) | ({Stat.ROW_ABSMAX} if cfg.min_levels else set())
+    out = {s.activation.name: set(kinds) for s in ctx.sites if s.name not in dynamic}
     for name, kinds in _bmm_requests(ctx, cfg).items():
         out.setdefault(name, set()).update(kinds)
     return out
@@ -111,18 +122,27 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
     static = [s for s in ctx.sites if s.name not in dynamic]
     grids: dict[str, dict[int, ActivationQParams]] = {}
     fallback: dict[str, str] = {}
+    outliers: dict[str, float] = {}
     for s in static:
         st = stats[s.activation.name]
         if st.absmax is not None and not float(st.absmax.max()) > 0:  # no range to set a scale from
             fallback[s.name] = "all zero"
             continue
+        if cfg.min_levels and st.row_absmax is not None and token_levels(st) < cfg.min_levels:
+            outliers[s.name] = token_levels(st)
+            continue
         grids[s.name] = {0: activation_grid(st, cfg, symmetric)}
     check_signal(fallback, len(static))
+    if outliers:
+        logger.info("W8A8: %d layers keep float activations (token outliers: the median token would get "
+                    "%s INT8 levels): %s", len(outliers), ", ".join(f"{v:.1f}" for v in outliers.values()),
+                    ", ".join(outliers))
     for n in bmm:
         grids[n.name] = {i: activation_grid(stats[n.inputs[i].name], cfg, symmetric) for i in (0, 1)}
     logger.info("W8A8 activations: %d layers static per tensor (QDQ), %d dynamic per row and block "
                 "(MatMulNBits int8)", len(static), len(dynamic))
-    summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "", static_layers=len(static) - len(fallback),
-                          dynamic_layers=len(dynamic), bmm_nodes=len(bmm), calibration=ctx.stats_origin,
-                          weight_only=tuple(fallback))
+    summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "",
+                          static_layers=len(static) - len(fallback) - len(outliers), dynamic_layers=len(dynamic),
+                          bmm_nodes=len(bmm), calibration=ctx.stats_origin, weight_only=tuple(fallback),
+                          token_outliers=outliers)
     return MethodResult(summary, activations=ActivationResult(grids, frozenset(dynamic), DYNAMIC_ACCURACY_LEVEL))

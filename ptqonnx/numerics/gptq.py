@@ -135,6 +135,7 @@ def gptq_quantize(
     bits: int,
     block_size: int | None,
     symmetric: bool,
+    positive: bool = False,
     damp: float = 0.01,
     act_order: bool = True,
     static_groups: bool = True,
@@ -193,7 +194,8 @@ def gptq_quantize(
     dynamic = grouped and not static_groups
     if not dynamic:
         for g in range(kb):
-            scale[:, g], zero_point[:, g] = choose_qparams(w32[:, g * bs : (g + 1) * bs], bits, symmetric)
+            scale[:, g], zero_point[:, g] = choose_qparams(w32[:, g * bs : (g + 1) * bs], bits, symmetric,
+                                                            positive=positive)
 
     perm = np.argsort(-np.diagonal(h.cpu().numpy()), kind="stable") if act_order else np.arange(k)
     group_of = perm // bs  # group of the column visited at step j
@@ -230,7 +232,7 @@ def gptq_quantize(
                 cur = w1[i : end - i1]
                 if end > i2:  # the group runs past this lazy batch: add the batch's pending updates
                     cur = np.concatenate([cur, wt[i2:end] - hinv[i1:j, i2:end].T @ err1[:i]])
-                scale[:, g], zero_point[:, g] = choose_qparams(cur.T, bits, symmetric)
+                scale[:, g], zero_point[:, g] = choose_qparams(cur.T, bits, symmetric, positive=positive)
                 grid = _grid_rows(scale[:, g : g + 1], zero_point[:, g : g + 1])
                 scale_t[g], zp_t[g], inv_t[g] = (a[0] for a in grid)
             col = w1[i]  # [N]

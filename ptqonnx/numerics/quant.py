@@ -15,6 +15,11 @@ our RTN equals ORT's RTN):
   (q = 0) and the full [-8, 7] range is used, instead of the absmax/7 grid that wastes code -8.
 * asymmetric: lo = min(min(w), 0), hi = max(max(w), 0), s = (hi - lo) / (2^bits - 1),
   z = clip(round(-lo / s), 0, 2^bits - 1).
+* symmetric, `positive=True` (TensorRT: "scale coefficients must all be positive"): z = 2^(bits-1) as above,
+  s = max(-min(w) / 2^(bits-1), max(w) / (2^(bits-1) - 1)) >= 0, the smallest positive scale whose grid
+  [-2^(bits-1)·s, (2^(bits-1) - 1)·s] holds the block. Where the signed extreme is negative this is the same
+  range as ONNX Runtime's; where it is positive, ORT's grid puts it on code -2^(bits-1) with a negative
+  scale, this one on code 2^(bits-1) - 1 (one level of 2^bits fewer on that side).
 
 q = clip(round(w * (1/s) + z), 0, 2^bits - 1), with round half away from zero (C `roundf`) applied after
 adding z, exactly as MLAS does: a tie w/s = -4.5 gives code round(3.5) = 4, not 3 (this matters on weights
@@ -107,7 +112,7 @@ def _asym_range(blocks: np.ndarray, ratio) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose_qparams(
-    blocks: np.ndarray, bits: int, symmetric: bool, clip_ratio: float | np.ndarray = 1.0
+    blocks: np.ndarray, bits: int, symmetric: bool, clip_ratio: float | np.ndarray = 1.0, positive: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per block for blocks [..., B] (reduced over the last axis).
 
@@ -118,6 +123,10 @@ def choose_qparams(
     qmax = (1 << bits) - 1
     mid = 1 << (bits - 1)
     ratio = np.asarray(clip_ratio, dtype=np.float32)
+    if symmetric and positive:
+        lo, hi = _asym_range(blocks, ratio)
+        scale = np.maximum(-lo / np.float32(mid), hi / np.float32(mid - 1)).astype(np.float32)
+        return scale, np.full(scale.shape, mid, dtype=np.uint8)
     if symmetric:
         extreme = _signed_extreme(blocks) * ratio
         scale = (extreme / np.float32(-mid)).astype(np.float32)
@@ -170,8 +179,10 @@ def quantize_weight(
     block_size: int | None,
     symmetric: bool,
     clip_ratio: float | np.ndarray = 1.0,
+    positive: bool = False,
 ) -> QuantizedWeight:
-    """Round-to-nearest quantization of W [N, K]; `block_size=None` quantizes per output channel."""
+    """Round-to-nearest quantization of W [N, K]; `block_size=None` quantizes per output channel; `positive`:
+    the symmetric grid with positive scales (module docstring)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {w.shape}")
@@ -179,7 +190,7 @@ def quantize_weight(
     bs = k if block_size is None else int(block_size)
     _check(bits, bs)
     wb, mask = _blocks(w, bs)
-    scale, zero_point = choose_qparams(wb, bits, symmetric, clip_ratio)
+    scale, zero_point = choose_qparams(wb, bits, symmetric, clip_ratio, positive)
     q = quantize_with_qparams(wb, scale, zero_point, bits)
     # padded positions hold the zero point (they dequantize to 0)
     q = np.where(mask, q, zero_point[..., None]).reshape(n, -1)[:, :k]
@@ -199,10 +210,11 @@ def dequantize_weight(qw: QuantizedWeight) -> np.ndarray:
 
 
 def fake_quantize(
-    w: np.ndarray, bits: int, block_size: int | None, symmetric: bool, clip_ratio: float | np.ndarray = 1.0
+    w: np.ndarray, bits: int, block_size: int | None, symmetric: bool, clip_ratio: float | np.ndarray = 1.0,
+    positive: bool = False,
 ) -> np.ndarray:
     """quantize then dequantize W [N, K]."""
-    return dequantize_weight(quantize_weight(w, bits, block_size, symmetric, clip_ratio))
+    return dequantize_weight(quantize_weight(w, bits, block_size, symmetric, clip_ratio, positive))
 
 
 # -- torch backend (AWQ's searches score thousands of candidate grids; same float32 operations, same results) --
