@@ -125,3 +125,16 @@ def run_optimized(path: Path, feeds: dict[str, np.ndarray]):
         return run(path, feeds, "all", PRECISE_INT8)
     except Exception:  # noqa: BLE001 - see runtime/ort.py
         return run(path, feeds, "all", UNFUSED_INT8)
+
+
+class SkewedSession:
+    """An ORT session whose outputs are 1.5x the real ones (a simulated fusion that miscomputes)."""
+
+    def __init__(self, sess):
+        self.sess = sess
+
+    def get_inputs(self):
+        return self.sess.get_inputs()
+
+    def run(self, names, feed):
+        return [o * 1.5 for o in self.sess.run(names, feed)]

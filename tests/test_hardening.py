@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphs import linear_model, model_from_text, run, save
+from graphs import SkewedSession, linear_model, model_from_text, run, save
 from ptqonnx.cli import main
 
 _HDR = '<ir_version: 10, opset_import: ["" : 21]>'
@@ -206,19 +206,9 @@ def test_outputs_gate_catches_an_optimized_graph_that_computes_otherwise(tmp_pat
     src = _two_layer(tmp_path)
     real = ort_mod.make_session
 
-    class Skewed:
-        def __init__(self, sess):
-            self.sess = sess
-
-        def get_inputs(self):
-            return self.sess.get_inputs()
-
-        def run(self, names, feed):
-            return [o * 1.5 for o in self.sess.run(names, feed)]
-
     def session(model, *, opt_level="all", **kw):
         s = real(model, opt_level=opt_level, **kw)
-        return Skewed(s) if opt_level == "all" else s
+        return SkewedSession(s) if opt_level == "all" else s
 
     monkeypatch.setattr(ort_mod, "make_session", session)
     assert main(["compile", str(src), "-o", str(tmp_path / "q.onnx")]) == 1

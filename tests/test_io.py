@@ -24,7 +24,7 @@ from onnx import numpy_helper
 import ptqonnx.io as io
 from ptqonnx.errors import Interrupted, UserError
 from ptqonnx.protoscan import scan_model
-from graphs import linear_model, model_from_text, run
+from graphs import SkewedSession, linear_model, model_from_text, run
 
 TEXT = """<ir_version: 10, opset_import: ["" : 21]>
 g (int64[1, S] ids, float[1, S, 32] x) => (float[1, S, 16] y, float[1, S, 32] e) {
@@ -521,19 +521,6 @@ def test_ort_int8_saturation_is_diagnosed_not_refused(tmp_path, monkeypatch):
     assert (tmp_path / "p" / "m.onnx").is_file()
 
 
-class _Skewed:
-    """An ORT session whose outputs are 1.5x the real ones (a simulated fusion that miscomputes)."""
-
-    def __init__(self, sess):
-        self.sess = sess
-
-    def get_inputs(self):
-        return self.sess.get_inputs()
-
-    def run(self, names, feed):
-        return [o * 1.5 for o in self.sess.run(names, feed)]
-
-
 def test_gap_with_activation_quantizers_is_explained_only_if_their_float_view_agrees(tmp_path, monkeypatch):
     """explain_gap checks the graph with its activation Q/DQ pairs bypassed (the same float computation, the
     weights' DequantizeLinear kept): where that agrees across levels, the gap is the static grid's amplification
@@ -565,7 +552,7 @@ def test_gap_with_activation_quantizers_is_explained_only_if_their_float_view_ag
     def skew(where):
         def session(model, *, opt_level="all", **kw):
             s = real(model, opt_level=opt_level, **kw)
-            return _Skewed(s) if opt_level == "all" and where(str(model)) else s
+            return SkewedSession(s) if opt_level == "all" and where(str(model)) else s
         return session
 
     monkeypatch.setattr(ort_mod, "make_session", skew(lambda m: "float_activations" not in m))
