@@ -43,15 +43,16 @@ def setup_logging() -> None:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
 
 
-def ensure_export(work: Path, kv_cache: bool) -> tuple[Path, float | None]:
-    """The SmolLM2-135M export in `work/smollm2` (made once); returns its folder and the export seconds."""
+def ensure_export(work: Path, kv_cache: bool, dtype: str = "float32") -> tuple[Path, float | None]:
+    """The SmolLM2-135M export in `work/smollm2` (`work/smollm2_fp16` for dtype float16; made once); returns its
+    folder and the export seconds."""
     from ptqonnx.models.export import export_causal_lm
 
-    mdir = work / "smollm2"
+    mdir = work / ("smollm2" if dtype == "float32" else "smollm2_fp16")
     if (mdir / "model.onnx").is_file() and (not kv_cache or (mdir / "model_kv.onnx").is_file()):
         return mdir, None
     t0 = time.perf_counter()
-    export_causal_lm("smollm2", mdir, kv_cache=kv_cache)
+    export_causal_lm("smollm2", mdir, kv_cache=kv_cache, dtype=dtype)
     return mdir, time.perf_counter() - t0
 
 
@@ -64,10 +65,13 @@ VENV_FLAGS = {  # flag -> (venv folder under --work, help)
 
 
 def arg_parser(doc: str, *, calib: int | None = None, others_calib: int | None = None,
-               others_help: str = "", venvs: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+               others_help: str = "", venvs: tuple[str, ...] = (), reuse: bool = False) -> argparse.ArgumentParser:
     """The options every benchmark script shares: --work, --windows, --rounds; --calib (ours) when `calib`;
-    --others-calib and --skip-others when `others_calib`; the other tools' venv pythons named in `venvs`."""
+    --others-calib and --skip-others when `others_calib`; the other tools' venv pythons named in `venvs`;
+    --reuse (keep an earlier run's outputs, `our_row`) when `reuse`."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if reuse:
+        ap.add_argument("--reuse", action="store_true", help="keep the outputs of an earlier run of this script")
     ap.add_argument("--work", type=Path, default=HERE / "work", help="export and outputs (git-ignored)")
     if calib is not None:
         ap.add_argument("--calib", type=int, default=calib, help=f"calibration windows for ours (default {calib})")
@@ -173,6 +177,14 @@ compile_model(args[0], args[1], recipe, calibration=calib, force=True)
 
 def quantize_ours(row: Row, src: Path, **spec) -> None:
     record(row, run_child(OURS, str(src), str(row.path), json.dumps(spec, default=str)))
+
+
+def our_row(args: argparse.Namespace, label: str, settings: str, path: Path, src: Path, **spec) -> Row:
+    """A row of ours: `src` compiled with `spec` into `path` (an earlier run's file is kept with --reuse)."""
+    row = Row(label, "ptqonnx", settings, path)
+    if not (getattr(args, "reuse", False) and path.is_file()):
+        quantize_ours(row, src, **spec)
+    return row
 
 
 # calibration feeds for the other tools: the same windows as ours (ptqonnx's own window drawing)

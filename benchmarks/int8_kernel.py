@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CALIB_TEXT, Row, arg_parser, evaluate, header, logger, prepare, quantize_ours, write_section
+from common import CALIB_TEXT, Row, arg_parser, evaluate, header, logger, our_row, prepare, write_section
 
 
 def _cpu_flags() -> str:
@@ -35,9 +35,7 @@ def _cpu_flags() -> str:
 
 
 def main() -> None:
-    ap = arg_parser(__doc__, calib=32)
-    ap.add_argument("--reuse", action="store_true", help="keep the outputs of an earlier run of this script")
-    args = ap.parse_args()
+    args = arg_parser(__doc__, calib=32, reuse=True).parse_args()
     mdir, q, _ = prepare(args, "int8_kernel")
     from ptqonnx.runtime.bench import interleaved, prefill_runner
     from ptqonnx.runtime.perplexity import perplexity
@@ -58,11 +56,8 @@ def main() -> None:
     fp32 = Row("FP32", "-", "float32 export", mdir / "model.onnx")
     rows = [fp32]
     for i, (label, method, alpha, w8a8, rotate) in enumerate(ours):
-        row = Row(label, "ptqonnx", f"{args.calib} windows", q / f"w8a8_{i}.onnx")
-        if not (args.reuse and row.path.is_file()):
-            quantize_ours(row, fp32.path, method=method, weights=w8, w8a8=w8a8, smoothquant=dict(alpha=alpha),
-                          calib=calib, rotate=rotate)
-        rows.append(row)
+        rows.append(our_row(args, label, f"{args.calib} windows", q / f"w8a8_{i}.onnx", fp32.path, method=method,
+                            weights=w8, w8a8=w8a8, smoothquant=dict(alpha=alpha), calib=calib, rotate=rotate))
     windows = evaluate(rows, mdir, args.windows)  # ORT's default kernel
     precise, exact_cfg = {}, {}
     for row in rows[1:]:

@@ -99,6 +99,12 @@ class ExportResult:
     max_abs_diff: float | None  # ORT vs torch logits on the export example, when verified
 
 
+EXPORT_DTYPES = ("float32", "float16")  # bfloat16: ONNX Runtime's CPU build has no bf16 Where/MatMul to verify it
+# ORT against torch on the export example, relative to the logit scale: fp32 agrees to rounding; fp16/bf16
+# kernels accumulate differently (tiny LLaMA fp16: 1.4e-3)
+_VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
+
+
 def export_causal_lm(
     source: str,
     out_dir: str | Path,
@@ -106,25 +112,34 @@ def export_causal_lm(
     kv_cache: bool = True,
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
+    dtype: str = "float32",
 ) -> ExportResult:
     """Export `source` ("smollm2" or a local HF causal-LM folder) into `out_dir`.
 
     Files are written into a temporary folder beside `out_dir` and moved in at the end, so an
     interrupted export never leaves a half-written model. With `verify`, `model.onnx` is run in
-    ONNX Runtime on the example input and compared with the torch logits (`max_abs_diff`).
+    ONNX Runtime on the example input and compared with the torch logits (`max_abs_diff`). `dtype`
+    ("float32", "float16" or "bfloat16") is the float type the exported graph computes in (as optimum's
+    `--dtype`): the weights are cast before tracing, so norms and softmax keep transformers' own float32 upcasts.
+    bfloat16 is refused: ONNX Runtime's CPU build cannot run (so cannot verify or calibrate) a bf16 graph.
     """
     require_module("torch", "export")
     require_module("onnxscript", "export")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"cannot export in {dtype!r} (ONNX Runtime's CPU build has no bfloat16 kernels to verify "
+                        f"and calibrate it); pass --dtype {' or '.join(EXPORT_DTYPES)}")
     if opset < 18:
         raise UserError(f"opset {opset} is too old for the dynamo exporter; pass --opset 18 or newer (21 preferred)")
     with _quiet():
-        return _export(source, Path(out_dir), kv_cache=kv_cache, opset=opset, verify=verify)
+        return _export(source, Path(out_dir), kv_cache=kv_cache, opset=opset, verify=verify, dtype=dtype)
 
 
-def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool) -> ExportResult:
+def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool, dtype: str) -> ExportResult:
     torch = require_module("torch", "export")
     t0 = time.perf_counter()
     model, tokenizer = load_hf_causal_lm(source)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
     model.set_attn_implementation("eager")
     cfg = model.config
     vocab = int(cfg.vocab_size)
@@ -150,20 +165,20 @@ def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool)
                 optimize=True,
                 verbose=False,
             )
-            reference = model(input_ids=ids, use_cache=False).logits.numpy()
+            reference = model(input_ids=ids, use_cache=False).logits.float().numpy()
         _save(onnx_program.model, tmp / MODEL_FILE, opset, {"logits": ["batch", "sequence", "vocab"]})
         logger.info("exported %s (%.1f s)", MODEL_FILE, time.perf_counter() - t0)
 
         max_abs_diff = None
         if verify:
-            max_abs_diff = _verify(tmp / MODEL_FILE, ids.numpy(), reference)
+            max_abs_diff = _verify(tmp / MODEL_FILE, ids.numpy(), reference, _VERIFY_TOLERANCE[dtype])
 
         if kv_cache:
             t1 = time.perf_counter()
-            _export_kv(model, tmp / MODEL_KV_FILE, opset, layout, vocab)
+            _export_kv(model, tmp / MODEL_KV_FILE, opset, layout, vocab, getattr(torch, dtype))
             logger.info("exported %s (%.1f s)", MODEL_KV_FILE, time.perf_counter() - t1)
 
-        _save_config(cfg, type(model).__name__, tmp / CONFIG_FILE)
+        _save_config(cfg, type(model).__name__, tmp / CONFIG_FILE, dtype)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
@@ -272,7 +287,7 @@ def _cache_layout(model) -> _Layout:
             for lay in layers]
 
 
-def _export_kv(model, path: Path, opset: int, layout: _Layout, vocab: int) -> None:
+def _export_kv(model, path: Path, opset: int, layout: _Layout, vocab: int, dtype) -> None:
     torch = require_module("torch", "export")
     _, WithCache = _module_classes()
     batch, seq, past = 2, 3, 5
@@ -283,7 +298,7 @@ def _export_kv(model, path: Path, opset: int, layout: _Layout, vocab: int) -> No
     pos = torch.arange(past, past + seq, dtype=torch.int64).unsqueeze(0).expand(batch, seq).contiguous()
     kv_dims = [dims for pair in layout for dims in pair]  # (heads, dim) of past i, in input order
     kv = tuple(
-        torch.randn(batch, heads, past, dim, generator=torch.Generator().manual_seed(i))
+        torch.randn(batch, heads, past, dim, generator=torch.Generator().manual_seed(i)).to(dtype)
         for i, (heads, dim) in enumerate(kv_dims)
     )
     kv_names = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
@@ -379,20 +394,20 @@ def _rename_values(graph) -> None:
             node.metadata_props[_KEEP_METADATA] = scopes.replace("'m.", "'")
 
 
-def _verify(path: Path, ids: np.ndarray, reference: np.ndarray) -> float:
+def _verify(path: Path, ids: np.ndarray, reference: np.ndarray, tolerance: float) -> float:
     from ptqonnx.runtime.ort import make_session
 
     session = make_session(path, opt_level="all")
     (logits,) = session.run(["logits"], {"input_ids": ids})
-    diff = float(np.max(np.abs(logits - reference)))
+    diff = float(np.max(np.abs(logits.astype(np.float32) - reference)))
     scale = float(np.max(np.abs(reference))) or 1.0
-    if not np.isfinite(diff) or diff > 1e-3 * max(scale, 1.0):
+    if not np.isfinite(diff) or diff > tolerance * max(scale, 1.0):
         raise RuntimeError(f"exported {path.name} disagrees with torch: max |diff| {diff:.3g} (logit scale {scale:.3g})")
     logger.info("verified %s against torch: max |diff| %.2e", path.name, diff)
     return diff
 
 
-def _save_config(cfg, architecture: str, path: Path) -> None:
+def _save_config(cfg, architecture: str, path: Path, dtype: str = "float32") -> None:
     """HF config.json, readable by transformers 4.57 too (plain `rope_theta` beside `rope_parameters`)."""
     data = cfg.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
@@ -403,7 +418,7 @@ def _save_config(cfg, architecture: str, path: Path) -> None:
         data["rope_theta"] = rope["rope_theta"]
     if "dtype" in data and "torch_dtype" not in data:
         data["torch_dtype"] = data["dtype"]
-    data["dtype"] = data["torch_dtype"] = "float32"
+    data["dtype"] = data["torch_dtype"] = dtype
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -8,8 +8,11 @@ The DequantizeLinear output has the layout the node reads as its weight: [K, N] 
 
 * blockwise (block < K): blocks along K (axis 0 for [K, N]); scale and zero point [k_blocks, N]
   (a shorter last block when K is not a multiple of block_size, as the opset-21 spec allows).
-* per channel (block = K): `axis` is the N axis; scale and zero point [N].
-* symmetric: signed codes q - 2^(bits-1) as INT4/INT8 and no zero point (zero point 0);
+* per channel (block = K): `axis` is the N axis; scale and zero point [N]. With `blocked_4bit` (TensorRT, which
+  documents INT4 with per-block scales only) a 4-bit weight with one block is written blocked instead, with
+  block_size = K (the same numbers).
+* symmetric: signed codes q - 2^(bits-1) as INT4/INT8 and no zero point (zero point 0); FP8: FLOAT8E4M3FN
+  codes per output channel, no zero point;
   asymmetric: unsigned codes as UINT4/UINT8 with a zero point of the same type.
 
 Requires: opset >= 21 for 4-bit or blocked weights (checked; the CLI reports it). Updates: the weight
@@ -47,13 +50,14 @@ _CODE_TYPES = {  # (bits, symmetric) -> numpy storage type of the codes (3-bit c
 class LowerToQdqPass(InPlacePass):
     """Give each planned node a DequantizeLinear weight."""
 
-    def __init__(self, plan: WeightPlan) -> None:
+    def __init__(self, plan: WeightPlan, *, blocked_4bit: bool = False) -> None:
         super().__init__()
         self.plan = plan
+        self.blocked_4bit = blocked_4bit
 
     def requires(self, model: ir.Model) -> None:
         opset = model.opset_imports.get("", 0)
-        needs_21 = any(p.qweight.bits < 8 or p.qweight.k_blocks > 1 for p in self.plan.values())
+        needs_21 = any(p.qweight.bits < 8 or p.qweight.k_blocks > 1 or p.qweight.fp8 for p in self.plan.values())
         if needs_21 and opset < QDQ_MIN_OPSET:
             raise PreconditionError(
                 f"the model's opset is {opset}; INT4 / blocked DequantizeLinear needs opset "
@@ -66,19 +70,20 @@ class LowerToQdqPass(InPlacePass):
         count = 0
         for node, planned in planned_nodes(graph, self.plan):
             site, qw = planned.site, planned.qweight
-            code_type = _CODE_TYPES[(qw.bits, qw.symmetric)]
-            q = qw.q.astype(np.int16)  # [N, K]
+            code_type = ml_dtypes.float8_e4m3fn if qw.fp8 else _CODE_TYPES[(qw.bits, qw.symmetric)]
+            q = qw.q if qw.fp8 else qw.q.astype(np.int16)  # [N, K]
             zp = qw.zero_point.astype(np.int16)  # [N, k_blocks]
-            if qw.symmetric:
+            if qw.symmetric and not qw.fp8:
                 q = q - (1 << (qw.bits - 1))
             n_major = gemm_trans_b(node)
-            per_channel = qw.k_blocks == 1 and qw.block_size >= site.K
+            one_block = qw.k_blocks == 1 and qw.block_size >= site.K
+            per_channel = one_block and not (self.blocked_4bit and qw.bits < 8)
             scale = qw.scale  # [N, k_blocks]
             if per_channel:
                 scale, zp = scale[:, 0], zp[:, 0]  # [N]
                 attrs = {"axis": 0 if n_major else 1}
             else:
-                attrs = {"axis": 1 if n_major else 0, "block_size": qw.block_size}
+                attrs = {"axis": 1 if n_major else 0, "block_size": site.K if one_block else qw.block_size}
             if not n_major:
                 q = q.T  # [K, N]
                 if not per_channel:
@@ -95,7 +100,7 @@ class LowerToQdqPass(InPlacePass):
             graph.insert_before(node, dq)
             node.replace_input_with(1, dq.outputs[0])
             count += 1
-        if count and any(p.qweight.bits < 8 for p in self.plan.values()):
-            model.ir_version = max(model.ir_version or 0, 10)  # INT4/UINT4 tensors need IR version 10
+        if count and any(p.qweight.bits < 8 or p.qweight.fp8 for p in self.plan.values()):
+            model.ir_version = max(model.ir_version or 0, 10)  # INT4/UINT4 tensors need IR 10, FLOAT8 IR 9
         logger.info("QDQ: %d linear weights now read through DequantizeLinear", count)
         return PassResult(model, modified=count > 0)

@@ -17,7 +17,7 @@ Placement: one QuantizeLinear per activation tensor, shared by all its quantized
 Q), and one DequantizeLinear per consumer (the node-unit form ORT's QDQ selectors match without first
 duplicating a shared DQ). The zero point is an initializer of the code type (int8 / uint8) and no
 `output_dtype` attribute is written, so Q's output type always equals its zero point's type (ORT refuses a
-mismatch at load). Scales are stored in the activation's float type. Requires opset >= 13 (per-axis
+mismatch at load); FP8 grids get a FLOAT8E4M3FN zero point 0 (opset >= 19). Scales are stored in the activation's float type. Requires opset >= 13 (per-axis
 DequantizeLinear for the weights, QuantizeLinear with a typed zero point).
 
 `select_w8a8_sites` decides what is quantized: GEMV-shaped layers (a static 1 in the activation's
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
@@ -43,6 +44,7 @@ __all__ = ["W8A8_MIN_OPSET", "ActivationPlan", "QuantizeActivationsPass", "selec
 logger = logging.getLogger(__name__)
 
 W8A8_MIN_OPSET = 13
+FP8_MIN_OPSET = 19
 GEMV_REASON = "GEMV (a dimension of 1): left in float for W8A8"
 LM_HEAD_REASON = "LM head left in float for W8A8 (--quantize-lm-head to quantize it)"
 
@@ -101,6 +103,10 @@ class QuantizeActivationsPass(InPlacePass):
             raise PreconditionError(
                 f"the model's opset is {opset}; W8A8 QDQ needs opset {W8A8_MIN_OPSET} or later: re-export it"
             )
+        fp8 = any(qp.fp8 for inputs in self.plan.values() for qp in inputs.values())
+        if fp8 and opset < FP8_MIN_OPSET:
+            raise PreconditionError(f"the model's opset is {opset}; FLOAT8 QuantizeLinear needs opset {FP8_MIN_OPSET} "
+                                    "or later: re-export it (ptqonnx export writes 21)")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -120,8 +126,8 @@ class QuantizeActivationsPass(InPlacePass):
                 if id(x) not in q_out:
                     dtype = x.dtype if x.dtype in FLOAT_TYPES else ir.DataType.FLOAT
                     scale = add_initializer(graph, f"{base}_act_scale", np.array(qp.scale, dtype=dtype.numpy()), names)
-                    zp = add_initializer(graph, f"{base}_act_zero_point",
-                                         np.array(qp.zero_point, dtype=np.int8 if qp.signed else np.uint8), names)
+                    code = ml_dtypes.float8_e4m3fn if qp.fp8 else np.int8 if qp.signed else np.uint8
+                    zp = add_initializer(graph, f"{base}_act_zero_point", np.array(qp.zero_point, dtype=code), names)
                     q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_QuantizeLinear",
                                 outputs=[ir.Value(name=f"{base}_quantized")])
                     producer = x.producer()

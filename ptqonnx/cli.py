@@ -1,4 +1,4 @@
-"""Command line: `ptqonnx export | compile | calibrate | eval | bench | quickstart`.
+"""Command line: `ptqonnx export | compile | calibrate | eval | bench | inspect | check | build-engine | quickstart`.
 
 The only module that configures logging and prints. Every user error is one line on stderr and exit 2.
 """
@@ -38,6 +38,22 @@ def _positive(kind):
     return parse
 
 
+def _shape_range(text: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX (e.g. 1,128,512), got {text!r}") from None
+    if not 0 < lo <= opt <= hi:
+        raise argparse.ArgumentTypeError(f"need 0 < MIN <= OPT <= MAX, got {text}")
+    return lo, opt, hi
+
+
+def _provider_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider (default cpu); cuda/tensorrt need onnxruntime-gpu and never "
+                        "fall back to the CPU (a node they cannot run is an error)")
+
+
 _TABLES: dict[str, dict[str, list]] = {}  # "config" / "calib" -> flag table of the parser last built
 
 
@@ -58,17 +74,26 @@ def _method_help(classes: list) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ptqonnx", description="ONNX post-training quantization compiler")
+    from ptqonnx import __version__
+
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: per node)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress lines)")
+    parser.add_argument("--version", action="version", version=f"ptqonnx {__version__}")
+    # -v / -q also after the subcommand (`ptqonnx compile -v ...`); SUPPRESS keeps the top-level value otherwise
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("export", help="export a causal LM (the real default `smollm2`, or a HF folder) to ONNX")
+    p = sub.add_parser("export", parents=[common], help="export a causal LM (the real default `smollm2`, or a HF folder) to ONNX")
     p.add_argument("source", help="`smollm2` or a local Hugging Face causal-LM folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--no-kv-cache", action="store_true", help="skip the KV-cache variant (model_kv.onnx)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="float type of the exported graph (default float32; norms and softmax stay float32 inside)")
 
     classes = _stage_classes()
-    p = sub.add_parser("compile", help="quantize an ONNX model")
+    p = sub.add_parser("compile", parents=[common], help="quantize an ONNX model")
     p.add_argument("model", type=Path, help="the ONNX model to quantize (never modified)")
     p.add_argument("-o", "--output", type=Path, help="output .onnx (default: beside the input, named by method, "
                    "bits and format); the recipe it ran is written beside it as OUTPUT_STEM.recipe.yaml")
@@ -88,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _TABLES["config"] = add_config_flags(p, classes)
     _TABLES["calib"] = add_calibration_flags(p)
 
-    p = sub.add_parser("calibrate", help="collect activation statistics of the linear layers to an .npz "
+    p = sub.add_parser("calibrate", parents=[common], help="collect activation statistics of the linear layers to an .npz "
                        "(reused by `compile --stats`)")
     p.add_argument("model", type=Path, help="the ONNX model to calibrate")
     p.add_argument("-o", "--output", type=Path, required=True, help="statistics .npz")
@@ -99,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "smoothed --target ort-cpu)")
     _TABLES["calib"] = add_calibration_flags(p)
 
-    p = sub.add_parser("eval", help="perplexity of a causal LM (with or without KV cache); cosine similarity to "
+    p = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM (with or without KV cache); cosine similarity to "
                        "a reference (--reference, e.g. encoders); or one table for several models (--compare)")
     p.add_argument("model", type=Path, nargs="?", help="the model (with --compare: the baseline, listed first)")
     g = p.add_mutually_exclusive_group()
@@ -113,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive(int), help="evaluate at most this many windows / samples")
     p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
     p.add_argument("--rounds", type=_positive(int), default=10, help="--compare: interleaved latency rounds (10)")
+    _provider_flag(p)
 
-    p = sub.add_parser("bench", help="ORT CPU latency: prefill (and per-token decode with --kv or KV models)")
+    p = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency: prefill (and per-token decode with --kv or KV models)")
     p.add_argument("model", type=Path, nargs="?", help="input_ids -> logits model (with --compare: the baseline)")
     p.add_argument("--kv", type=Path, help="the KV-cache variant, for per-token decode latency")
     p.add_argument("--compare", type=Path, nargs="+", metavar="MODEL",
@@ -122,12 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive(int), default=512, help="prefill tokens (default 512)")
     p.add_argument("--repeats", type=_positive(int), default=10, help="timed runs / interleaved rounds (default 10)")
     p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
+    _provider_flag(p)
 
-    p = sub.add_parser("inspect", help="what a model is and how it is quantized (ours or another tool's)")
+    p = sub.add_parser("inspect", parents=[common], help="what a model is and how it is quantized (ours or another tool's)")
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print the description as JSON")
 
-    p = sub.add_parser("quickstart", help="the main job end to end on the real default model: export "
+    p = sub.add_parser("check", parents=[common], help="a model against a runtime's rules (TensorRT, ORT CUDA, ORT CPU), each citing "
+                       "its source; for tensorrt also TensorRT-RTX's own parser where it is installed")
+    p.add_argument("model", type=Path, help="the ONNX model to check")
+    p.add_argument("--target", required=True, choices=("tensorrt", "ort-cuda", "ort-cpu"), help="the runtime")
+    p.add_argument("--build", action="store_true", help="tensorrt: also build an engine ahead of time (no GPU "
+                   "needed; TensorRT-RTX)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+    p = sub.add_parser("build-engine", parents=[common], help="build a TensorRT engine ahead of time with TensorRT-RTX (no GPU needed; "
+                       "extra trt-check)")
+    p.add_argument("model", type=Path, help="the ONNX model")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the engine plan file to write")
+    p.add_argument("--batch", type=_shape_range, default=(1, 1, 4), metavar="MIN,OPT,MAX",
+                   help="profile of dimension 0 of every dynamic input (default 1,1,4)")
+    p.add_argument("--sequence", type=_shape_range, default=(1, 128, 512), metavar="MIN,OPT,MAX",
+                   help="profile of every other dynamic dimension (default 1,128,512)")
+    p.add_argument("--compute-capability", action="append", metavar="SMxx", help="e.g. SM86 (repeat for more; "
+                   "default: TensorRT-RTX's portable set)")
+
+    p = sub.add_parser("quickstart", parents=[common], help="the main job end to end on the real default model: export "
                        "SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
     p.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 test)")
     p.add_argument("--out", type=Path, default=Path("work/smollm2"), help="working folder (default work/smollm2)")
@@ -166,7 +212,7 @@ def _cmd_quickstart(args) -> None:
 def _cmd_export(args) -> None:
     from ptqonnx.models.export import export_causal_lm
 
-    res = export_causal_lm(args.source, args.output, kv_cache=not args.no_kv_cache)
+    res = export_causal_lm(args.source, args.output, kv_cache=not args.no_kv_cache, dtype=args.dtype)
     print(f"exported {args.source} -> {res.model_path}" + (f" and {res.kv_model_path}" if res.kv_model_path else ""))
 
 
@@ -204,7 +250,7 @@ def _cmd_compile(args) -> None:
     recipe, calib = _compile_recipe(args)
     report = compile_model(
         args.model, args.output, recipe, calibration=calib, stats=args.stats, verify_ort=not args.no_verify,
-        progress=lambda line: print(line, file=sys.stderr, flush=True), force=args.force,
+        progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)), force=args.force,
     )
     for line in report.lines(all_skips=args.verbose > 0):
         print(line)
@@ -260,11 +306,12 @@ def _cmd_eval(args) -> None:
                          seq_len=args.seq_len, max_windows=args.max_windows)
     if len(models) > 1:
         lines = compare_models(models, windows=inputs, seq_len=args.seq_len, rounds=args.rounds,
-                               threads=args.threads).lines()
+                               threads=args.threads, provider=args.provider).lines()
     elif args.reference:
-        lines = output_similarity(models[0], args.reference, inputs, threads=args.threads).lines()
+        lines = output_similarity(models[0], args.reference, inputs, threads=args.threads,
+                                  provider=args.provider).lines()
     else:
-        res = perplexity(models[0], inputs, threads=args.threads)
+        res = perplexity(models[0], inputs, threads=args.threads, provider=args.provider)
         lines = [f"perplexity {res.ppl:.4f} over {res.tokens_evaluated} tokens "
                  f"({res.windows} windows x {args.seq_len})"]
     print("\n".join(lines))
@@ -279,16 +326,19 @@ def _cmd_bench(args) -> None:
         raise UserError("--kv is for one model; with --compare list the KV-cache exports themselves (decode is "
                         "measured when every model has a cache)")
     if len(models) > 1:
-        res = compare_models(models, seq_len=args.seq_len, rounds=args.repeats, threads=args.threads)
+        res = compare_models(models, seq_len=args.seq_len, rounds=args.repeats, threads=args.threads,
+                             provider=args.provider)
         print("\n".join(res.lines()))
         return
     for path in models + ([args.kv] if args.kv else []):
         if not path.is_file():
             raise UserError(f"model file not found: {path}; pass the path of an .onnx file")
-    pre = bench_prefill(models[0], seq_len=args.seq_len, repeats=args.repeats, threads=args.threads)
+    pre = bench_prefill(models[0], seq_len=args.seq_len, repeats=args.repeats, threads=args.threads,
+                        provider=args.provider)
     print(f"prefill 1x{args.seq_len}: {pre.describe()}")
     if args.kv:
-        print(f"decode: {bench_decode(args.kv, repeats=args.repeats, threads=args.threads).describe('ms/token')}")
+        dec = bench_decode(args.kv, repeats=args.repeats, threads=args.threads, provider=args.provider)
+        print(f"decode: {dec.describe('ms/token')}")
 
 
 def _cmd_inspect(args) -> None:
@@ -298,9 +348,65 @@ def _cmd_inspect(args) -> None:
     print(info.to_json() if args.json else "\n".join(info.lines()))
 
 
+def _cmd_check(args) -> int:
+    import dataclasses
+    import json
+
+    from ptqonnx.check import check_model, errors, format_findings
+    from ptqonnx.io import load_model
+    from ptqonnx.runtime.tensorrt import build_engine, parse_onnx, tensorrt_available
+
+    if args.build and args.target != "tensorrt":
+        raise UserError("--build builds a TensorRT engine: use it with --target tensorrt")
+    findings = check_model(load_model(args.model), args.target)
+    trt: dict | None = None
+    if args.target == "tensorrt" and tensorrt_available():
+        if args.build:
+            built = build_engine(args.model)
+            trt = {"parsed": built.parse.ok, "built": built.ok, "errors": list(built.parse.errors + built.errors)}
+        else:
+            parsed = parse_onnx(args.model)
+            trt = {"parsed": parsed.ok, "errors": list(parsed.errors)}
+    bad = errors(findings)
+    failed = bool(bad) or (trt is not None and not (trt.get("built", trt["parsed"])))
+    if args.json:
+        print(json.dumps({"target": args.target, "findings": [dataclasses.asdict(f) for f in findings],
+                          "tensorrt_rtx": trt, "ok": not failed}, indent=2))
+        return 1 if failed else 0
+    for line in format_findings(findings):
+        print(line)
+    print(f"{args.model}: {len(bad)} errors, {len(findings) - len(bad)} warnings under the {args.target} rules")
+    if args.target == "tensorrt":
+        if trt is None:
+            print("TensorRT-RTX is not installed: no real parse (pip install 'ptqonnx[trt-check]')")
+        else:
+            what = "parse and ahead-of-time build" if args.build else "parse"
+            print(f"TensorRT-RTX {what}: " + ("ok" if not trt["errors"] and trt.get("built", trt["parsed"])
+                                             else "failed"))
+            for line in trt["errors"]:
+                print(f"  {line}")
+    return 1 if failed else 0
+
+
+def _cmd_build_engine(args) -> int:
+    from ptqonnx.runtime.tensorrt import build_engine
+
+    res = build_engine(args.model, args.output, batch=args.batch, sequence=args.sequence,
+                       compute_capabilities=args.compute_capability)
+    if not res.ok:
+        for line in res.parse.errors + res.errors:
+            print(f"  {line}", file=sys.stderr)
+        raise UserError(f"TensorRT-RTX could not {'build' if res.parse.ok else 'parse'} {args.model}"
+                        f" ({len(res.parse.errors + res.errors)} errors above); nothing was written")
+    print(f"built {res.plan_path} ({res.plan_bytes / 2**20:.1f} MiB) in {res.seconds:.1f} s; profile "
+          + ", ".join(f"{n} {r.min}..{r.max}" for n, r in res.profile.items()))
+    return 0
+
+
 _COMMANDS = {
     "export": _cmd_export, "compile": _cmd_compile, "calibrate": _cmd_calibrate,
     "eval": _cmd_eval, "bench": _cmd_bench, "inspect": _cmd_inspect, "quickstart": _cmd_quickstart,
+    "check": _cmd_check, "build-engine": _cmd_build_engine,
 }
 
 
@@ -315,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with cleanup_on_signal():  # SIGINT/SIGTERM: temporary files removed, one line, exit 128 + signal
-            _COMMANDS[args.command](args)
+            rc = _COMMANDS[args.command](args)
     except UserError as exc:
         print(f"ptqonnx {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -334,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `ptqonnx inspect ... | head`
         sys.stderr.close()
         return 0
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ __all__ = [
 
 WEIGHT_BITS = (3, 4, 8)
 FORMATS = ("matmulnbits", "qdq")
-TARGETS = ("tensorrt", "ort-cpu")
+TARGETS = ("tensorrt", "ort-cpu", "ort-cuda")  # W8A8: tensorrt, ort-cpu; weight-only: all three
+TRT_INT4_BLOCKS = (64, 128)  # TensorRT's blocked INT4 weights (TensorRT docs, Working with Quantized Types)
 CALIB_RANGES = ("minmax", "percentile")
 ACT_SCALES = ("static", "dynamic")
+W8A8_QTYPES = ("int8", "fp8")
 AUTO = "auto"  # group_size: 128 for 3/4 bits, per output channel for 8
 ROTATIONS = ("random_hadamard", "hadamard", "random_orthogonal")  # ptqonnx.numerics.rotation.ROTATION_KINDS
 
@@ -226,8 +228,11 @@ class WeightStage(StageConfig):
     scales: str = option(
         AUTO, "symmetric grid's scales: signed (ONNX Runtime's grid, its quantizer's bytes: the block's signed "
         "extreme on code -2^(b-1), so some scales are negative) or positive (what TensorRT accepts: "
-        "max(-min/2^(b-1), max/(2^(b-1)-1))); auto: positive for W8A8 --target tensorrt, else signed",
+        "max(-min/2^(b-1), max/(2^(b-1)-1))); auto: positive for --target tensorrt, else signed",
         flag="--scales", choices=(AUTO, "signed", "positive"))
+
+    fp8: bool = option(False, "FLOAT8 E4M3 codes per output channel instead of an integer grid (set by the w8a8 "
+                       "stage's qtype fp8)")
 
     @property
     def positive_scales(self) -> bool:
@@ -393,6 +398,8 @@ class W8A8Config(StageConfig):
         0, "a layer whose median token would get fewer INT8 levels than this under its per-tensor static scale "
         "(a few tokens, e.g. an attention sink, set the range) keeps float activations and INT8 weights; 0: "
         "quantize every layer's activations (the default)", flag="--min-levels", metavar="N")
+    qtype: str = option("int8", "int8, or fp8: FLOAT8 E4M3 weights (per output channel) and activations (per tensor, "
+                        "static) for TensorRT on Hopper/Ada GPUs", flag="--w8a8-type", choices=W8A8_QTYPES)
     dynamic_layers: tuple[str, ...] = option(
         (), "with static scales, give this layer dynamic ones instead (a node or weight name, '*' allowed, e.g. "
         "'*down_proj*'; --target ort-cpu; repeat the flag for more)", flag="--dynamic-layers", metavar="PATTERN",
@@ -409,6 +416,13 @@ class W8A8Config(StageConfig):
                 raise ConfigError(f"{{0}} must be in (50, 100], got {self.percentile}", self.ref("percentile"))
         elif self.calib_range == "percentile":
             object.__setattr__(self, "percentile", self.DEFAULT_PERCENTILE)
+        if self.qtype == "fp8":
+            if self.act_scales == "dynamic" or self.dynamic_layers:
+                raise ConfigError("{0} fp8 takes static per-tensor activation scales: drop {1} dynamic / {2}",
+                                  self.ref("qtype"), self.ref("act_scales"), self.ref("dynamic_layers"))
+            if self.min_levels:
+                raise ConfigError("{0} counts INT8 levels; FP8's relative step does not depend on the range: drop it "
+                                  "with {1} fp8", self.ref("min_levels"), self.ref("qtype"))
         if self.act_scales == "dynamic":
             if self.dynamic_layers:
                 raise ConfigError("{0} picks layers within {1} static; with {1} dynamic every layer is dynamic "
@@ -481,9 +495,12 @@ class Recipe:
     """
 
     stages: tuple[StageConfig, ...]
-    target: str | None = option(None, "tensorrt: symmetric int8 activations; ort-cpu: asymmetric uint8 "
-                                "activations (W8A8)", flag="--target", choices=TARGETS,
-                                default_help="tensorrt with --w8a8")
+    target: str | None = option(None, "the runtime the output is for; it sets the form and refuses what that "
+                                "runtime cannot run. W8A8: tensorrt (symmetric int8 activations, positive scales) or "
+                                "ort-cpu (asymmetric uint8 activations); weight-only: tensorrt (INT4/INT8 "
+                                "DequantizeLinear+MatMul, positive scales, blocks of 64/128), ort-cpu or ort-cuda "
+                                "(MatMulNBits)", flag="--target", choices=TARGETS,
+                                default_help="tensorrt with --w8a8, none for weight-only (the form --format says)")
     format: str | None = option(None, "com.microsoft MatMulNBits (ONNX Runtime) or DequantizeLinear+MatMul "
                                 "(TensorRT, opset 21)", flag="--format", choices=FORMATS,
                                 default_help="matmulnbits; qdq with --w8a8")
@@ -609,13 +626,39 @@ class Recipe:
                                   "only (TensorRT INT8 takes static per-tensor scales): set {0} ort-cpu, or drop "
                                   "{1} dynamic / {2}", ref("target"), w8a8.ref("act_scales"),
                                   w8a8.ref("dynamic_layers"))
+            if target == "ort-cuda":
+                raise ConfigError("W8A8 targets tensorrt or ort-cpu ({0} ort-cuda is for weight-only MatMulNBits)",
+                                  ref("target"))
+            if w8a8.qtype == "fp8":
+                if target != "tensorrt":
+                    raise ConfigError("FP8 W8A8 is for TensorRT (ONNX Runtime's CPU EP has no FP8 GEMM: it would "
+                                      "dequantize to float): set {0} tensorrt, or drop {1} fp8", ref("target"),
+                                      w8a8.ref("qtype"))
+                if not isinstance(w, RtnConfig):
+                    raise ConfigError(f"{{0}} fp8 rounds weights to nearest (GPTQ's error feedback runs on the "
+                                      f"integer grid): use rtn or smoothquant weights, not {w.stage}",
+                                      w8a8.ref("qtype"))
+                if w.scales == "signed":
+                    raise ConfigError("FP8 scales are positive (max|w| / 448): drop {0}", w.ref("scales"))
+                w = dataclasses.replace(w, fp8=True, scales="positive")
+                object.__setattr__(self, "stages", tuple(w if s.kind == "weights" else s for s in self.stages))
+            elif w.fp8:
+                raise ConfigError("{0} is set by {1} fp8; drop it", w.ref("fp8"), w8a8.ref("qtype"))
             object.__setattr__(self, "target", target)
             object.__setattr__(self, "format", "qdq")
         else:
-            if self.target is not None:
-                raise ConfigError("{0} applies to W8A8 ({1}); for weight-only output pick the form with {2}",
-                                  ref("target"), FieldRef(W8A8Config.stage, ""), ref("format"))
-            fmt = self.format or "matmulnbits"
+            if w.fp8:
+                raise ConfigError("{0} goes with FP8 activations: add {1} with qtype fp8 (--w8a8 --w8a8-type fp8)",
+                                  w.ref("fp8"), FieldRef(W8A8Config.stage, ""))
+            if self.target == "tensorrt":
+                self._tensorrt_weight_only(w)
+            elif self.target == "ort-cuda" and self.accuracy_level is not None:
+                raise ConfigError("{0} is an ONNX Runtime CPU knob (the CUDA MatMulNBits kernel ignores it): drop it "
+                                  "with {1} ort-cuda", ref("accuracy_level"), ref("target"))
+            elif self.target is not None and self.format == "qdq":
+                raise ConfigError(f"{{0}} {self.target} runs MatMulNBits; drop {{1}} qdq (or set {{0}} tensorrt)",
+                                  ref("target"), ref("format"))
+            fmt = self.format or ("qdq" if self.target == "tensorrt" else "matmulnbits")
             object.__setattr__(self, "format", fmt)
             if self.accuracy_level is not None and fmt != "matmulnbits":
                 raise ConfigError("{0} applies to {1} matmulnbits only", ref("accuracy_level"), ref("format"))
@@ -626,12 +669,43 @@ class Recipe:
                 raise ConfigError("{0} quantizes embeddings blockwise (GatherBlockQuantized), and 8-bit weights "
                                   "default to per channel: set {1} (e.g. 128)", ref("quantize_embeddings"),
                                   w.ref("group_size"))
-        if awq is not None and w.scales == "positive":
-            raise ConfigError("awq searches its scales and clipping on ONNX Runtime's signed grid: drop {0}",
-                              w.ref("scales"))
-        if w.scales == AUTO and w8a8 is not None and self.target == "tensorrt" and w.symmetric:
+        if w.scales == "signed" and self.target == "tensorrt":
+            raise ConfigError("TensorRT refuses negative scales (\"Scale coefficients must all be positive\"): drop "
+                              "{0} signed with {1} tensorrt", w.ref("scales"), ref("target"))
+        if w.scales == AUTO and self.target == "tensorrt" and w.symmetric:
+            if awq is not None:
+                raise ConfigError("awq searches its scales and clipping on ONNX Runtime's signed grid, which "
+                                  "TensorRT refuses: use gptq or rtn with {0} tensorrt", ref("target"))
             resolved = dataclasses.replace(w, scales="positive")  # auto elsewhere reads as signed
             object.__setattr__(self, "stages", tuple(resolved if s is w else s for s in self.stages))
+        if awq is not None and self.weights.scales == "positive":
+            raise ConfigError("awq searches its scales and clipping on ONNX Runtime's signed grid: drop {0}",
+                              w.ref("scales"))
+
+
+    def _tensorrt_weight_only(self, w: WeightStage) -> None:
+        """Weight-only for TensorRT: symmetric INT4 blocked by 64/128 or INT8 per channel, as DequantizeLinear on
+        constant weights (TensorRT has no MatMulNBits, no zero points, no other block sizes)."""
+        ref = lambda name: FieldRef("", name)  # noqa: E731
+        if self.format == "matmulnbits":
+            raise ConfigError("TensorRT has no MatMulNBits (a com.microsoft op): drop {0} matmulnbits with {1} "
+                              "tensorrt, or set {1} ort-cpu / ort-cuda", ref("format"), ref("target"))
+        if not w.symmetric:
+            raise ConfigError("TensorRT's INT4/INT8 weights are symmetric (no zero point): drop {0} with {1} "
+                              "tensorrt", w.ref("symmetric"), ref("target"))
+        if w.bits == 8 and w.group_size is not None:
+            raise ConfigError("TensorRT takes INT8 weights per output channel, not blocked: set {0} 0 with {1} "
+                              "tensorrt", w.ref("group_size"), ref("target"))
+        if w.bits < 8 and w.group_size not in TRT_INT4_BLOCKS:
+            raise ConfigError(f"TensorRT blocks INT4 weights by {' or '.join(map(str, TRT_INT4_BLOCKS))}: set {{0}} "
+                              f"64 or 128 with {{1}} tensorrt (got {w.group_size})", w.ref("group_size"),
+                              ref("target"))
+        if self.accuracy_level is not None:
+            raise ConfigError("{0} is a MatMulNBits knob: drop it with {1} tensorrt", ref("accuracy_level"),
+                              ref("target"))
+        if self.quantize_embeddings:
+            raise ConfigError("{0} writes GatherBlockQuantized (a com.microsoft op TensorRT lacks): drop it with {1} "
+                              "tensorrt", ref("quantize_embeddings"), ref("target"))
 
 
 def as_recipe(config: Recipe | StageConfig | list | tuple, **options: Any) -> Recipe:

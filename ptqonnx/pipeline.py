@@ -82,6 +82,11 @@ def _select_sites(sites: list[LinearSite], recipe: Recipe) -> tuple[list[LinearS
 def _check_model(model: ir.Model, recipe: Recipe, sites: list[LinearSite]) -> tuple[list[LinearSite], list[Skip]]:
     """Refuse an already-quantized model (unless only its float layers are asked for) and NaN/Inf weights
     (unless asked to leave those layers float), before any work."""
+    from ptqonnx.graph.dtype import low_float_type
+
+    if low_float_type(model) == ir.DataType.BFLOAT16:
+        raise UserError("the model computes in bfloat16, which ONNX Runtime's CPU build cannot run (calibration and "
+                        "the output checks run there); export or convert it to float16 or float32 first")
     quantized = describe_quantized(model)
     if quantized and not recipe.only_float_layers:
         rest = (f"pass --only-float-layers (only_float_layers) to quantize its {len(sites)} float layers and keep the "
@@ -97,6 +102,36 @@ def _check_model(model: ir.Model, recipe: Recipe, sites: list[LinearSite]) -> tu
     logger.warning("%d layers have NaN/Inf weights and stay in float: %s", len(bad), ", ".join(s.name for s in bad[:5]))
     names = {s.name for s in bad}
     return [s for s in sites if s.name not in names], [Skip(s.name, s.node.op_type, NONFINITE_REASON) for s in bad]
+
+
+def _check_tensorrt_blocks(sites: list[LinearSite], group: int | None) -> None:
+    """TensorRT infers a weight's block from the shapes (K / number of scales), so a K that the block does not
+    divide would be read with another block (a silent miscompute) or refused: say so before any work."""
+    ragged = [s for s in sites if group is not None and s.K > group and s.K % group]
+    if ragged:
+        fits = [b for b in (128, 64, 32, 16) if all(s.K <= b or s.K % b == 0 for s in sites)]
+        fix = f"set --group-size {fits[0]}" if fits and fits[0] in (64, 128) else "use --target ort-cpu"
+        raise UserError(f"{len(ragged)} layers have K not a multiple of the block {group} (e.g. {ragged[0].name}: "
+                        f"K={ragged[0].K}), which TensorRT cannot read; {fix}, or --exclude those layers")
+
+
+def _check_target(model: ir.Model, target: str) -> list[str]:
+    """The target's rules (`ptqonnx.check`) on the lowered graph: an error refuses the output (nothing is
+    written), warnings come back as report notes."""
+    from ptqonnx.check import check_model, errors, format_findings
+
+    findings = check_model(model, target)
+    bad = errors(findings)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"the output breaks a {target} rule: {format_findings(bad)[0]}{more}; nothing was written "
+                        f"(`ptqonnx check --target {target}` on a written model lists every rule)")
+    warned = sorted({f.rule for f in findings})
+    if warned:
+        logger.info("%s rules: %d warnings: %s", target, len(findings), "; ".join(format_findings(findings)[:5]))
+        return [f"{target} checker: {len(findings)} warnings ({', '.join(warned)}); `ptqonnx check --target {target} "
+                "OUTPUT` lists them"]
+    return []
 
 
 def _check_requirements(recipe: Recipe) -> None:
@@ -134,7 +169,7 @@ def _lowering_passes(recipe: Recipe, plan: dict, act: ActivationResult | None) -
     dynamic = act.dynamic if act is not None else frozenset()
     static = {name: p for name, p in plan.items() if name not in dynamic}
     passes: list = [LowerToMatMulNBitsPass(static, recipe.accuracy_level) if recipe.format == "matmulnbits"
-                    else LowerToQdqPass(static)]
+                    else LowerToQdqPass(static, blocked_4bit=recipe.target == "tensorrt")]
     if act is not None:
         passes.append(QuantizeActivationsPass(act.grids))
         if dynamic:
@@ -253,8 +288,12 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         if not (cfg.kind == "weights" and driven) and not cfg.before_statistics:
             _run_stage(spec, cfg, ctx, report, skipped)
 
+    if recipe.target == "tensorrt" and recipe.w8a8 is None:
+        _check_tensorrt_blocks(ctx.sites, recipe.weights.group_size)
     passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), ctx.activations)
     run_passes(passes, model)
+    if recipe.target is not None:
+        report.notes += _check_target(model, recipe.target)
     report.quantized = [s.name for s in ctx.sites]
     report.skipped = skipped
     if emb is not None:

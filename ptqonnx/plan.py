@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptqonnx.graph import LinearSite
-from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight
+from ptqonnx.numerics.quant import QuantizedWeight, quantize_weight, quantize_weight_fp8
 from ptqonnx.config import GptqConfig, WeightStage
 
 __all__ = [
@@ -54,6 +54,8 @@ def rtn_solver(cfg: WeightStage, clip_ratios: Mapping[str, np.ndarray] | None = 
     ranges first (AWQ's clipping, `quantize_weight(clip_ratio=...)`)."""
 
     def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
+        if cfg.fp8:
+            return quantize_weight_fp8(w)
         ratio = 1.0 if clip_ratios is None else clip_ratios.get(site.name, 1.0)
         return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric, ratio, cfg.positive_scales)
 

@@ -105,6 +105,7 @@ class RotationSummary(StageSummary):
 @dataclass(frozen=True)
 class W8A8Summary(StageSummary):
     target: str = ""
+    qtype: str = "int8"
     static_layers: int = 0
     dynamic_layers: int = 0
     bmm_nodes: int = 0
@@ -115,7 +116,8 @@ class W8A8Summary(StageSummary):
     def lines(self) -> list[str]:
         dyn = f", {self.dynamic_layers} dynamic per row and block" if self.dynamic_layers else ""
         bmm = f", {self.bmm_nodes} attention MatMuls" if self.bmm_nodes else ""
-        out = [f"W8A8 ({self.target}): activations of {self.static_layers} layers static per tensor{dyn}{bmm}; "
+        kind = "FP8 E4M3 " if self.qtype == "fp8" else ""
+        out = [f"{kind}W8A8 ({self.target}): activations of {self.static_layers} layers static per tensor{dyn}{bmm}; "
                f"calibration {self.calibration}"]
         if self.weight_only:
             out.append(f"W8A8: {len(self.weight_only)} layers saw all-zero calibration inputs and keep float "

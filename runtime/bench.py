@@ -185,10 +185,11 @@ def prefill_runner(
     opt_level: str = "all",
     seed: int = 0,
     config: dict[str, str] | None = None,
+    provider: str = "cpu",
 ) -> tuple[Callable[[], float], int]:
     """A zero-argument callable running one prefill and returning its ms, and the session's thread count
-    (`config`: more ORT session options)."""
-    sess = make_session(model_path, opt_level=opt_level, threads=threads, config=config)
+    (`config`: more ORT session options; `provider`: cpu, cuda or tensorrt)."""
+    sess = make_session(model_path, opt_level=opt_level, threads=threads, config=config, provider=provider)
     feeds = ModelFeeds(sess, batch, seed)
     feed = feeds.build(feeds.tokens(seq_len), feeds.empty_past())
     fetch = [feeds.outputs[0]] if not feeds.past else None  # a KV model must still produce its presents
@@ -210,10 +211,11 @@ def decode_runner(
     threads: int | None = None,
     opt_level: str = "all",
     seed: int = 0,
+    provider: str = "cpu",
 ) -> tuple[Callable[[], float], int]:
     """A callable decoding `new_tokens` after a `past_len`-token prefill (done once, up front), returning the
     median ms per decoded token; and the session's thread count."""
-    sess = make_session(model_kv_path, opt_level=opt_level, threads=threads)
+    sess = make_session(model_kv_path, opt_level=opt_level, threads=threads, provider=provider)
     feeds = ModelFeeds(sess, batch, seed)
     if not feeds.past:
         raise UserError(
@@ -248,10 +250,11 @@ def bench_prefill(
     threads: int | None = None,
     opt_level: str = "all",
     seed: int = 0,
+    provider: str = "cpu",
 ) -> BenchResult:
     """Prefill latency of a model taking `input_ids` [batch, seq_len] (ms per forward)."""
     run, n_threads = prefill_runner(
-        model_path, seq_len=seq_len, batch=batch, threads=threads, opt_level=opt_level, seed=seed
+        model_path, seq_len=seq_len, batch=batch, threads=threads, opt_level=opt_level, seed=seed, provider=provider
     )
     return _repeat(run, warmup, repeats, n_threads)
 
@@ -267,6 +270,7 @@ def bench_decode(
     threads: int | None = None,
     opt_level: str = "all",
     seed: int = 0,
+    provider: str = "cpu",
 ) -> BenchResult:
     """Decode latency of a KV-cache model (ms per token); each run is the median over `new_tokens` steps."""
     run, n_threads = decode_runner(
@@ -277,6 +281,7 @@ def bench_decode(
         threads=threads,
         opt_level=opt_level,
         seed=seed,
+        provider=provider,
     )
     return _repeat(run, warmup, repeats, n_threads)
 

@@ -123,10 +123,11 @@ def _run(session, names: list[str], feed: Mapping[str, np.ndarray]) -> list[np.n
 
 def output_similarity(
     model: str | Path, reference: str | Path, inputs: np.ndarray | Feeds, *, threads: int | None = None,
+    provider: str = "cpu",
 ) -> SimilarityResult:
     """Cosine similarity of `model`'s outputs to `reference`'s on the same inputs (token windows or feeds),
     for every output name the two share; mean and min over samples."""
-    sess, ref = (make_session(p, threads=threads) for p in (model, reference))
+    sess, ref = (make_session(p, threads=threads, provider=provider) for p in (model, reference))
     names = [o.name for o in sess.get_outputs()]
     shared = [n for n in names if n in {o.name for o in ref.get_outputs()}]
     if not shared:
@@ -217,6 +218,7 @@ def compare_models(
     threads: int | None = None,
     past_len: int = 512,
     new_tokens: int = 32,
+    provider: str = "cpu",
 ) -> CompareResult:
     """One table for `paths` (the first is the baseline): size, quality on `windows` if given (perplexity on
     token windows when every model has logits, else cosine to the first model's outputs, e.g. encoders or
@@ -235,13 +237,14 @@ def compare_models(
     tokens = None
     if windows is not None:
         if isinstance(windows, np.ndarray) and all(any(o.name == "logits" for o in i.outputs) for i in infos):
-            results = [perplexity(p, windows, threads=threads) for p in paths]
+            results = [perplexity(p, windows, threads=threads, provider=provider) for p in paths]
             ppl, tokens = [r.ppl for r in results], results[0].tokens_evaluated
         else:
-            cos = [output_similarity(p, paths[0], windows, threads=threads).outputs[0] for p in paths]
+            cos = [output_similarity(p, paths[0], windows, threads=threads, provider=provider).outputs[0]
+                   for p in paths]
     runners, n_threads = {}, 1
     for label, p in zip(labels, paths):
-        runners[label], n_threads = prefill_runner(p, seq_len=seq_len, threads=threads)
+        runners[label], n_threads = prefill_runner(p, seq_len=seq_len, threads=threads, provider=provider)
     pre = interleaved(runners, rounds=rounds)
     del runners
     dec, note = None, None
@@ -251,7 +254,8 @@ def compare_models(
         note = (f"decode not measured: no KV cache in {', '.join(no_cache)} (compare the KV-cache exports, "
                 "model_kv.onnx, for decode)")
     else:
-        dec = interleaved({label: decode_runner(p, past_len=past_len, new_tokens=new_tokens, threads=threads)[0]
+        dec = interleaved({label: decode_runner(p, past_len=past_len, new_tokens=new_tokens, threads=threads,
+                                                provider=provider)[0]
                            for label, p in zip(labels, paths)}, rounds=rounds)
     rows = tuple(
         CompareRow(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ptqonnx.errors import UserError, require_module
 
-__all__ = ["OPT_LEVELS", "GAP_TOLERANCE", "PRECISE_INT8", "UNFUSED_INT8", "explain_gap", "make_session",
-           "optimization_gap", "session_threads"]
+__all__ = ["OPT_LEVELS", "GAP_TOLERANCE", "PRECISE_INT8", "PROVIDERS", "UNFUSED_INT8", "explain_gap", "make_session",
+           "optimization_gap", "provider_names", "session_threads"]
 
 # max relative output difference allowed between ORT_DISABLE_ALL and ORT_ENABLE_ALL on a probe input: fusions
 # that change the arithmetic by design are held exact (QDQ->MatMulNBits at accuracy level 0), so a gap above
@@ -35,6 +35,36 @@ OPT_LEVELS = {
 }
 
 
+# --provider -> the execution providers a session asks for, in priority order (TensorRT's EP hands what it cannot
+# run to CUDA's); never the CPU EP for a GPU provider: session.disable_cpu_ep_fallback makes a node no GPU EP
+# takes a load error instead of a silent CPU run
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider",),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+}
+
+
+def provider_names(provider: str) -> list[str]:
+    """The ORT provider names for `provider` (cpu, cuda, tensorrt), or a UserError saying what to install."""
+    ort = require_module("onnxruntime", "test")
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    names = list(PROVIDERS[provider])
+    have = ort.get_available_providers()
+    if names[0] not in have:
+        from importlib import metadata
+
+        installed = {d.metadata["Name"].lower() for d in metadata.distributions() if d.metadata["Name"]}
+        hint = ("both onnxruntime and onnxruntime-gpu are installed and the CPU build shadows the GPU one: pip "
+                "uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+                if {"onnxruntime", "onnxruntime-gpu"} <= installed else
+                "install onnxruntime-gpu (pip install -e \".[gpu]\") on a machine with a GPU, or use --provider cpu")
+        raise UserError(f"--provider {provider}: this ONNX Runtime has no {names[0]} (it has {', '.join(have)}); "
+                        f"{hint}")
+    return names
+
+
 def make_session(
     model: str | Path | bytes,
     *,
@@ -42,14 +72,20 @@ def make_session(
     threads: int | None = None,
     providers: list[str] | None = None,
     config: dict[str, str] | None = None,
+    provider: str = "cpu",
 ):
-    """An InferenceSession at `opt_level` (default: ORT's default, ORT_ENABLE_ALL).
+    """An InferenceSession at `opt_level` (default: ORT's default, ORT_ENABLE_ALL) on `provider` (cpu, cuda,
+    tensorrt: `PROVIDERS`; a GPU provider never falls back to the CPU EP), or on `providers` as given.
 
     `model` is a path (external data next to it is found by ORT) or serialized ModelProto bytes.
     """
     ort = require_module("onnxruntime", "test")
     if opt_level not in OPT_LEVELS:
         raise UserError(f"unknown optimization level {opt_level!r}; use one of {sorted(OPT_LEVELS)}")
+    if providers is None:
+        providers = provider_names(provider)
+        if provider != "cpu":
+            config = {**(config or {}), "session.disable_cpu_ep_fallback": "1"}
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
     so.log_severity_level = 3
@@ -60,10 +96,13 @@ def make_session(
         so.inter_op_num_threads = 1
     src = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, so, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for invalid models
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"ONNX Runtime could not load the model: {first}") from None
+    if providers != ["CPUExecutionProvider"]:
+        logger.info("ONNX Runtime session on %s", ", ".join(sess.get_providers()))
+    return sess
 
 
 def session_threads(session) -> int:

@@ -61,11 +61,12 @@ def perplexity(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     config: dict[str, str] | None = None,
+    provider: str = "cpu",
 ) -> PerplexityResult:
     """exp(mean NLL) of `windows` (int64 [n, seq], e.g. from `ptqonnx.text.eval_windows`).
 
     `progress(done, total)` is called after each window; `config`: ORT session options (e.g.
-    `runtime.ort.PRECISE_INT8`).
+    `runtime.ort.PRECISE_INT8`); `provider`: cpu, cuda or tensorrt (`runtime.ort.PROVIDERS`).
     """
     w = np.asarray(windows)
     if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2:
@@ -80,7 +81,7 @@ def perplexity(
     if not path.is_file():
         raise UserError(f"model not found: {path}; pass the model.onnx that `ptqonnx export` wrote")
 
-    session = make_session(path, opt_level=opt_level, threads=threads, config=config)
+    session = make_session(path, opt_level=opt_level, threads=threads, config=config, provider=provider)
     outputs = [o.name for o in session.get_outputs()]
     if "logits" not in outputs:
         raise UserError(

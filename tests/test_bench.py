@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -209,3 +210,48 @@ def test_cli_refusals_are_one_line(prefill_model, kv_model, capsys, args, match)
     assert main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py is only run where a GPU is lent; this keeps it working: with --device cpu on a
+    small random model it compares cpu with cpu (identical outputs) and writes its table and JSON."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "gpu_check.md"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--model", "tiny", "--hidden", "64",
+                           "--layers", "2", "--windows", "2", "--calib", "4", "--seq-len", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    by = {r["check"]: r for r in data["rows"]}
+    for method in ("gptq", "awq"):
+        row = by[f"{method} --device cpu vs cpu"]
+        assert row["ok"] is True and row["ppl_device"] == row["ppl_cpu"] and row["logits_rel_diff"] == 0.0
+    assert "| gptq --device cpu vs cpu |" in out.read_text()
+
+
+def test_a_missing_gpu_provider_is_one_line_never_a_silent_cpu_run(tmp_path, capsys):
+    import onnxruntime as ort
+
+    from ptqonnx.cli import main
+    from ptqonnx.runtime.ort import make_session
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has ONNX Runtime's CUDA EP")
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1, N] input_ids) => (float[1, N] logits) { logits = Cast<to = 1>(input_ids) }"""), str(path))
+    np.savez(tmp_path / "x.npz", input_ids=np.zeros((2, 1, 4), np.int64))
+    for cmd in (["bench", str(path), "--provider", "cuda"], ["eval", str(path), "--provider", "tensorrt",
+                                                             "--reference", str(path), "--inputs-npz",
+                                                             str(tmp_path / "x.npz")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "this ONNX Runtime has no" in err[0] and "onnxruntime-gpu" in err[0], err
+    assert make_session(path, provider="cpu").get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="unknown provider 'rocm'"):
+        make_session(path, provider="rocm")

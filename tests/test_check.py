@@ -296,3 +296,74 @@ def test_format_and_errors():
 def test_unknown_target():
     with pytest.raises(ValueError, match="unknown target 'trt'"):
         check_model(to_ir(FP16_W8), "trt")
+
+
+# -- the checker in `compile --target` and on the command line ---------------------------------------------
+
+
+def _linear_file(tmp_path, k: int, n: int = 64):
+    from graphs import linear_model, save
+
+    return save(linear_model(k, n)[0], tmp_path / f"lin{k}.onnx")
+
+
+def test_compile_for_tensorrt_writes_blocked_positive_int4_that_passes(tmp_path):
+    """Weight-only --target tensorrt: INT4 DequantizeLinear blocked along K (block_size = K where K fits one
+    block, not per channel), positive scales, no zero point; the checker finds nothing."""
+    from ptqonnx.cli import main
+
+    for k in (64, 256):
+        out = tmp_path / f"q{k}.onnx"
+        assert main(["-q", "compile", str(_linear_file(tmp_path, k)), "--target", "tensorrt", "-o", str(out)]) == 0
+        model = ir.load(str(out))
+        dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+        assert dq.attributes["block_size"].value == min(k, 128) and dq.attributes["axis"].value == 0
+        assert len(dq.inputs) == 2 and (dq.inputs[1].const_value.numpy() > 0).all()
+        assert dq.inputs[0].const_value.dtype == ir.DataType.INT4
+        assert check_model(model, "tensorrt") == []
+
+
+def test_compile_for_tensorrt_refuses_a_k_the_block_does_not_divide(tmp_path, capsys):
+    from ptqonnx.cli import main
+
+    src = _linear_file(tmp_path, 192)  # 192 = 1.5 blocks of 128: TensorRT would read blocks of 96
+    assert main(["compile", str(src), "--target", "tensorrt", "-o", str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "K not a multiple of the block 128 (e.g. node: K=192)" in err[0]
+    assert "set --group-size 64" in err[0] and not (tmp_path / "q.onnx").exists()
+    assert main(["-q", "compile", str(src), "--target", "tensorrt", "--group-size", "64",
+                 "-o", str(tmp_path / "q.onnx")]) == 0
+
+
+def test_a_broken_target_rule_refuses_the_output_and_warnings_become_notes(tmp_path, monkeypatch):
+    import ptqonnx.check
+    from ptqonnx.config import RtnConfig
+    from ptqonnx.errors import UserError
+    from ptqonnx.pipeline import compile_model
+
+    src = _linear_file(tmp_path, 128)
+    rep = compile_model(src, tmp_path / "cuda.onnx", ptqonnx.config.Recipe((RtnConfig(),), target="ort-cuda"))
+    assert any("ort-cuda checker: 1 warnings (mnb-cuda-fp32)" in n for n in rep.notes), rep.notes
+    broken = Finding("trt-scale-positive", "error", "w_dq", "a negative scale", "NvInfer.h")
+    monkeypatch.setattr(ptqonnx.check, "check_model", lambda model, target: [broken])
+    with pytest.raises(UserError, match="the output breaks a tensorrt rule: error trt-scale-positive at w_dq"):
+        compile_model(src, tmp_path / "trt.onnx", ptqonnx.config.Recipe((RtnConfig(),), target="tensorrt"))
+    assert not (tmp_path / "trt.onnx").exists()
+
+
+def test_check_command(tmp_path, capsys):
+    import json
+
+    from ptqonnx.cli import main
+
+    mnb = tmp_path / "mnb.onnx"
+    assert main(["-q", "compile", str(_linear_file(tmp_path, 128)), "-o", str(mnb)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(mnb), "--target", "ort-cpu"]) == 0
+    assert "0 errors, 0 warnings under the ort-cpu rules" in capsys.readouterr().out
+    assert main(["check", str(mnb), "--target", "tensorrt", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and [f["rule"] for f in report["findings"]] == ["trt-domain"]
+    assert main(["check", str(mnb), "--target", "ort-cpu", "--build"]) == 2
+    assert "--build builds a TensorRT engine" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "missing.onnx"), "--target", "ort-cpu"]) == 2

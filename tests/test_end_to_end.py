@@ -103,6 +103,26 @@ def test_cli_flow_on_tiny_export(tmp_path, tiny_export, capsys):
     assert code == 2 and "shorter than one window" in err
 
 
+def test_cli_verbosity_and_version(tmp_path, tiny_export, capsys):
+    """--version; -v / -q after the subcommand as before it; -q silences the per-block progress lines."""
+    with pytest.raises(SystemExit) as exc:
+        _cli(capsys, "--version")
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("ptqonnx ")
+    text = tmp_path / "t.txt"
+    from ptqonnx.models.tiny import tiny_corpus
+
+    text.write_text(" ".join(tiny_corpus(300, seed=5)))
+    args = ("compile", tiny_export / "model.onnx", "--method", "gptq", "--calib-text", text, "--calib-samples", "4",
+            "--calib-seq-len", "32", "-o", tmp_path / "g.onnx", "--force")
+    code, _, err = _cli(capsys, *args)
+    assert code == 0 and "GPTQ block 4/7, stage 2/2" in err  # gate/up then down_proj: stages say which
+    for quiet in (("-q", *args), (*args, "-q")):
+        code, out, err = _cli(capsys, *quiet)
+        assert code == 0 and "GPTQ block" not in err and "wrote" in out
+    code, out, _ = _cli(capsys, *args, "-v")
+    assert code == 0 and "-v lists all" not in out  # every skip listed
+
+
 # --- the real model ------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -383,14 +383,16 @@ def test_tiny_llama_without_gqa_smooths_o_proj_through_v_proj(tmp_path, tiny_mha
     src = tiny_mha_export / "model.onnx"
     ref = run(src, {"input_ids": ids})[0]
     bmm_scales = {}
-    # on ORT's signed weight grid, as this bound was set (the positive TensorRT grid, one level fewer on some
-    # rows, gives 0.209 / 0.096 for smooth / rtn here vs 0.186 / 0.095: this tiny model amplifies any change)
-    grid = dict(scales="signed")
+    # the bound was 0.2 when this ran on ORT's signed weight grid (measured 0.186 / 0.095 for smooth / rtn);
+    # --target tensorrt now refuses that grid (TensorRT: "Scale coefficients must all be positive"), and the
+    # positive grid it writes, one level fewer on some rows, measures 0.209 / 0.096 on this tiny model (which
+    # amplifies any change): the bound is re-based on the grid TensorRT runs, 0.25
+    grid = dict(target="tensorrt")
     for name, cfg in {"smooth": _w8a8(quantize_bmm=True, **grid),
                       "rtn": _w8a8("rtn", quantize_bmm=True, **grid)}.items():
         with caplog.at_level(logging.INFO, logger="ptqonnx.methods"):
             rep = compile_model(src, tmp_path / f"{name}.onnx", cfg, calibration=calib)
-        assert len(rep.quantized) == 14 and _rel(_loads_and_runs(rep.output_path, {"input_ids": ids})[0], ref) < 0.2
+        assert len(rep.quantized) == 14 and _rel(_loads_and_runs(rep.output_path, {"input_ids": ids})[0], ref) < 0.25
         bmm_scales[name] = _pv_input_scales(rep.output_path)
     assert "smoothquant: 8 groups (8 folded, 0 with an inserted Mul)" in caplog.text
     for (k_s, v_s), (k_r, v_r) in zip(bmm_scales["smooth"], bmm_scales["rtn"], strict=True):

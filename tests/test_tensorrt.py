@@ -109,6 +109,9 @@ def test_tiny_llama_compile_outputs(tmp_path, tiny_export):
         "qdq-int4-positive": ["--method", "rtn", "--format", "qdq", "--scales", "positive"],
         "qdq-int4-asym": ["--method", "rtn", "--format", "qdq", "--asym"],
         "matmulnbits": ["--method", "rtn"],
+        "w8a8-fp8-tensorrt": ["--method", "smoothquant", "--w8a8", "--w8a8-type", "fp8", *calib],
+        "weight-only-tensorrt-rtn": ["--method", "rtn", "--target", "tensorrt"],
+        "weight-only-tensorrt-gptq": ["--method", "gptq", "--target", "tensorrt", *calib],
     }
     report = {}
     for name, flags in variants.items():
@@ -130,8 +133,28 @@ def test_tiny_llama_compile_outputs(tmp_path, tiny_export):
     # the signed grid builds too, since TensorRT-RTX 1.7 lets INT4 through while NvInfer.h requires positive
     assert report["w8a8-tensorrt"] == ((), []), report["w8a8-tensorrt"]
     assert report["qdq-int4-positive"] == ((), []), report["qdq-int4-positive"]
+    for name in ("w8a8-fp8-tensorrt", "weight-only-tensorrt-rtn", "weight-only-tensorrt-gptq"):  # nothing to flag
+        assert report[name] == ((), []) and check_model(ir.load(str(tmp_path / f"{name}.onnx")), "tensorrt") == []
     assert "Non-zero zero point is not supported" in report["w8a8-ort-cpu"][0][0]
     assert {"trt-qdq-type", "trt-zero-point"} <= set(report["w8a8-ort-cpu"][1])
     assert "Failed to import initializer" in report["qdq-int4-asym"][0][0]
     assert report["matmulnbits"][1] == ["trt-domain"]
     assert "MatMulNBits" in report["matmulnbits"][0][0]
+
+
+def test_check_and_build_engine_commands(tmp_path, capsys):
+    """`ptqonnx check --target tensorrt --build` runs the rules and TensorRT-RTX; `build-engine` writes the plan
+    atomically, and a model TensorRT cannot parse is one error line (exit 2) with nothing written."""
+    from ptqonnx.cli import main
+
+    good = _file(tmp_path, COMPLIANT["int8 per-channel weight + per-tensor activation"][0], "good.onnx")
+    bad = _file(tmp_path, linear(64, 32, W8, _neg(S8), act=ACT8), "bad.onnx")
+    assert main(["check", str(good), "--target", "tensorrt", "--build"]) == 0
+    assert "TensorRT-RTX parse and ahead-of-time build: ok" in capsys.readouterr().out
+    assert main(["check", str(bad), "--target", "tensorrt"]) == 1
+    out = capsys.readouterr().out
+    assert "error trt-scale-positive at w_dq" in out and "Scale coefficients must all be positive" in out
+    assert main(["build-engine", str(good), "-o", str(tmp_path / "e" / "good.plan"), "--sequence", "1,8,64"]) == 0
+    assert (tmp_path / "e" / "good.plan").stat().st_size > 0 and "built" in capsys.readouterr().out
+    assert main(["build-engine", str(bad), "-o", str(tmp_path / "bad.plan")]) == 2
+    assert "TensorRT-RTX could not parse" in capsys.readouterr().err and not (tmp_path / "bad.plan").exists()

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 LAYERNORM_REASON = ("LayerNorm subtracts the mean, which does not commute with a rotation (SliceGPT's "
                     "construction would be needed; not implemented)")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 _FUSED_NORMS = {"SimplifiedLayerNormalization": ONNX_DOMAINS + ("com.microsoft",), "RMSNormalization": ONNX_DOMAINS}
 
 
@@ -131,9 +132,17 @@ def _rms_of(x: ir.Value, square: ir.Node) -> tuple[ir.Node, ir.Value] | Refusal:
     return Refusal(f"{_who(sqrt)}: x is not divided by the root mean square (not an RMSNorm)")
 
 
-def _norm(x: ir.Value, node: ir.Node, hidden: int,
-          sites: dict[int, LinearSite]) -> tuple[StreamNorm, set[int]] | Refusal:
-    """The RMSNorm starting at `node` (a reader of x) and the ids of its nodes reading x."""
+def _float_cast(value: ir.Value) -> ir.Node | None:
+    """The Cast to a float type that is `value`'s only reader (fp16 models' norms compute in float32)."""
+    node = _sole_consumer(value, ("Cast",))
+    return node if node is not None and attr(node, "to", 0) in _FLOAT_TYPES else None
+
+
+def _norm(x: ir.Value, node: ir.Node, hidden: int, sites: dict[int, LinearSite],
+          stream: ir.Value | None = None) -> tuple[StreamNorm, set[int]] | Refusal:
+    """The RMSNorm starting at `node` (a reader of x) and the ids of its nodes reading x. `stream`: the stream
+    value when x is its float cast (the norm is then Cast -> RMSNorm -> Cast [-> Mul γ], as transformers writes
+    it for fp16 and bf16 models: casts commute with the rotation)."""
     reads = {id(node)}
     if node.op_type in _FUSED_NORMS and node.domain in _FUSED_NORMS[node.op_type]:
         if node.inputs[0] is not x or attr(node, "axis", -1) not in (-1, len(x.shape or ()) - 1):
@@ -149,6 +158,9 @@ def _norm(x: ir.Value, node: ir.Node, hidden: int,
         divide, out = found
         reads.add(id(divide))
         gamma_ref = None
+        back = _float_cast(out)
+        if back is not None:
+            out = back.outputs[0]
         mul = _sole_consumer(out, ("Mul",))
         if mul is not None:  # γ: x / rms(x) ⊙ γ
             gamma_ref, out = ConstRef(mul, 1 if mul.inputs[0] is out else 0, -1), mul.outputs[0]
@@ -162,7 +174,7 @@ def _norm(x: ir.Value, node: ir.Node, hidden: int,
         if site is None or idx != 0 or site.K != hidden:
             return Refusal(f"norm output {out.name} is read by {_who(user)}, not a linear layer")
         readers.append(site)
-    return StreamNorm(x, out, gamma_ref, tuple(readers)), reads
+    return StreamNorm(stream if stream is not None else x, out, gamma_ref, tuple(readers)), reads
 
 
 def _writer(add: ir.Node, x: ir.Value, hidden: int, sites: dict[int, LinearSite]) -> StreamWriter | Refusal:
@@ -186,6 +198,30 @@ def _writer(add: ir.Node, x: ir.Value, hidden: int, sites: dict[int, LinearSite]
     return StreamWriter(site, bias, add)
 
 
+def _starts_norm(u: ir.Node, x: ir.Value) -> bool:
+    """Whether reader `u` of x starts an RMSNorm (x², or a fused norm op)."""
+    return u.op_type in ("Pow", "Mul") and u.domain in ONNX_DOMAINS and (
+        u.op_type == "Pow" and u.inputs[0] is x and _const_equals(u.inputs[1], 2.0)
+        or u.op_type == "Mul" and u.inputs[0] is x and u.inputs[1] is x) \
+        or u.op_type in _FUSED_NORMS and u.domain in _FUSED_NORMS[u.op_type]
+
+
+def _cast_norm(x: ir.Value, cast: ir.Node, hidden: int,
+               sites: dict[int, LinearSite]) -> tuple[StreamNorm, set[int]] | Refusal | None:
+    """The RMSNorm computed on Cast(x) (None when the cast does not feed a norm); every reader of the cast
+    must belong to the norm."""
+    xc = cast.outputs[0]
+    if xc.is_graph_output():
+        return None
+    start = next((u for u, _ in xc.uses() if _starts_norm(u, xc)), None)
+    if start is None:
+        return None
+    found = _norm(xc, start, hidden, sites, stream=x)
+    if found and any(id(u) not in found[1] for u, _ in xc.uses()):
+        return Refusal(f"the float cast {xc.name} of stream value {x.name} is read outside its norm")
+    return found
+
+
 def _walk(gather: ir.Node, sites: dict[int, LinearSite], max_steps: int) -> ResidualStream | Refusal:
     hidden = int(gather.inputs[0].const_value.shape[1])
     x = gather.outputs[0]
@@ -196,15 +232,20 @@ def _walk(gather: ir.Node, sites: dict[int, LinearSite], max_steps: int) -> Resi
         users = list({id(u): u for u, _ in x.uses()}.values())  # Mul(x, x) reads x twice
         covered: set[int] = set()
         for u in users:  # norms first: a decomposed RMSNorm reads x twice
-            if u.op_type in ("Pow", "Mul") and u.domain in ONNX_DOMAINS and (
-                    u.op_type == "Pow" and u.inputs[0] is x and _const_equals(u.inputs[1], 2.0)
-                    or u.op_type == "Mul" and u.inputs[0] is x and u.inputs[1] is x) \
-                    or u.op_type in _FUSED_NORMS and u.domain in _FUSED_NORMS[u.op_type]:
+            if _starts_norm(u, x):
                 found = _norm(x, u, hidden, sites)
                 if not found:
                     return found
                 norms.append(found[0])
                 covered |= found[1]
+            elif u.op_type == "Cast" and u.domain in ONNX_DOMAINS and attr(u, "to", 0) in _FLOAT_TYPES:
+                found = _cast_norm(x, u, hidden, sites)
+                if found is None:
+                    continue  # not a norm: refused below as an unknown reader
+                if not found:
+                    return found
+                norms.append(found[0])
+                covered |= found[1] | {id(u)}
         nxt = None
         for u in users:
             if id(u) in covered:

@@ -74,7 +74,8 @@ def run_gptq(ctx: MethodContext, cfg: GptqConfig) -> MethodResult:
         def on_stage(block, stage, seconds):
             shown = ", ".join(f"{s.weight_name} {losses[s.weight_name]:.4g}" if s.weight_name in losses else
                               f"{s.weight_name} RTN ({fallback.get(s.name)})" for s in stage.sites)
-            ctx.say(f"GPTQ block {block.index + 1}/{len(blocks)} ({seconds:.1f} s) loss: {shown}")
+            part = f", stage {block.stages.index(stage) + 1}/{len(block.stages)}" if len(block.stages) > 1 else ""
+            ctx.say(f"GPTQ block {block.index + 1}/{len(blocks)}{part} ({seconds:.1f} s) loss: {shown}")
 
         feeds = ctx.feeds()
         run_sequential(ctx.model, blocks, feeds, solve_stage, progress=on_stage)

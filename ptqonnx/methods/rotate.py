@@ -15,7 +15,7 @@ import logging
 from ptqonnx.config import RotateConfig
 from ptqonnx.errors import UserError
 from ptqonnx.methods.base import MethodContext, MethodResult
-from ptqonnx.methods.folding import max_relative_error, model_outputs
+from ptqonnx.methods.folding import check_rewrite, model_outputs, rewrite_tolerance
 from ptqonnx.passes import run_passes
 from ptqonnx.registry import register_method
 from ptqonnx.report import RotationSummary
@@ -36,6 +36,7 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
 
     feeds = ctx.check_feeds()
     before = model_outputs(ctx.model, feeds)
+    tol = rewrite_tolerance(ctx.model, feeds, before, ROTATE_TOLERANCE, "rotate")
     fold, r1 = FoldNormGammaPass(), RotateResidualPass(cfg.rotation, cfg.seed)
     run_passes([fold], ctx.model)
     if fold.refusal is not None:
@@ -46,10 +47,7 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
     r2 = RotateValueHeadsPass(cfg.rotation, cfg.seed + 1) if cfg.heads else None
     r4 = OnlineHadamardPass() if cfg.online else None
     run_passes([p for p in (r2, r4) if p is not None], ctx.model)
-    err = max_relative_error(before, model_outputs(ctx.model, feeds))
-    if not err <= ROTATE_TOLERANCE:
-        raise RuntimeError(f"internal error: the float model changed when rotated (max relative output error "
-                           f"{err:.3g} > {ROTATE_TOLERANCE:g} on {len(feeds)} feeds); nothing was written")
+    err = check_rewrite(before, model_outputs(ctx.model, feeds), tol, "it was rotated", len(feeds))
     skipped = tuple((r2.skipped if r2 else []) + (r4.skipped if r4 else []))
     summary = RotationSummary(cfg.stage, rotation=cfg.rotation, residual=True, heads=len(r2.rotated) if r2 else 0,
                               online=len(r4.rotated) if r4 else 0, untied_bytes=fold.untied_bytes,

@@ -29,7 +29,8 @@ from ptqonnx.config import SmoothQuantConfig, W8A8Config, matches_any
 from ptqonnx.errors import UserError
 from ptqonnx.graph import LinearSite, Skip
 from ptqonnx.methods.base import ActivationResult, MethodContext, MethodResult
-from ptqonnx.numerics.smoothquant import ActivationQParams, activation_scale, percentile_absmax, percentile_range
+from ptqonnx.numerics.smoothquant import ActivationQParams, activation_scale, activation_scale_fp8, percentile_absmax, \
+    percentile_range
 from ptqonnx.registry import register_method
 from ptqonnx.report import W8A8Summary
 
@@ -43,6 +44,10 @@ DYNAMIC_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations quantized per row an
 
 def activation_grid(stats: TensorStats, cfg: W8A8Config, symmetric: bool) -> ActivationQParams:
     """The per-tensor grid of one (maybe rescaled) activation from its statistics."""
+    if cfg.qtype == "fp8":  # symmetric by nature: the range's larger end at ±448
+        a = percentile_absmax(stats.sample, cfg.percentile) if cfg.calib_range == "percentile" \
+            else float(stats.absmax.max())
+        return activation_scale_fp8(a)
     if cfg.calib_range == "percentile":
         if symmetric:
             a = percentile_absmax(stats.sample, cfg.percentile)
@@ -141,7 +146,7 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
         grids[n.name] = {i: activation_grid(stats[n.inputs[i].name], cfg, symmetric) for i in (0, 1)}
     logger.info("W8A8 activations: %d layers static per tensor (QDQ), %d dynamic per row and block "
                 "(MatMulNBits int8)", len(static), len(dynamic))
-    summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "",
+    summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "", qtype=cfg.qtype,
                           static_layers=len(static) - len(fallback) - len(outliers), dynamic_layers=len(dynamic),
                           bmm_nodes=len(bmm), calibration=ctx.stats_origin, weight_only=tuple(fallback),
                           token_outliers=outliers)

@@ -48,6 +48,9 @@ __all__ = [
     "quantize_with_qparams",
     "quantize_weight",
     "dequantize_weight",
+    "FP8_E4M3_MAX",
+    "quantize_fp8",
+    "quantize_weight_fp8",
     "fake_quantize",
 ]
 
@@ -64,6 +67,7 @@ class QuantizedWeight:
     bits: int
     block_size: int
     symmetric: bool
+    fp8: bool = False  # q holds FLOAT8 E4M3FN values (ml_dtypes.float8_e4m3fn), zero point 0, one block per row
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -198,6 +202,30 @@ def quantize_weight(
         q=np.ascontiguousarray(q), scale=scale, zero_point=zero_point, bits=bits,
         block_size=bs, symmetric=symmetric,
     )
+
+
+FP8_E4M3_MAX = 448.0  # largest finite FLOAT8 E4M3FN value
+
+
+def quantize_fp8(x: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+    """ONNX QuantizeLinear to FLOAT8E4M3FN with saturate=1: x / scale in float32, saturated to ±448, rounded to
+    nearest even; ml_dtypes.float8_e4m3fn values."""
+    import ml_dtypes
+
+    y = np.asarray(x, np.float32) / np.asarray(scale, np.float32)
+    return np.clip(y, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def quantize_weight_fp8(w: np.ndarray) -> QuantizedWeight:
+    """FP8 E4M3 per output channel: s = max|w_row| / 448 (1 for an all-zero row), codes e4m3(w / s)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {w.shape}")
+    n, k = w.shape
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(FP8_E4M3_MAX), 1.0).astype(np.float32)
+    return QuantizedWeight(q=np.ascontiguousarray(quantize_fp8(w, scale)), scale=scale,
+                           zero_point=np.zeros((n, 1), np.uint8), bits=8, block_size=k, symmetric=True, fp8=True)
 
 
 def dequantize_weight(qw: QuantizedWeight) -> np.ndarray:

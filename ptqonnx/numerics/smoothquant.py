@@ -49,6 +49,7 @@ __all__ = [
     "percentile_absmax",
     "percentile_range",
     "fake_quantize_activation",
+    "activation_scale_fp8",
     "fake_quantize_activation_dynamic",
     "w8a8_group_error",
     "auto_alpha",
@@ -60,11 +61,13 @@ DEFAULT_ALPHA_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 @dataclass(frozen=True)
 class ActivationQParams:
-    """A per-tensor activation grid: INT8 when `signed` (zero point 0 if symmetric), else UINT8."""
+    """A per-tensor activation grid: INT8 when `signed` (zero point 0 if symmetric), else UINT8; FP8 E4M3 with
+    `fp8` (signed, zero point 0)."""
 
     scale: float
     zero_point: int
     signed: bool
+    fp8: bool = False  # FLOAT8 E4M3FN codes (zero point 0, saturating at ±448 · scale)
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.scale) and self.scale > 0):
@@ -122,6 +125,13 @@ def activation_scale(lo: float, hi: float, symmetric: bool = True) -> Activation
     return ActivationQParams(scale, zp, False)
 
 
+def activation_scale_fp8(amax: float) -> ActivationQParams:
+    """The per-tensor FP8 E4M3 grid holding [-amax, amax]: scale amax / 448."""
+    from ptqonnx.numerics.quant import FP8_E4M3_MAX
+
+    return ActivationQParams(float(np.float32(amax / FP8_E4M3_MAX)) if amax > 0 else 1.0, 0, True, fp8=True)
+
+
 def _check_p(p: float) -> None:
     if not 0.0 < p <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {p}")
@@ -143,6 +153,10 @@ def percentile_range(sample: np.ndarray, p: float) -> tuple[float, float]:
 def fake_quantize_activation(x: np.ndarray, qp: ActivationQParams) -> np.ndarray:
     """DequantizeLinear(QuantizeLinear(x)) exactly as ONNX specifies it (round half to even), float32."""
     scale = np.float32(qp.scale)
+    if qp.fp8:
+        from ptqonnx.numerics.quant import quantize_fp8
+
+        return (quantize_fp8(x, scale).astype(np.float32) * scale).astype(np.float32)
     q = np.clip(np.rint(np.asarray(x, np.float32) / scale) + qp.zero_point, qp.qmin, qp.qmax)
     return ((q - qp.zero_point) * scale).astype(np.float32)
 

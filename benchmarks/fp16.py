@@ -1,0 +1,79 @@
+"""fp16 models in: SmolLM2-135M exported in float16 (`ptqonnx export smollm2 --dtype float16`) compiled with each
+method, next to the same method on the float32 export; perplexity, size and prefill on ORT CPU.
+
+    python benchmarks/fp16.py [--work benchmarks/work] [--windows 40] [--rounds 3] [--calib 32] [--reuse]
+
+The fp16 outputs keep fp16 activations and scales (the consumer's dtype); the question is whether anything is
+lost by quantizing the fp16 model instead of the fp32 one (issue: perplexity within 1 % of the fp32 output's).
+Prefill on the CPU EP is a side note: x86 CPUs have no fp16 GEMM in ORT, fp16 graphs are for GPUs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (CALIB_TEXT, Row, arg_parser, ensure_export, evaluate, header, our_row, prefill_latency,
+                    prepare, size, write_section)
+
+
+def main() -> None:
+    args = arg_parser(__doc__, calib=32, reuse=True).parse_args()
+    mdir, q, _ = prepare(args, "fp16")
+    m16, _ = ensure_export(args.work, kv_cache=False, dtype="float16")
+
+    calib = dict(text=str(CALIB_TEXT), samples=args.calib)
+    g128 = dict(bits=4, group_size=128, symmetric=True)
+    w8 = dict(bits=8, group_size=None, symmetric=True, format="qdq")
+    ours = [  # label, settings, spec
+        ("RTN W4 g128 sym", "no calibration", dict(weights=g128)),
+        ("GPTQ W4 g128 sym", f"act-order, sequential, {args.calib} windows", dict(method="gptq", weights=g128,
+                                                                              calib=calib)),
+        ("AWQ W4 g128 sym", f"scales + clip, sequential, {args.calib} windows", dict(method="awq", weights=g128,
+                                                                                 calib=calib)),
+        ("RTN W4 g128 sym --rotate", "R1+R2+R4, no calibration", dict(weights=g128, rotate=True)),
+        ("SmoothQuant W8A8 tensorrt", f"alpha 0.5, static per-tensor, {args.calib} windows",
+         dict(method="smoothquant", weights=w8, w8a8=dict(target="tensorrt"), smoothquant=dict(alpha=0.5),
+              calib=calib)),
+    ]
+    fp32 = Row("FP32", "-", "float32 export", mdir / "model.onnx")
+    fp16 = Row("FP16", "-", "float16 export", m16 / "model.onnx")
+    rows, pairs = [fp32, fp16], [(fp32, fp16)]
+    for i, (label, settings, spec) in enumerate(ours):
+        pair = []
+        for src, tag in ((fp32, "fp32"), (fp16, "fp16")):
+            row = our_row(args, f"{label}, {tag} in", settings, q / f"{tag}_{i}.onnx", src.path, **spec)
+            rows.append(row)
+            pair.append(row)
+        pairs.append(tuple(pair))
+    windows = evaluate(rows, mdir, args.windows)
+    lat, threads = prefill_latency(rows, args.rounds)
+
+    lines = header("fp16 models in: SmolLM2-135M-Instruct exported in float16, each method vs the float32 export",
+                   "fp16.py", threads, windows, args.rounds)
+    lines += ["Both exports come from the same weights (`ptqonnx export smollm2 [--dtype float16]`); the fp16 graph "
+              "keeps transformers' float32 RMSNorm and softmax inside. Each method runs with the same settings on "
+              "both; the fp16 outputs keep fp16 activations, scales and logits. ORT CPU has no fp16 GEMM on x86, so "
+              "the fp16 prefill column says nothing about a GPU.", "",
+              "| model | settings | perplexity, fp32 in | perplexity, fp16 in | fp16 vs fp32 | size MiB fp32 / fp16 "
+              "| prefill vs FP32, fp32 / fp16 in |", "|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        label = a.label.removesuffix(", fp32 in") if a is not fp32 else "float (no quantization)"
+        if a.ppl is None or b.ppl is None:
+            lines.append(f"| {label} | {a.settings} | {a.ppl or a.note or 'not run'} | {b.ppl or b.note or 'not run'} "
+                         "| | | |")
+            continue
+        rel = (b.ppl - a.ppl) / a.ppl
+        lines.append(f"| {label} | {a.settings} | {a.ppl:.4f} | {b.ppl:.4f} | {rel:+.2%} | "
+                     f"{size(a.path) / 2**20:.1f} / {size(b.path) / 2**20:.1f} | "
+                     f"{lat.ratios.get(a.label, float('nan')):.2f}x / {lat.ratios.get(b.label, float('nan')):.2f}x |")
+    q_s = ", ".join(f"{r.label} {r.quant_s:.0f} s" for r in rows[2:] if r.quant_s is not None and not r.note)
+    lines += ["", f"Quantize time: {q_s}."]
+    print("\n".join(lines))
+    write_section("fp16", lines)
+
+
+if __name__ == "__main__":
+    main()
