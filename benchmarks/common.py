@@ -270,6 +270,14 @@ def prefill_latency(rows: list[Row], rounds: int):
     return interleaved(runners, rounds=rounds), threads
 
 
+def evaluate_and_time(rows: list[Row], mdir: Path, args: argparse.Namespace, title: str, script: str):
+    """Perplexity of every row on the shared windows (`evaluate`), their prefill latency interleaved
+    (`prefill_latency`), and the table's preamble (`header`): (windows, latency, lines)."""
+    windows = evaluate(rows, mdir, args.windows)
+    lat, threads = prefill_latency(rows, args.rounds)
+    return windows, lat, header(title, script, threads, windows, args.rounds)
+
+
 def size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

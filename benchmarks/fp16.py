@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CALIB_TEXT, Row, arg_parser, ensure_export, evaluate, header, our_row, prefill_latency,
-                    prepare, size, write_section)
+from common import CALIB_TEXT, Row, arg_parser, ensure_export, evaluate_and_time, our_row, prepare, size, \
+    write_section
 
 
 def main() -> None:
@@ -48,11 +48,9 @@ def main() -> None:
             rows.append(row)
             pair.append(row)
         pairs.append(tuple(pair))
-    windows = evaluate(rows, mdir, args.windows)
-    lat, threads = prefill_latency(rows, args.rounds)
-
-    lines = header("fp16 models in: SmolLM2-135M-Instruct exported in float16, each method vs the float32 export",
-                   "fp16.py", threads, windows, args.rounds)
+    _, lat, lines = evaluate_and_time(
+        rows, mdir, args, "fp16 models in: SmolLM2-135M-Instruct exported in float16, each method vs the float32 "
+        "export", "fp16.py")
     lines += ["Both exports come from the same weights (`ptqonnx export smollm2 [--dtype float16]`); the fp16 graph "
               "keeps transformers' float32 RMSNorm and softmax inside. Each method runs with the same settings on "
               "both; the fp16 outputs keep fp16 activations, scales and logits. ORT CPU has no fp16 GEMM on x86, so "

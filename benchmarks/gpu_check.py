@@ -145,7 +145,8 @@ def main(argv=None) -> int:
                 dev, dev_s = _compile(src, work / f"{method}_dev.onnx", method, args.device, calib_file, args)
                 ppl_dev = perplexity(dev, windows).ppl
                 ids = windows[:1]
-                rel = _rel(_logits(dev, ids, ["CPUExecutionProvider"])[0], _logits(cpu, ids, ["CPUExecutionProvider"])[0])
+                cpu_ep = ["CPUExecutionProvider"]
+                rel = _rel(_logits(dev, ids, cpu_ep)[0], _logits(cpu, ids, cpu_ep)[0])
                 row.update(device_s=dev_s, ppl_device=ppl_dev, logits_rel_diff=rel,
                            ok=abs(ppl_dev - row["ppl_cpu"]) / row["ppl_cpu"] <= TOLERANCE,
                            detail=f"quantize {cpu_s:.1f} s on cpu, {dev_s:.1f} s on {args.device}")
@@ -181,7 +182,8 @@ def main(argv=None) -> int:
         "# GPU check",
         "",
         f"Produced by `python benchmarks/gpu_check.py --device {args.device}` on {datetime.date.today().isoformat()}: "
-        f"GPU {gpu}, torch {torch.__version__}, onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}.",
+        f"GPU {gpu}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
+        f"{platform.processor() or platform.machine()}.",
         f"Model: {model_name} (export {export_s:.0f} s); perplexity on {len(windows)} windows x {args.seq_len}, "
         f"ORT CPU EP; {args.calib} calibration windows; W4 g128 symmetric. Pass: |ppl(device) - ppl(cpu)| / "
         f"ppl(cpu) <= {TOLERANCE:.1%}.",

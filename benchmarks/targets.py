@@ -20,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CALIB_TEXT, Row, arg_parser, evaluate, header, our_row, prefill_latency, prepare, size, \
-    write_section
+from common import CALIB_TEXT, Row, arg_parser, evaluate_and_time, our_row, prepare, size, write_section
 
 
 def _check(path: Path, target: str) -> str:
@@ -77,16 +76,14 @@ def main() -> None:
     for i, (label, target, settings, spec) in enumerate(ours):
         rows.append(our_row(args, label, settings, q / f"t{i}.onnx", fp32.path, **spec))
         targets[label] = target
-    windows = evaluate(rows, mdir, args.windows)
-    lat, threads = prefill_latency(rows, args.rounds)
-
-    lines = header("Targets: SmolLM2-135M-Instruct for ORT CPU and TensorRT, checked by each target's rules",
-                   "targets.py", threads, windows, args.rounds)
+    _, lat, lines = evaluate_and_time(
+        rows, mdir, args, "Targets: SmolLM2-135M-Instruct for ORT CPU and TensorRT, checked by each target's rules",
+        "targets.py")
     lines += ["Every output is written by `ptqonnx compile ... --target T`, which runs T's rules before writing; the "
               "check column re-runs them (`ptqonnx check --target T`) and, for TensorRT, TensorRT-RTX's parser on "
               "the CPU. Prefill is ORT CPU for every row (the TensorRT form's DequantizeLinear + MatMul is not what "
-              "ORT CPU runs fast; FP8 runs there as DequantizeLinear + float MatMul). The LM head is quantized in every "
-              "weight-only row and stays float in the W8A8 rows.", "",
+              "ORT CPU runs fast; FP8 runs there as DequantizeLinear + float MatMul). The LM head is quantized in "
+              "every weight-only row and stays float in the W8A8 rows.", "",
               "| model | settings | perplexity | delta vs FP32 | size MiB | prefill vs FP32 | target check |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:

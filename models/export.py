@@ -100,8 +100,8 @@ class ExportResult:
 
 
 EXPORT_DTYPES = ("float32", "float16")  # bfloat16: ONNX Runtime's CPU build has no bf16 Where/MatMul to verify it
-# ORT against torch on the export example, relative to the logit scale: fp32 agrees to rounding; fp16/bf16
-# kernels accumulate differently (tiny LLaMA fp16: 1.4e-3)
+# ORT against torch on the export example, relative to the logit scale: fp32 agrees to rounding; fp16 kernels
+# accumulate differently (tiny LLaMA fp16: 1.4e-3)
 _VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
 
 
@@ -119,7 +119,7 @@ def export_causal_lm(
     Files are written into a temporary folder beside `out_dir` and moved in at the end, so an
     interrupted export never leaves a half-written model. With `verify`, `model.onnx` is run in
     ONNX Runtime on the example input and compared with the torch logits (`max_abs_diff`). `dtype`
-    ("float32", "float16" or "bfloat16") is the float type the exported graph computes in (as optimum's
+    (`EXPORT_DTYPES`: "float32" or "float16") is the float type the exported graph computes in (as optimum's
     `--dtype`): the weights are cast before tracing, so norms and softmax keep transformers' own float32 upcasts.
     bfloat16 is refused: ONNX Runtime's CPU build cannot run (so cannot verify or calibrate) a bf16 graph.
     """

@@ -17,8 +17,9 @@ Placement: one QuantizeLinear per activation tensor, shared by all its quantized
 Q), and one DequantizeLinear per consumer (the node-unit form ORT's QDQ selectors match without first
 duplicating a shared DQ). The zero point is an initializer of the code type (int8 / uint8) and no
 `output_dtype` attribute is written, so Q's output type always equals its zero point's type (ORT refuses a
-mismatch at load); FP8 grids get a FLOAT8E4M3FN zero point 0 (opset >= 19). Scales are stored in the activation's float type. Requires opset >= 13 (per-axis
-DequantizeLinear for the weights, QuantizeLinear with a typed zero point).
+mismatch at load); FP8 grids get a FLOAT8E4M3FN zero point 0 (opset >= 19). Scales are stored in the
+activation's float type. Requires opset >= 13 (per-axis DequantizeLinear for the weights, QuantizeLinear with
+a typed zero point).
 
 `select_w8a8_sites` decides what is quantized: GEMV-shaped layers (a static 1 in the activation's
 second-to-last dim, or N or K == 1) and the LM head stay float unless asked; attention batch matmuls (both

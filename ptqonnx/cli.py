@@ -1,4 +1,5 @@
-"""Command line: `ptqonnx export | compile | calibrate | eval | bench | inspect | check | build-engine | quickstart`.
+"""Command line: `ptqonnx export | compile | calibrate | eval | bench | inspect | check | build-engine |
+quickstart`.
 
 The only module that configures logging and prints. Every user error is one line on stderr and exit 2.
 """
@@ -49,7 +50,9 @@ def _shape_range(text: str) -> tuple[int, int, int]:
 
 
 def _provider_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+    from ptqonnx.runtime.ort import PROVIDERS
+
+    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
                    help="ONNX Runtime execution provider (default cpu); cuda/tensorrt need onnxruntime-gpu and never "
                         "fall back to the CPU (a node they cannot run is an error)")
 
@@ -73,19 +76,22 @@ def _method_help(classes: list) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ptqonnx", description="ONNX post-training quantization compiler")
     from ptqonnx import __version__
+    from ptqonnx.check import TARGETS as CHECK_TARGETS
 
+    parser = _Parser(prog="ptqonnx", description="ONNX post-training quantization compiler")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: per node)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress lines)")
     parser.add_argument("--version", action="version", version=f"ptqonnx {__version__}")
     # -v / -q also after the subcommand (`ptqonnx compile -v ...`); SUPPRESS keeps the top-level value otherwise
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("export", parents=[common], help="export a causal LM (the real default `smollm2`, or a HF folder) to ONNX")
+    p = sub.add_parser("export", parents=[common],
+                       help="export a causal LM (the real default `smollm2`, or a HF folder) to ONNX")
     p.add_argument("source", help="`smollm2` or a local Hugging Face causal-LM folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--no-kv-cache", action="store_true", help="skip the KV-cache variant (model_kv.onnx)")
@@ -113,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     _TABLES["config"] = add_config_flags(p, classes)
     _TABLES["calib"] = add_calibration_flags(p)
 
-    p = sub.add_parser("calibrate", parents=[common], help="collect activation statistics of the linear layers to an .npz "
-                       "(reused by `compile --stats`)")
+    p = sub.add_parser("calibrate", parents=[common], help="collect activation statistics of the linear layers to an "
+                       ".npz (reused by `compile --stats`)")
     p.add_argument("model", type=Path, help="the ONNX model to calibrate")
     p.add_argument("-o", "--output", type=Path, required=True, help="statistics .npz")
     p.add_argument("--hessian", action="store_true", help="also accumulate X^T X (GPTQ's Hessian, for gptq "
@@ -124,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "smoothed --target ort-cpu)")
     _TABLES["calib"] = add_calibration_flags(p)
 
-    p = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM (with or without KV cache); cosine similarity to "
-                       "a reference (--reference, e.g. encoders); or one table for several models (--compare)")
+    p = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM (with or without KV cache); cosine "
+                       "similarity to a reference (--reference, e.g. encoders); or one table for several models "
+                       "(--compare)")
     p.add_argument("model", type=Path, nargs="?", help="the model (with --compare: the baseline, listed first)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--text", type=Path, help="text file (read whole, tokenized once, cut into windows)")
@@ -140,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive(int), default=10, help="--compare: interleaved latency rounds (10)")
     _provider_flag(p)
 
-    p = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency: prefill (and per-token decode with --kv or KV models)")
+    p = sub.add_parser("bench", parents=[common],
+                       help="ONNX Runtime latency: prefill (and per-token decode with --kv or KV models)")
     p.add_argument("model", type=Path, nargs="?", help="input_ids -> logits model (with --compare: the baseline)")
     p.add_argument("--kv", type=Path, help="the KV-cache variant, for per-token decode latency")
     p.add_argument("--compare", type=Path, nargs="+", metavar="MODEL",
@@ -150,20 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive(int), help="ORT intra-op threads (default: all cores)")
     _provider_flag(p)
 
-    p = sub.add_parser("inspect", parents=[common], help="what a model is and how it is quantized (ours or another tool's)")
+    p = sub.add_parser("inspect", parents=[common],
+                       help="what a model is and how it is quantized (ours or another tool's)")
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print the description as JSON")
 
-    p = sub.add_parser("check", parents=[common], help="a model against a runtime's rules (TensorRT, ORT CUDA, ORT CPU), each citing "
-                       "its source; for tensorrt also TensorRT-RTX's own parser where it is installed")
+    p = sub.add_parser("check", parents=[common], help="a model against a runtime's rules (TensorRT, ORT CUDA, ORT "
+                       "CPU), each citing its source; for tensorrt also TensorRT-RTX's own parser where it is "
+                       "installed")
     p.add_argument("model", type=Path, help="the ONNX model to check")
-    p.add_argument("--target", required=True, choices=("tensorrt", "ort-cuda", "ort-cpu"), help="the runtime")
+    p.add_argument("--target", required=True, choices=CHECK_TARGETS, help="the runtime")
     p.add_argument("--build", action="store_true", help="tensorrt: also build an engine ahead of time (no GPU "
                    "needed; TensorRT-RTX)")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
 
-    p = sub.add_parser("build-engine", parents=[common], help="build a TensorRT engine ahead of time with TensorRT-RTX (no GPU needed; "
-                       "extra trt-check)")
+    p = sub.add_parser("build-engine", parents=[common], help="build a TensorRT engine ahead of time with TensorRT-RTX "
+                       "(no GPU needed; extra trt-check)")
     p.add_argument("model", type=Path, help="the ONNX model")
     p.add_argument("-o", "--output", type=Path, required=True, help="the engine plan file to write")
     p.add_argument("--batch", type=_shape_range, default=(1, 1, 4), metavar="MIN,OPT,MAX",
@@ -173,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-capability", action="append", metavar="SMxx", help="e.g. SM86 (repeat for more; "
                    "default: TensorRT-RTX's portable set)")
 
-    p = sub.add_parser("quickstart", parents=[common], help="the main job end to end on the real default model: export "
-                       "SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
+    p = sub.add_parser("quickstart", parents=[common], help="the main job end to end on the real default model: "
+                       "export SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
     p.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 test)")
     p.add_argument("--out", type=Path, default=Path("work/smollm2"), help="working folder (default work/smollm2)")
     p.add_argument("--max-windows", type=_positive(int), default=40, help="512-token windows to evaluate (40)")

@@ -682,7 +682,6 @@ class Recipe:
             raise ConfigError("awq searches its scales and clipping on ONNX Runtime's signed grid: drop {0}",
                               w.ref("scales"))
 
-
     def _tensorrt_weight_only(self, w: WeightStage) -> None:
         """Weight-only for TensorRT: symmetric INT4 blocked by 64/128 or INT8 per channel, as DequantizeLinear on
         constant weights (TensorRT has no MatMulNBits, no zero points, no other block sizes)."""

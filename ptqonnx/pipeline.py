@@ -109,8 +109,11 @@ def _check_tensorrt_blocks(sites: list[LinearSite], group: int | None) -> None:
     divide would be read with another block (a silent miscompute) or refused: say so before any work."""
     ragged = [s for s in sites if group is not None and s.K > group and s.K % group]
     if ragged:
-        fits = [b for b in (128, 64, 32, 16) if all(s.K <= b or s.K % b == 0 for s in sites)]
-        fix = f"set --group-size {fits[0]}" if fits and fits[0] in (64, 128) else "use --target ort-cpu"
+        from ptqonnx.config import TRT_INT4_BLOCKS
+
+        fits = next((b for b in sorted(TRT_INT4_BLOCKS, reverse=True) if all(s.K <= b or s.K % b == 0 for s in sites)),
+                    None)
+        fix = f"set --group-size {fits}" if fits is not None else "use --target ort-cpu"
         raise UserError(f"{len(ragged)} layers have K not a multiple of the block {group} (e.g. {ragged[0].name}: "
                         f"K={ragged[0].K}), which TensorRT cannot read; {fix}, or --exclude those layers")
 

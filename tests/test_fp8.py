@@ -84,8 +84,8 @@ def test_fp8_w8a8_in_onnx_runtime_equals_numpy(tmp_path):
     x = np.random.default_rng(3).standard_normal((8, 12, 64)).astype(np.float32)
     x[..., 5] *= 30  # an outlier channel: FP8 keeps the small ones' relative precision anyway
     src, ws, npz = _two_linear(tmp_path, x)
-    rep = compile_model(src, tmp_path / "q.onnx", Recipe((RtnConfig(bits=8, group_size=None), W8A8Config(qtype="fp8", quantize_lm_head=True))),
-                        calibration=CalibConfig(npz=npz))
+    recipe = Recipe((RtnConfig(bits=8, group_size=None), W8A8Config(qtype="fp8", quantize_lm_head=True)))
+    rep = compile_model(src, tmp_path / "q.onnx", recipe, calibration=CalibConfig(npz=npz))
     model = onnx.load(str(rep.output_path))
     types = {t.name: t.data_type for t in model.graph.initializer}
     assert sorted(types.values()).count(TensorProto.FLOAT8E4M3FN) == 3  # two weights + the shared zero point

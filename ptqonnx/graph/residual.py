@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from ptqonnx.graph.scaling import ConstRef, _channel_vector
 from ptqonnx.graph.sites import LinearSite, find_embedding_gathers, find_linear_sites
-from ptqonnx.graph.trace import ONNX_DOMAINS, Refusal, attr, trace_const
+from ptqonnx.graph.trace import FLOAT_TYPES, ONNX_DOMAINS, Refusal, attr, trace_const
 
 __all__ = ["LAYERNORM_REASON", "StreamNorm", "StreamWriter", "ResidualStream", "find_residual_stream"]
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 LAYERNORM_REASON = ("LayerNorm subtracts the mean, which does not commute with a rotation (SliceGPT's "
                     "construction would be needed; not implemented)")
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+_NORM_CAST_TYPES = (*FLOAT_TYPES, ir.DataType.DOUBLE)  # what an fp16/bf16 model's norm upcasts its input to
 _FUSED_NORMS = {"SimplifiedLayerNormalization": ONNX_DOMAINS + ("com.microsoft",), "RMSNormalization": ONNX_DOMAINS}
 
 
@@ -132,10 +132,14 @@ def _rms_of(x: ir.Value, square: ir.Node) -> tuple[ir.Node, ir.Value] | Refusal:
     return Refusal(f"{_who(sqrt)}: x is not divided by the root mean square (not an RMSNorm)")
 
 
+def _is_float_cast(node: ir.Node) -> bool:
+    return node.op_type == "Cast" and node.domain in ONNX_DOMAINS and attr(node, "to", 0) in _NORM_CAST_TYPES
+
+
 def _float_cast(value: ir.Value) -> ir.Node | None:
     """The Cast to a float type that is `value`'s only reader (fp16 models' norms compute in float32)."""
     node = _sole_consumer(value, ("Cast",))
-    return node if node is not None and attr(node, "to", 0) in _FLOAT_TYPES else None
+    return node if node is not None and _is_float_cast(node) else None
 
 
 def _norm(x: ir.Value, node: ir.Node, hidden: int, sites: dict[int, LinearSite],
@@ -238,7 +242,7 @@ def _walk(gather: ir.Node, sites: dict[int, LinearSite], max_steps: int) -> Resi
                     return found
                 norms.append(found[0])
                 covered |= found[1]
-            elif u.op_type == "Cast" and u.domain in ONNX_DOMAINS and attr(u, "to", 0) in _FLOAT_TYPES:
+            elif _is_float_cast(u):
                 found = _cast_norm(x, u, hidden, sites)
                 if found is None:
                     continue  # not a norm: refused below as an unknown reader
