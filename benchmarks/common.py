@@ -61,6 +61,7 @@ VENV_FLAGS = {  # flag -> (venv folder under --work, help)
     "--modelopt-python": ("venv-modelopt", "python of a venv with nvidia-modelopt[onnx]"),
     "--ort-sq-python": ("venv-ortsq", "python of a venv with onnxruntime and neural-compressor 2.x "
                         "(ORT's SmoothQuant option)"),
+    "--optimum-python": ("venv-optimum", "python of a venv with optimum-onnx (it pins transformers 4.57)"),
 }
 
 
@@ -333,3 +334,23 @@ def write_section(name: str, lines: list[str]) -> Path:
                    "this project's machine; re-run a script to refresh its section.\n\n"
                    + "\n\n".join(p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1) for p in parts))
     return out
+
+
+def paired_table(pairs: list[tuple[Row, Row]], lat, float_row: Row, suffix: str, head: str) -> list[str]:
+    """One line per (a, b) pair of the same method on two inputs: perplexity of each, b vs a, sizes and prefill
+    ratios; `head` names the columns (a header row of 7 cells), `suffix` is cut from a's label; then the
+    quantize times of the rows after the float pair."""
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        label = a.label.removesuffix(suffix) if a is not float_row else "float (no quantization)"
+        if a.ppl is None or b.ppl is None:
+            lines.append(f"| {label} | {a.settings} | {a.ppl or a.note or 'not run'} | {b.ppl or b.note or 'not run'} "
+                         "| | | |")
+            continue
+        rel = (b.ppl - a.ppl) / a.ppl
+        lines.append(f"| {label} | {a.settings} | {a.ppl:.4f} | {b.ppl:.4f} | {rel:+.2%} | "
+                     f"{size(a.path) / 2**20:.1f} / {size(b.path) / 2**20:.1f} | "
+                     f"{lat.ratios.get(a.label, float('nan')):.2f}x / {lat.ratios.get(b.label, float('nan')):.2f}x |")
+    timed = [r for pair in pairs[1:] for r in pair]
+    q_s = ", ".join(f"{r.label} {r.quant_s:.0f} s" for r in timed if r.quant_s is not None and not r.note)
+    return lines + ["", f"Quantize time: {q_s}."]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CALIB_TEXT, Row, arg_parser, ensure_export, evaluate_and_time, our_row, prepare, size, \
-    write_section
+from common import CALIB_TEXT, Row, arg_parser, ensure_export, evaluate_and_time, our_row, paired_table, \
+    prepare, write_section
 
 
 def main() -> None:
@@ -54,21 +54,9 @@ def main() -> None:
     lines += ["Both exports come from the same weights (`ptqonnx export smollm2 [--dtype float16]`); the fp16 graph "
               "keeps transformers' float32 RMSNorm and softmax inside. Each method runs with the same settings on "
               "both; the fp16 outputs keep fp16 activations, scales and logits. ORT CPU has no fp16 GEMM on x86, so "
-              "the fp16 prefill column says nothing about a GPU.", "",
-              "| model | settings | perplexity, fp32 in | perplexity, fp16 in | fp16 vs fp32 | size MiB fp32 / fp16 "
-              "| prefill vs FP32, fp32 / fp16 in |", "|---|---|---|---|---|---|---|"]
-    for a, b in pairs:
-        label = a.label.removesuffix(", fp32 in") if a is not fp32 else "float (no quantization)"
-        if a.ppl is None or b.ppl is None:
-            lines.append(f"| {label} | {a.settings} | {a.ppl or a.note or 'not run'} | {b.ppl or b.note or 'not run'} "
-                         "| | | |")
-            continue
-        rel = (b.ppl - a.ppl) / a.ppl
-        lines.append(f"| {label} | {a.settings} | {a.ppl:.4f} | {b.ppl:.4f} | {rel:+.2%} | "
-                     f"{size(a.path) / 2**20:.1f} / {size(b.path) / 2**20:.1f} | "
-                     f"{lat.ratios.get(a.label, float('nan')):.2f}x / {lat.ratios.get(b.label, float('nan')):.2f}x |")
-    q_s = ", ".join(f"{r.label} {r.quant_s:.0f} s" for r in rows[2:] if r.quant_s is not None and not r.note)
-    lines += ["", f"Quantize time: {q_s}."]
+              "the fp16 prefill column says nothing about a GPU.", ""]
+    lines += paired_table(pairs, lat, fp32, ", fp32 in", "| model | settings | perplexity, fp32 in | perplexity, "
+                          "fp16 in | fp16 vs fp32 | size MiB fp32 / fp16 | prefill vs FP32, fp32 / fp16 in |")
     print("\n".join(lines))
     write_section("fp16", lines)
 

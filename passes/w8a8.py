@@ -47,7 +47,11 @@ logger = logging.getLogger(__name__)
 W8A8_MIN_OPSET = 13
 FP8_MIN_OPSET = 19
 GEMV_REASON = "GEMV (a dimension of 1): left in float for W8A8"
-LM_HEAD_REASON = "LM head left in float for W8A8 (--quantize-lm-head to quantize it)"
+def lm_head_reason(label: str = "LM head") -> str:
+    return f"{label} left in float for W8A8 (--quantize-lm-head to quantize it)"
+
+
+LM_HEAD_REASON = lm_head_reason()
 
 # node name -> {input index: activation grid}
 ActivationPlan = Mapping[str, Mapping[int, ActivationQParams]]
@@ -66,7 +70,7 @@ def select_w8a8_sites(
     chosen, skipped = [], []
     for s in sites:
         if s.is_lm_head and not quantize_lm_head:
-            skipped.append(Skip(s.name, s.node.op_type, LM_HEAD_REASON))
+            skipped.append(Skip(s.name, s.node.op_type, lm_head_reason(s.head_label)))
         elif _is_gemv(s):
             skipped.append(Skip(s.name, s.node.op_type, GEMV_REASON))
         else:

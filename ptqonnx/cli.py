@@ -284,7 +284,7 @@ def _cmd_calibrate(args) -> None:
     names = sorted({s.activation.name for s in find_linear_sites(model).sites})
     if not names:
         raise UserError(f"{args.model} has no quantizable MatMul/Gemm to calibrate; pass a model with linear layers")
-    batches = calibration_batches(cfg, args.model.parent, [v.name for v in model.graph.inputs])
+    batches = calibration_batches(cfg, args.model.parent, list(model.graph.inputs))
     from ptqonnx.calibration.validate import check_feeds
 
     check_feeds(model, batches)

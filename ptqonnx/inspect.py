@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +34,13 @@ from ptqonnx.graph.quantized import (
     find_embeddings, find_linear_layers,
 )
 from ptqonnx.io import load_model
+from ptqonnx.kvcache import CONVENTIONS
 
 __all__ = [
     "ActivationQuant", "Embedding", "FileEntry", "KvCache", "LinearLayer", "ModelInfo", "Summary", "TensorSpec",
     "WeightQuant", "inspect_model", "model_files",
 ]
 
-_KV_CONVENTIONS = (  # (name, past pattern, present format)
-    ("optimum / onnxruntime-genai", re.compile(r"past_key_values\.(\d+)\.(key|value)"), "present.{i}.{kind}"),
-    ("GPT-2 (K and V stacked)", re.compile(r"past_(\d+)()"), "present_{i}"),
-)
 
 Dim = int | str | None
 
@@ -231,7 +227,7 @@ def _spec(v: ir.Value) -> TensorSpec:
 def _kv_cache(graph: ir.Graph) -> KvCache | None:
     inputs = [v for v in graph.inputs if v.name not in graph.initializers]
     outputs = {v.name for v in graph.outputs}
-    for convention, pattern, present_fmt in _KV_CONVENTIONS:
+    for convention, pattern, present_fmt in CONVENTIONS:
         past = [(m, v) for v in inputs if (m := pattern.fullmatch(v.name or ""))]
         if not past:
             continue

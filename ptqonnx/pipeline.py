@@ -71,7 +71,7 @@ def _select_sites(sites: list[LinearSite], recipe: Recipe) -> tuple[list[LinearS
     chosen, skipped = [], []
     for s in sites:
         if recipe.keep_lm_head and s.is_lm_head:
-            skipped.append(Skip(s.name, s.node.op_type, "LM head kept in float (keep_lm_head)"))
+            skipped.append(Skip(s.name, s.node.op_type, f"{s.head_label} kept in float (keep_lm_head)"))
         elif matches_any(recipe.exclude, s.name, s.weight_name):
             skipped.append(Skip(s.name, s.node.op_type, "excluded: matches an exclude pattern"))
         else:
@@ -235,13 +235,34 @@ def quantize(
 
 
 def prepare_model(model: ir.Model) -> ir.Model:
-    """Constants as initializers, every value named, nodes sorted: the graph every stage and `calibrate` see
-    (statistics are keyed by value name, so both must name values alike)."""
+    """Constants as initializers (scalars too: optimum's exports keep a norm's exponent, axes and ε as Constant
+    nodes, and the graph matchers read constants through `trace_const`), every value named, ORT's
+    default-domain SimplifiedLayerNormalization as standard ops (`StandardNormsPass`), nodes sorted: the
+    graph every stage and `calibrate` see (statistics are keyed by value name, so both must name values
+    alike)."""
+    from ptqonnx.passes.standard_norms import StandardNormsPass
+
     run_passes([
-        common_passes.LiftConstantsToInitializersPass(), common_passes.NameFixPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.NameFixPass(),
+        StandardNormsPass(),
         common_passes.TopologicalSortPass(),
     ], model)
+    _infer_shapes(model)
     return model
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference (with data propagation) where an exporter left intermediate values unshaped, as
+    optimum's and torch.onnx's TorchScript exports do: the matchers read a value's last axis (a Reshape
+    that keeps the channel axis, GPT-2's Conv1D as Gemm on [batch*sequence, K]). A model it cannot infer
+    (contrib ops, a graph ONNX's checker refuses) keeps the shapes it has."""
+    if all(v.shape is not None for n in model.graph for v in n.outputs):
+        return
+    try:
+        common_passes.ShapeInferencePass(strict_mode=False)(model)
+    except Exception as exc:  # inference is a help to the matchers, never a requirement
+        logger.debug("shape inference failed (%s); matching on the shapes the model has", exc)
 
 
 def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: CalibrationArg, model_dir: Path | None,
@@ -252,7 +273,7 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     skipped = scan.skipped + skipped
     sites, more = _check_model(model, recipe, sites)
     skipped += more
-    ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, [v.name for v in model.graph.inputs]),
+    ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, list(model.graph.inputs)),
                         progress=progress)
     specs = [(method_spec(stage), stage) for stage in recipe.stages]
     early = [(spec, cfg) for spec, cfg in specs if cfg.before_statistics]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqonnx.errors import UserError
+from ptqonnx.kvcache import cache_head_dims, empty_past
 from ptqonnx.runtime.ort import make_session, session_threads
 
 __all__ = [
@@ -102,7 +103,7 @@ class ModelFeeds:
     and head shape from the input's metadata) for a prefill, or fed back from `present.{i}.key/.value`.
     """
 
-    def __init__(self, sess, batch: int = 1, seed: int = 0) -> None:
+    def __init__(self, sess, batch: int = 1, seed: int = 0, model_path: str | Path | None = None) -> None:
         self.sess = sess
         self.batch = batch
         self.rng = np.random.default_rng(seed)
@@ -116,7 +117,14 @@ class ModelFeeds:
             raise UserError(f"cannot build feeds for inputs {other}; supported: {', '.join(_TOKEN_INPUTS)} and "
                             f"{_PAST_PREFIX}{{i}}.key/.value")
         self.outputs = [o.name for o in sess.get_outputs()]
+        self.heads = self._cache_heads(model_path or getattr(sess, "_model_path", None))  # ORT keeps the path
         self.vocab = self._vocab()
+
+    def _cache_heads(self, model_path) -> dict[str, tuple[int, int]]:
+        """(kv_heads, head_dim) from the graph for cache inputs whose metadata leaves them symbolic
+        (onnxruntime-genai's `kv_cache_dim`); read only where needed."""
+        symbolic = [n for n in self.past if not all(isinstance(d, int) for d in self.inputs[n].shape[-3::2])]
+        return cache_head_dims(model_path) if symbolic and model_path else {}
 
     def _vocab(self) -> int | None:
         logits = next((o for o in self.sess.get_outputs() if o.name == "logits"), None)
@@ -137,17 +145,10 @@ class ModelFeeds:
         out = {}
         for name in self.past:
             meta = self.inputs[name]
-            shape = list(meta.shape)
-            if len(shape) != 4:
-                raise UserError(f"{name} has rank {len(shape)}; expected [batch, heads, past, head_dim]")
-            for ax in (1, 3):
-                if not isinstance(shape[ax], int):
-                    raise UserError(f"{name} has a symbolic axis {ax} ({shape[ax]!r}); "
-                                    "export with fixed heads/head_dim")
             dtype = _ORT_DTYPES.get(meta.type)
-            if dtype is None:
+            if dtype is None or not np.issubdtype(dtype, np.floating):
                 raise UserError(f"{name} has type {meta.type}; only float32/float16 caches are supported")
-            out[name] = np.zeros((self.batch, shape[1], 0, shape[3]), dtype)
+            out[name] = empty_past(name, meta.shape, dtype, self.batch, self.heads.get(name))
         return out
 
     def build(self, ids: np.ndarray, past: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from ptqonnx.calibration.stats import Statistics
 from ptqonnx.errors import UserError
 from ptqonnx.runtime.ort import make_session
 
-__all__ = ["collect_statistics", "instrumented_session", "first_nonfinite", "raise_nonfinite"]
+__all__ = ["collect_statistics", "instrumented_session", "first_nonfinite", "raise_nonfinite", "serialize_for_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def instrumented_session(
     clone = ir.load(os.fspath(model)) if isinstance(model, (str, Path)) else model.clone()
     fetched = _expose_values(clone, value_names)
     with tempfile.TemporaryDirectory(prefix="ptqonnx-calib-") as tmp:
-        src = _serialize(clone, Path(tmp))
+        src = serialize_for_session(clone, Path(tmp))
         sess = make_session(src, opt_level=opt_level, threads=threads)
         have = {o.name for o in sess.get_outputs()}
         lost = [n for n in fetched if n not in have]
@@ -154,7 +154,7 @@ def _expose_values(model: ir.Model, names: list[str]) -> list[str]:
     return fetch
 
 
-def _serialize(model: ir.Model, tmp: Path) -> bytes | str:
+def serialize_for_session(model: ir.Model, tmp: Path) -> bytes | str:
     """Bytes for an in-memory session, or a path in `tmp` when external data or > 2 GB is involved.
 
     External tensors are hard-linked into `tmp` when possible (ORT refuses data outside the model's

@@ -20,14 +20,17 @@ activations, never all activations of all layers.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.graph import Block, LinearSite, Stage, trace_const
 from ptqonnx.calibration.observers import DEFAULT_SAMPLE_ROWS, Stat, TensorObserver, TensorStats, parse_stats
+from ptqonnx.runtime.collect import serialize_for_session
 from ptqonnx.runtime.ort import make_session
 
 __all__ = ["StageSolver", "run_sequential"]
@@ -148,9 +151,11 @@ def run_sequential(
         for v in smodel.graph.inputs:  # exporters may leave intermediate values untyped; ORT needs input types
             if v.dtype is None:
                 v.dtype = ir.DataType.from_numpy(local[v.name][0].dtype)
-        sess = make_session(ir.to_proto(smodel).SerializeToString(), threads=threads)
-        names = [v.name for v in smodel.graph.inputs]
-        results = [sess.run(outputs, {name: local[name][i] for name in names}) for i in range(n)]
+        with tempfile.TemporaryDirectory(prefix="ptqonnx-block-") as tmp:  # external data: linked in there
+            sess = make_session(serialize_for_session(smodel, Path(tmp)), threads=threads)
+            names = [v.name for v in smodel.graph.inputs]
+            results = [sess.run(outputs, {name: local[name][i] for name in names}) for i in range(n)]
+            del sess
         return [[r[j] for r in results] for j in range(len(outputs))]
 
     for bi, block in enumerate(blocks):

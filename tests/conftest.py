@@ -29,6 +29,17 @@ def tiny_export(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
+def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibration text for the tiny models: 200 sentences of the tiny corpus (seed 1; held-out text uses
+    seed 2)."""
+    from ptqonnx.models.tiny import tiny_corpus
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(tiny_corpus(200, seed=1)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_mha_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaMA without grouped-query attention (kv_heads == heads: v_proj as wide as o_proj's input),
     exported without KV cache; returns the folder."""

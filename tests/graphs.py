@@ -138,3 +138,59 @@ class SkewedSession:
 
     def run(self, names, feed):
         return [o * 1.5 for o in self.sess.run(names, feed)]
+
+
+def signature(path: Path) -> list[tuple[str, int, int]]:
+    """Every graph input and output: (name, elem type, rank)."""
+    m = onnx.load(str(path), load_external_data=False)
+    return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
+            for v in (*m.graph.input, *m.graph.output)]
+
+
+def compile_cli(src: Path, out: Path, *flags: str) -> Path:
+    """`ptqonnx -q compile src -o out flags...`, checking that the interface is kept."""
+    from ptqonnx.cli import main
+
+    assert main(["-q", "compile", str(src), "-o", str(out), *flags]) == 0
+    assert signature(out) == signature(src)  # every input/output name, dtype and rank kept
+    return out
+
+
+def held_out_ids(folder: Path) -> np.ndarray:
+    """3 x 32 token ids of the tiny corpus (seed 2, not the calibration text's) by the tokenizer in `folder`."""
+    from ptqonnx.models.tiny import tiny_corpus
+    from ptqonnx.text import load_tokenizer
+
+    ids = load_tokenizer(folder).encode(" ".join(tiny_corpus(40, seed=2))).ids
+    return np.array(ids[:96], np.int64).reshape(3, 32)
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+
+def prefill_logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    """Logits of each row of `ids` through the prefill (an empty cache)."""
+    from ptqonnx.runtime.bench import ModelFeeds
+    from ptqonnx.runtime.ort import make_session
+
+    sess = make_session(path)
+    feeds = ModelFeeds(sess)
+    return np.concatenate([sess.run(["logits"], feeds.build(row[None, :]))[0] for row in ids])
+
+
+def decode_gap(path: Path, ids: np.ndarray) -> float:
+    """Max relative difference between the prefill's logits at the last position and a one-token decode of
+    that position after a prefill of the tokens before it (its cache fed back)."""
+    from ptqonnx.runtime.bench import ModelFeeds
+    from ptqonnx.runtime.ort import make_session
+
+    sess = make_session(path)
+    feeds = ModelFeeds(sess)
+    worst = 0.0
+    for row in ids:
+        full = sess.run(["logits"], feeds.build(row[None, :]))[0][0, -1]
+        outs = sess.run(None, feeds.build(row[None, :-1]))
+        step = sess.run(["logits"], feeds.build(row[None, -1:], feeds.presents_as_past(outs)))[0][0, -1]
+        worst = max(worst, float(np.abs(step - full).max() / np.abs(full).max()))
+    return worst

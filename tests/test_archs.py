@@ -36,9 +36,9 @@ import pytest
 from onnx_ir.passes import common as common_passes
 
 from ptqonnx.graph import find_linear_sites, find_scaling_groups, trace_const
-from ptqonnx.models.tiny import TINY_ARCHS, tiny_corpus
+from ptqonnx.models.tiny import TINY_ARCHS
 from ptqonnx.runtime.ort import make_session
-from graphs import model_from_text, run, run_optimized
+from graphs import compile_cli, held_out_ids, model_from_text, rel_error, run, run_optimized
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -77,43 +77,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-@pytest.fixture(scope="session")
-def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(tiny_corpus(200, seed=1)) + "\n", encoding="utf-8")
-    return path
-
-
-def _signature(path: Path) -> list[tuple[str, int, int]]:
-    m = onnx.load(str(path), load_external_data=False)
-    return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
-            for v in (*m.graph.input, *m.graph.output)]
-
-
-def _held_out_ids(folder: Path) -> np.ndarray:
-    from ptqonnx.text import load_tokenizer
-
-    ids = load_tokenizer(folder).encode(" ".join(tiny_corpus(40, seed=2))).ids
-    return np.array(ids[:96], np.int64).reshape(3, 32)
-
-
 def _logits(path: Path, ids: np.ndarray) -> np.ndarray:
     """At ORT's default level; for a W8A8 model on a CPU where ORT's int8 GEMM saturates, as on one where it
     does not (`graphs.run_optimized`)."""
     names = [o.name for o in make_session(path).get_outputs()]
     return run_optimized(path, {"input_ids": ids})[names.index("logits")]
-
-
-def _rel(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
-
-
-def _compile(src: Path, out: Path, *flags: str) -> Path:
-    from ptqonnx.cli import main
-
-    assert main(["-q", "compile", str(src), "-o", str(out), *flags]) == 0
-    assert _signature(out) == _signature(src)  # every input/output name, dtype and rank kept
-    return out
 
 
 def _prepared(path: Path) -> ir.Model:
@@ -144,8 +112,8 @@ def test_kv_cache_graph_decodes_like_the_full_graph(arch: str, exported, tmp_pat
         (f"past_key_values.{n}", ["batch", kv_heads, "past_sequence", 16]) for n in names]
     assert [(o.name, dims(o)) for o in kv.graph.output[1:]] == [
         (f"present.{n}", ["batch", kv_heads, "total_sequence", 16]) for n in names]
-    rtn_full = _compile(res.model_path, tmp_path / "full.onnx", "--method", "rtn")
-    rtn_kv = _compile(res.kv_model_path, tmp_path / "kv.onnx", "--method", "rtn")
+    rtn_full = compile_cli(res.model_path, tmp_path / "full.onnx", "--method", "rtn")
+    rtn_kv = compile_cli(res.kv_model_path, tmp_path / "kv.onnx", "--method", "rtn")
     ids = np.random.default_rng(7).integers(0, 300, size=(2, 12)).astype(np.int64)
     for full, cached in ((res.model_path, res.kv_model_path), (rtn_full, rtn_kv)):
         np.testing.assert_allclose(_decode(cached, ids, kv_heads), _logits(full, ids), atol=1e-4, rtol=0)
@@ -314,7 +282,7 @@ def test_scaling_groups_per_arch_and_exact_folds(arch: str, exported, tmp_path: 
     ir.save(model, str(after))
     onnx.checker.check_model(str(after))
     ref = run(before, {"input_ids": ids}, "disable")[0]
-    assert _rel(run(after, {"input_ids": ids}, "disable")[0], ref) < 1e-5
+    assert rel_error(run(after, {"input_ids": ids}, "disable")[0], ref) < 1e-5
 
 
 def test_gemma_norms_fold_into_the_one_plus_gamma_constant(exported) -> None:
@@ -360,15 +328,15 @@ def test_pooler_gemm_bias_through_identity_is_quantized(tmp_path: Path) -> None:
     np.savez(tmp_path / "calib.npz", h=h)
     feeds = {"h": h[:4]}
     ref = run(src, feeds, "disable")[0]
-    rtn = _compile(src, tmp_path / "rtn.onnx", "--method", "rtn", "--group-size", "32")
+    rtn = compile_cli(src, tmp_path / "rtn.onnx", "--method", "rtn", "--group-size", "32")
     w_hat = dequantize_weight(quantize_weight(w, 4, 32, True))  # [N, K], as the Gemm reads it
     np.testing.assert_allclose(run(rtn, feeds)[0], np.tanh(h[:4, 0] @ w_hat.T + b), atol=2e-5)
-    rtn_err = _rel(run(rtn, feeds)[0], ref)
+    rtn_err = rel_error(run(rtn, feeds)[0], ref)
     npz = ["--calib-npz", str(tmp_path / "calib.npz"), "--calib-samples", "16"]
-    awq = _compile(src, tmp_path / "awq.onnx", "--method", "awq", "--group-size", "32", *npz)
-    assert _rel(run(awq, feeds)[0], ref) <= VS_RTN * rtn_err
-    sq = _compile(src, tmp_path / "sq.onnx", "--method", "smoothquant", "--w8a8", *npz)
-    assert _rel(run(sq, feeds)[0], ref) < W8A8_BOUND
+    awq = compile_cli(src, tmp_path / "awq.onnx", "--method", "awq", "--group-size", "32", *npz)
+    assert rel_error(run(awq, feeds)[0], ref) <= VS_RTN * rtn_err
+    sq = compile_cli(src, tmp_path / "sq.onnx", "--method", "smoothquant", "--w8a8", *npz)
+    assert rel_error(run(sq, feeds)[0], ref) < W8A8_BOUND
 
 
 # -- quantization through the CLI -----------------------------------------------------------------------------
@@ -392,12 +360,12 @@ def _dequantized_reference(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_rtn_is_the_dequantized_float_graph(arch: str, exported, tmp_path: Path) -> None:
     _, res = exported(arch)
-    ids = _held_out_ids(res.out_dir)
-    out = _compile(res.model_path, tmp_path / "rtn.onnx", "--method", "rtn")
+    ids = held_out_ids(res.out_dir)
+    out = compile_cli(res.model_path, tmp_path / "rtn.onnx", "--method", "rtn")
     got, ref = _logits(out, ids), _logits(res.model_path, ids)
     expected = _logits(_dequantized_reference(res.model_path, tmp_path / "ref.onnx"), ids)
-    assert _rel(got, expected) < 1e-5
-    assert _rel(got, ref) < INT4_BOUND
+    assert rel_error(got, expected) < 1e-5
+    assert rel_error(got, ref) < INT4_BOUND
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -406,13 +374,13 @@ def test_calibrated_methods_per_arch(arch: str, method: str, exported, calib_tex
     """gptq, awq (the fold check inside verifies the float model unchanged), smoothquant --w8a8: the output
     keeps the signature and its logits stay within the bounds of the module docstring."""
     _, res = exported(arch)
-    ids = _held_out_ids(res.out_dir)
+    ids = held_out_ids(res.out_dir)
     ref = _logits(res.model_path, ids)
-    out = _compile(res.model_path, tmp_path / f"{method}.onnx", *METHODS[method], "--calib-text", str(calib_text),
+    out = compile_cli(res.model_path, tmp_path / f"{method}.onnx", *METHODS[method], "--calib-text", str(calib_text),
                    *CALIB)
-    err = _rel(_logits(out, ids), ref)
+    err = rel_error(_logits(out, ids), ref)
     if method == "smoothquant":
         assert err < W8A8_BOUND
     else:
-        rtn = _compile(res.model_path, tmp_path / "rtn.onnx", "--method", "rtn")
-        assert err < INT4_BOUND and err <= VS_RTN * _rel(_logits(rtn, ids), ref), err
+        rtn = compile_cli(res.model_path, tmp_path / "rtn.onnx", "--method", "rtn")
+        assert err < INT4_BOUND and err <= VS_RTN * rel_error(_logits(rtn, ids), ref), err

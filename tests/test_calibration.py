@@ -279,10 +279,38 @@ def test_text_source_errors(tmp_path, word_tokenizer):
         calibration_batches(CalibConfig(text=tmp_path / "short.txt", seq_len=8), tmp_path)
     with pytest.raises(UserError, match="not found"):
         calibration_batches(CalibConfig(text=tmp_path / "missing.txt"), tmp_path)
-    with pytest.raises(UserError, match="KV-cache"):
-        calibration_batches(
+    with pytest.raises(UserError, match=r"also needs past_key_values.0.key; pass --calib-npz"):
+        calibration_batches(  # a name alone: no shape to build its empty cache from
             CalibConfig(text=tmp_path / "short.txt"), tmp_path, ["input_ids", "past_key_values.0.key"]
         )
+    many = ["input_ids"] + [f"extra_{i}" for i in range(5)]
+    with pytest.raises(UserError, match=r"needs extra_0, extra_1, extra_2 and 2 more; pass --calib-npz"):
+        calibration_batches(CalibConfig(text=tmp_path / "short.txt"), tmp_path, many)
+
+
+def _kv_inputs(key_shape, dtype=ir.DataType.FLOAT) -> list[ir.Value]:
+    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "seq"]))
+    return [ids, *(ir.Value(name=f"past_key_values.0.{kv}", type=ir.TensorType(dtype), shape=ir.Shape(key_shape))
+                   for kv in ("key", "value"))]
+
+
+def test_text_feeds_an_empty_cache(tmp_path, word_tokenizer):
+    """A KV-cache export calibrates through its prefill: the cache inputs get zero-length arrays of the
+    graph's dtype with its fixed heads and head_dim; an unbuildable cache is one line naming the fix."""
+    (tmp_path / "t.txt").write_text("x " * 100)
+    cfg = CalibConfig(text=tmp_path / "t.txt", samples=2, seq_len=8)
+    feeds = calibration_batches(cfg, tmp_path, _kv_inputs(["batch", 2, "past", 16], ir.DataType.FLOAT16))
+    assert len(feeds) == 2 and feeds[0]["input_ids"].shape == (1, 8)
+    for kv in ("key", "value"):
+        past = feeds[0][f"past_key_values.0.{kv}"]
+        assert past.shape == (1, 2, 0, 16) and past.dtype == np.float16
+    with pytest.raises(UserError, match=r"symbolic axis 1 .*export with fixed heads and head_dim, or pass"):
+        calibration_batches(cfg, tmp_path, _kv_inputs(["batch", "heads", "past", 16]))
+    with pytest.raises(UserError, match=r"past_key_values.0.key has type INT64, not a float type; pass"):
+        calibration_batches(cfg, tmp_path, _kv_inputs(["batch", 2, "past", 16], ir.DataType.INT64))
+    np.savez(tmp_path / "c.npz", input_ids=np.arange(16, dtype=np.int64).reshape(2, 8))  # the cache left out
+    feeds = calibration_batches(CalibConfig(npz=tmp_path / "c.npz"), tmp_path, _kv_inputs(["b", 2, "p", 16]))
+    assert len(feeds) == 2 and feeds[1]["past_key_values.0.value"].shape == (1, 2, 0, 16)
 
 
 def test_env_text_default(tmp_path, word_tokenizer, monkeypatch):

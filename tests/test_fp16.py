@@ -56,13 +56,6 @@ def exports(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             for d in ("float32", "float16")}
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("calib16") / "calib.txt"
-    path.write_text("\n".join(tiny_corpus(200, seed=1)) + "\n", encoding="utf-8")
-    return path
-
-
 def _ids(model: Path) -> np.ndarray:
     from ptqonnx.text import load_tokenizer
 

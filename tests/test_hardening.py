@@ -220,3 +220,35 @@ def test_outputs_gate_catches_an_optimized_graph_that_computes_otherwise(tmp_pat
     assert main(["compile", str(src), "-o", str(tmp_path / "q.onnx")]) == 0
     x = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
     assert np.isfinite(run(tmp_path / "q.onnx", {"x": x})[0]).all()
+
+
+def test_conv_layers_are_reported_not_passed_over(tmp_path, capsys):
+    """A small CNN (Conv -> Relu -> Flatten -> Gemm classifier): the Gemm is quantized and the summary names
+    the Conv as skipped with its reason; messages call the classifier the "output layer"; a graph of
+    convolutions only is one line saying why nothing is quantized."""
+    rng = np.random.default_rng(0)
+    text = f"""{_HDR} g (float[N, 3, 8, 8] x) => (float[N, 10] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, wc, bc)
+        r = Relu(c)
+        f = Flatten(r)
+        y = Gemm <transB = 1> (f, wg, bg)
+    }}"""
+    inits = {"wc": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "bc": np.zeros(4, np.float32),
+             "wg": rng.standard_normal((10, 256)).astype(np.float32), "bg": np.zeros(10, np.float32)}
+    src = save(model_from_text(text, inits), tmp_path / "cnn.onnx")
+    assert main(["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--group-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized 1 linear layers; skipped 1" in out and "Conv layer: not quantized" in out, out
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ref, got = run(src, {"x": x})[0], run(tmp_path / "q.onnx", {"x": x})[0]
+    assert np.abs(got - ref).max() <= 0.2 * np.abs(ref).max()  # INT4 classifier, float Conv
+
+    # a classifier is not an "LM head" (its output is not logits)
+    _refused(capsys, tmp_path, ["compile", src, "-o", tmp_path / "k.onnx", "--keep-lm-head"],
+             "output layer kept in float")
+
+    conv_only = f"""{_HDR} g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {{
+        y = Conv <pads = [1, 1, 1, 1]> (x, wc, bc)
+    }}"""
+    only = save(model_from_text(conv_only, {k: inits[k] for k in ("wc", "bc")}), tmp_path / "conv.onnx")
+    _refused(capsys, tmp_path, ["compile", only, "-o", tmp_path / "q2.onnx"], "Conv layer: not quantized")

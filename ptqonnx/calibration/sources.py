@@ -4,6 +4,10 @@ Priority: `--calib-npz` (arrays by input name, first axis = samples), `--calib-t
 variable `PTQONNX_CALIB_TEXT`, then WikiText-2 train through `datasets` (GPTQ's default: the split joined
 with blank lines). Text is tokenized once and cut into `samples` windows of `seq_len` tokens at seeded
 random offsets (`ptqonnx.text.calibration_windows`); each window is one feed `{"input_ids": int64 [1, L]}`.
+
+A KV-cache graph (optimum's with-past export, `ptqonnx export`'s model_kv.onnx) is calibrated through its
+prefill: every cache input gets an empty (past length 0) cache of its own dtype and head shape, read from
+the graph (`ptqonnx.kvcache`), for text and for an npz that leaves the cache out.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from ptqonnx.config import CalibConfig
 from ptqonnx.errors import UserError
+from ptqonnx.kvcache import empty_past, gqa_head_dims, is_past
 from ptqonnx.text import calibration_windows, load_tokenizer, read_text, tokenize
 
 __all__ = ["CALIB_TEXT_ENV", "CalibConfig", "calibration_batches", "probe_feeds", "text_feeds"]
@@ -29,25 +35,30 @@ CALIB_TEXT_ENV = "PTQONNX_CALIB_TEXT"
 _DERIVED_INPUTS = {
     "attention_mask": lambda ids: np.ones_like(ids, dtype=np.int64),
     "position_ids": lambda ids: np.arange(ids.shape[1], dtype=np.int64)[None, :].repeat(ids.shape[0], 0),
+    "token_type_ids": lambda ids: np.zeros_like(ids, dtype=np.int64),  # one segment (BERT-family encoders)
 }
 
 
 def calibration_batches(
     cfg: CalibConfig,
     model_dir: str | Path | None = None,
-    input_names: Sequence[str] | None = None,
+    inputs: Sequence[str | ir.Value] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Feeds for the calibration run, one per sample.
 
     `model_dir` is the exported model's folder (or the model file; its folder is used) and is where the
-    tokenizer is looked for unless `cfg.tokenizer_dir` is set. `input_names` are the model's graph inputs;
-    when given, feeds are checked against them (text sources also fill `attention_mask` with ones and
-    `position_ids` with 0..L-1 when the model takes them; any other input, e.g. a KV cache, is an error).
+    tokenizer is looked for unless `cfg.tokenizer_dir` is set. `inputs` are the model's graph inputs (values,
+    or names); when given, feeds are checked against them (text sources also fill `attention_mask` with ones
+    and `position_ids` with 0..L-1 when the model takes them, and KV-cache inputs given as values with an
+    empty cache; any other input is an error).
     """
+    input_names = None if inputs is None else [v if isinstance(v, str) else v.name for v in inputs]
+    cache = _empty_cache(inputs or ())
     if cfg.npz is not None:
-        return _npz_feeds(cfg, input_names)
+        feeds = _npz_feeds(cfg, input_names, set(cache))
+        return [{**{k: v for k, v in cache.items() if k not in f}, **f} for f in feeds]
     if input_names is not None:
-        _check_text_inputs(input_names)
+        _check_text_inputs(input_names, set(cache))
     if cfg.text is not None:
         text, origin = read_text(cfg.text), str(cfg.text)
     elif os.environ.get(CALIB_TEXT_ENV):
@@ -61,7 +72,7 @@ def calibration_batches(
         md = Path(model_dir)
         tok_dir = md.parent if md.is_file() or md.suffix == ".onnx" else md
     tokenizer = load_tokenizer(tok_dir)
-    feeds = text_feeds(tokenize(text, tokenizer), cfg, input_names)
+    feeds = [{**f, **cache} for f in text_feeds(tokenize(text, tokenizer), cfg, input_names)]
     logger.info(
         "calibration: %d windows of %d tokens from %s (seed %d)", len(feeds), cfg.seq_len, origin, cfg.seed
     )
@@ -84,8 +95,22 @@ def text_feeds(
     return feeds
 
 
-def _check_text_inputs(input_names: Sequence[str]) -> None:
-    names = list(input_names)
+def _empty_cache(inputs: Sequence[str | ir.Value]) -> dict[str, np.ndarray]:
+    """An empty cache for each KV-cache input given as a value (its dtype and head shape from the graph)."""
+    cache = {}
+    for v in inputs:
+        if isinstance(v, str) or not is_past(v.name) or v.const_value is not None:
+            continue
+        if v.dtype is None or not np.issubdtype(v.dtype.numpy(), np.floating):
+            raise UserError(f"KV-cache input {v.name} has type {v.dtype}, not a float type; pass --calib-npz FILE "
+                            "with arrays for every input")
+        dims = None if v.shape is None else [d if isinstance(d, int) else d.value for d in v.shape]
+        cache[v.name] = empty_past(v.name, dims, v.dtype.numpy(), heads=gqa_head_dims(v))
+    return cache
+
+
+def _check_text_inputs(input_names: Sequence[str], cache: set[str] = frozenset()) -> None:
+    names = [n for n in input_names if n not in cache]
     if "input_ids" not in names:
         raise UserError(
             f"text calibration feeds input_ids but the model's inputs are {names}; "
@@ -93,13 +118,18 @@ def _check_text_inputs(input_names: Sequence[str]) -> None:
         )
     other = [n for n in names if n != "input_ids" and n not in _DERIVED_INPUTS]
     if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise UserError(
-            f"text calibration can only feed input_ids/attention_mask/position_ids, but the model also needs "
-            f"{other} (a KV-cache export?); calibrate the model exported without cache, or pass --calib-npz FILE"
+            f"text calibration can only feed input_ids, attention_mask, position_ids, token_type_ids and a KV cache "
+            f"(past_key_values.{{i}}.key/.value or past_{{i}}), but the model also needs {shown}; "
+            "pass --calib-npz FILE with arrays named after the model inputs"
         )
 
 
-def _npz_feeds(cfg: CalibConfig, input_names: Sequence[str] | None) -> list[dict[str, np.ndarray]]:
+def _npz_feeds(cfg: CalibConfig, input_names: Sequence[str] | None,
+               optional: set[str] = frozenset()) -> list[dict[str, np.ndarray]]:
+    """One feed per sample of the npz; inputs in `optional` (KV-cache inputs, which get an empty cache) may be
+    left out."""
     path = cfg.npz
     if not path.is_file():
         raise UserError(f"calibration npz not found: {path}; pass an existing .npz file")
@@ -113,7 +143,7 @@ def _npz_feeds(cfg: CalibConfig, input_names: Sequence[str] | None) -> list[dict
     if input_names is not None:
         names = list(input_names)
         unknown = sorted(set(arrays) - set(names))
-        missing = [n for n in names if n not in arrays]
+        missing = [n for n in names if n not in arrays and n not in optional]
         if unknown or missing:
             problems = ([f"unknown {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else [])
             raise UserError(
@@ -152,16 +182,16 @@ def _wikitext2_train() -> str:
     return "\n\n".join(data["text"])
 
 
-_PROBE_DIMS = {"batch": 1, "past": 0}  # symbolic dims whose name contains a key get that size; others 16
+# symbolic dims whose name contains a key get that size, others `seq_len` (a KV cache is empty, so a
+# `past_sequence_length + sequence_length` mask is `seq_len` long too)
+_PROBE_DIMS = {"batch": 1}
 
 
 def probe_feeds(model, n: int = 2, seq_len: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """`n` synthetic feeds for checking that a float rewrite did not change the model (no calibration data
     needed): token ids below the embedding table's rows for integer `input_ids`-like inputs, ones for
     `attention_mask`, 0..L-1 for `position_ids`, zeros for other integer inputs, N(0, 1) for float inputs; a
-    symbolic dim named like batch gets 1, like past 0 (an empty KV cache), any other `seq_len`."""
-    import onnx_ir as ir
-
+    symbolic dim named like batch gets 1, any other `seq_len`; a KV-cache input an empty cache."""
     rng = np.random.default_rng(seed)
     graph = model.graph
     rows = {}  # input name -> rows of an embedding table it indexes
@@ -169,12 +199,13 @@ def probe_feeds(model, n: int = 2, seq_len: int = 16, seed: int = 0) -> list[dic
         if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[0] is not None \
                 and node.inputs[0].const_value is not None and node.inputs[1] is not None:
             rows.setdefault(node.inputs[1].name, int(node.inputs[0].const_value.shape[0]))
+    cache = _empty_cache(list(graph.inputs))
     feeds = []
     for _ in range(n):
-        feed = {}
+        feed = dict(cache)
         for v in graph.inputs:
-            if v.const_value is not None:
-                continue  # an initializer listed as an input (IR < 4): it has a value
+            if v.const_value is not None or v.name in cache:
+                continue  # an initializer listed as an input (IR < 4): it has a value; a KV cache: empty
             shape = []
             for d in (v.shape or []):
                 if isinstance(d, int):

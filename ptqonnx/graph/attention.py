@@ -24,12 +24,13 @@ import onnx_ir as ir
 from ptqonnx.graph.trace import ONNX_DOMAINS, attr, trace_const
 
 __all__ = ["ATTENTION_OPS", "LAYOUT_OPS", "REPEAT_OPS", "SELECT_OPS", "ColumnTrace", "attention_path",
-           "column_path", "trace_columns", "channel_map", "row_columns"]
+           "column_ids", "column_path", "trace_columns", "channel_map", "row_columns"]
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 REPEAT_OPS = LAYOUT_OPS | {"Expand"}  # move or repeat elements, never combine them
 SELECT_OPS = {"Slice", "Split"}  # keep a part of an axis (a fused projection's q/k/v or gate/up columns)
 _PROBE_SIZES = (3, 5, 7, 11, 13)  # sizes given to symbolic dims when following a layout: small, distinct
+_FREE_SIZE = 2  # the size given to an unknown dim along which the ids do not vary (any size would do)
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                  "PackedMultiHeadAttention", "SparseAttention"}
 
@@ -77,10 +78,20 @@ def column_path(v: ir.Value) -> tuple[ir.Value, list[Step]]:
     return v, path[::-1]
 
 
-def _concrete(shape: ir.Shape | None, sizes: dict[str, int]) -> tuple[int, ...] | None:
-    """`shape` with each symbolic dim given a distinct probe size (None when a dim is unknown). A product of
-    symbols and integers (torch's exporter writes a merged batch and sequence axis as `sequence*batch`) is
-    the product of their sizes."""
+def _unknown(d: ir.SymbolicDim) -> str | None:
+    """The key of a dim whose size the model does not say: "" for an unnamed one, the name of one ONNX shape
+    inference made up (`unk__N`: a Reshape or Expand to a computed shape, as optimum's exports have; one
+    name is one size wherever it appears), else None (a named symbol: any probe size may stand for it)."""
+    if d.value is None:
+        return ""
+    return str(d.value) if str(d.value).startswith("unk__") else None
+
+
+def _concrete(shape: ir.Shape | None, sizes: dict[str, int], free: bool = False) -> tuple[int, ...] | None:
+    """`shape` with each symbolic dim given a distinct probe size. A dim of unknown size (`_unknown`) takes the
+    size found for its name earlier in `sizes`, else it makes the shape None, or with `free` it is -1 (to
+    be taken from the data, `_step`). A product of symbols and integers (torch's exporter writes a merged
+    batch and sequence axis as `sequence*batch`) is the product of their sizes."""
     if shape is None:
         return None
     out = []
@@ -88,18 +99,46 @@ def _concrete(shape: ir.Shape | None, sizes: dict[str, int]) -> tuple[int, ...] 
         if isinstance(d, int):
             out.append(d)
             continue
-        if d.value is None:
-            return None
-        size = 1
+        key = _unknown(d)
+        if key is not None:
+            if key and key in sizes:
+                out.append(sizes[key])
+            elif free:
+                out.append(-1)
+            else:
+                return None
+            continue
+        size, named = 1, sum(1 for k in sizes if not k.startswith("unk__"))
         for factor in str(d.value).replace(" ", "").split("*"):
             if factor.isdigit():
                 size *= int(factor)
-            elif not factor or len(sizes) >= len(_PROBE_SIZES) and factor not in sizes:
+            elif not factor or named >= len(_PROBE_SIZES) and factor not in sizes:
                 return None
             else:
-                size *= sizes.setdefault(factor, _PROBE_SIZES[len(sizes)])
+                if factor not in sizes:
+                    sizes[factor], named = _PROBE_SIZES[named], named + 1
+                size *= sizes[factor]
         out.append(size)
     return tuple(out)
+
+
+def _learn(shape: ir.Shape, got: tuple[int, ...], sizes: dict[str, int]) -> None:
+    """Remember the sizes the data gave to `shape`'s made-up dims (`unk__N`)."""
+    for d, g in zip(shape, got):
+        key = None if isinstance(d, int) else _unknown(d)
+        if key:
+            sizes.setdefault(key, g)
+
+
+def column_ids(top: ir.Value, sizes: dict[str, int]) -> np.ndarray | None:
+    """`top` [..., W]'s column id at every element (W must be known; its other unknown dims get the size
+    `_FREE_SIZE`: the ids do not vary along them)."""
+    shape = _concrete(top.shape, sizes, free=True)
+    if not shape or shape[-1] < 0:
+        return None
+    shape = tuple(_FREE_SIZE if s < 0 else s for s in shape)
+    _learn(top.shape, shape, sizes)
+    return np.broadcast_to(np.arange(shape[-1]), shape)
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -139,8 +178,11 @@ def _select(ids: np.ndarray, node: ir.Node, out: ir.Value) -> np.ndarray | None:
 
 def _step(ids: np.ndarray, node: ir.Node, out: ir.Value, sizes: dict[str, int]) -> np.ndarray | None:
     """Apply one element-moving or selecting node to `ids` at its annotated output shape (None where they
-    disagree)."""
-    shape = _concrete(out.shape, sizes)
+    disagree). An output dim of unknown size (-1 from `_concrete`) is taken from the data: a Transpose or a
+    selection gives it, a Reshape with one of them solves it from the element count (as ONNX's -1 does), and
+    a Reshape keeping the last axis of columns constant along the others gives it `_FREE_SIZE`; the sizes
+    found are kept for the dim's name."""
+    shape = _concrete(out.shape, sizes, free=True)
     if shape is None:
         return None
     try:
@@ -151,16 +193,32 @@ def _step(ids: np.ndarray, node: ir.Node, out: ir.Value, sizes: dict[str, int]) 
             ids = np.broadcast_to(ids, shape)
         elif node.op_type in SELECT_OPS:
             ids = _select(ids, node, out)
-        elif ids.ndim and len(shape) and ids.shape[-1] == shape[-1] and (ids == ids.reshape(-1, shape[-1])[:1]).all():
+        elif ids.ndim and len(shape) and shape[-1] >= 0 and ids.shape[-1] == shape[-1] \
+                and (ids == ids.reshape(-1, shape[-1])[:1]).all():
+            shape = tuple(_FREE_SIZE if s < 0 else s for s in shape)
             ids = np.broadcast_to(ids.reshape(-1, shape[-1])[0], shape)  # a reshape keeping the last axis of
             # columns constant along the others ([batch*sequence, N] <-> [batch, sequence, N]): shape-free
         else:
             ids = ids.reshape(shape)
     except ValueError:
         return None
-    if ids is None or ids.shape != shape:
+    if ids is None or not _fits(ids.shape, shape):
         return None
+    _learn(out.shape, ids.shape, sizes)
     return ids
+
+
+def _fits(got: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    return len(got) == len(shape) and all(s in (-1, g) for g, s in zip(got, shape))
+
+
+def _broadcast_shape(shape: ir.Shape | None, like: np.ndarray, sizes: dict[str, int]) -> tuple[int, ...] | None:
+    """`shape` (P·V's output) with its unknown dims taken from `like` (the ids at V: batch, heads and head
+    size are V's, and the query axis, which V's ids do not vary along, gets V's sequence size)."""
+    out = _concrete(shape, sizes, free=True)
+    if out is None or len(out) != like.ndim:
+        return None if out is None or -1 in out else out
+    return tuple(g if s == -1 else s for g, s in zip(like.shape, out))
 
 
 @dataclass(frozen=True)
@@ -212,10 +270,9 @@ class ColumnTrace:
 def trace_columns(top: ir.Value, steps: list[Step]) -> ColumnTrace | str:
     """Push `top`'s column ids along `steps` (see `ColumnTrace`), or say why the shapes do not allow it."""
     sizes: dict[str, int] = {}
-    shape = _concrete(top.shape, sizes)
-    if shape is None or not shape or not isinstance(top.shape[-1], int):
+    ids = column_ids(top, sizes) if top.shape is not None and isinstance(top.shape[-1], int) else None
+    if ids is None:
         return "shapes on the path unknown (run shape inference)"
-    ids = np.broadcast_to(np.arange(shape[-1]), shape)
     history = [ids]
     for node, out in steps:
         ids = _step(ids, node, out, sizes)
@@ -248,7 +305,7 @@ def channel_map(trace: ColumnTrace, k: int, pv: ir.Node, o_path: list[ir.Node]) 
         return "shapes on the v→o path unknown or inconsistent"
     if not (ids == ids[..., :1, :]).all():
         return "V's sequence axis mixes channels"
-    out_shape = _concrete(pv.outputs[0].shape, sizes)
+    out_shape = _broadcast_shape(pv.outputs[0].shape, ids, sizes)
     if out_shape is None:
         return "shapes on the v→o path unknown (run shape inference)"
     try:

@@ -70,14 +70,14 @@ def find_blocks(model: ir.Model, sites: list[LinearSite]) -> list[Block]:
         if id(n) in site_nodes or any(v is not None and v.name in tainted for v in n.inputs):
             tainted.update(v.name for v in n.outputs)
 
-    # last position at which each value is read (graph outputs: read "at the end")
+    # last position at which each value is read by a node. Graph outputs are sinks: what later nodes compute
+    # does not depend on them, so a KV graph's present.* (a Concat of the cache and this layer's k/v, read
+    # by the attention after it and then returned) does not hold every cut open to the end.
     last_use: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for v in n.inputs:
             if v is not None:
                 last_use[v.name] = i
-    for v in graph.outputs:
-        last_use[v.name] = len(nodes)
 
     cuts: list[tuple[int, str]] = []  # (index of the last node before the cut, cut value)
     live_tainted: set[str] = set()

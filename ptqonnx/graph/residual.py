@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from ptqonnx.graph.scaling import ConstRef, _channel_vector
 from ptqonnx.graph.sites import LinearSite, find_embedding_gathers, find_linear_sites
-from ptqonnx.graph.trace import FLOAT_TYPES, ONNX_DOMAINS, Refusal, attr, trace_const
+from ptqonnx.graph.trace import FLOAT_TYPES, ONNX_DOMAINS, Refusal, attr, data_uses, trace_const
 
 __all__ = ["LAYERNORM_REASON", "StreamNorm", "StreamWriter", "ResidualStream", "find_residual_stream"]
 
@@ -89,7 +89,7 @@ def _const_equals(value: ir.Value | None, target: float) -> bool:
 
 
 def _sole_consumer(value: ir.Value, op_types: tuple[str, ...]) -> ir.Node | None:
-    uses = list(value.uses())
+    uses = data_uses(value)
     if value.is_graph_output() or len(uses) != 1:
         return None
     node = uses[0][0]
@@ -136,6 +136,11 @@ def _is_float_cast(node: ir.Node) -> bool:
     return node.op_type == "Cast" and node.domain in ONNX_DOMAINS and attr(node, "to", 0) in _NORM_CAST_TYPES
 
 
+def _is_noop_cast(node: ir.Node, dtype: ir.DataType) -> bool:
+    """A Cast of a stream value of type `dtype` to that type (an identity)."""
+    return _is_float_cast(node) and attr(node, "to", 0) == int(dtype)
+
+
 def _float_cast(value: ir.Value) -> ir.Node | None:
     """The Cast to a float type that is `value`'s only reader (fp16 models' norms compute in float32)."""
     node = _sole_consumer(value, ("Cast",))
@@ -173,7 +178,7 @@ def _norm(x: ir.Value, node: ir.Node, hidden: int, sites: dict[int, LinearSite],
     if out.is_graph_output():
         return Refusal(f"norm output {out.name} is a graph output (a rotation would change it)")
     readers = []
-    for user, idx in out.uses():
+    for user, idx in data_uses(out):
         site = sites.get(id(user))
         if site is None or idx != 0 or site.K != hidden:
             return Refusal(f"norm output {out.name} is read by {_who(user)}, not a linear layer")
@@ -190,14 +195,14 @@ def _writer(add: ir.Node, x: ir.Value, hidden: int, sites: dict[int, LinearSite]
         for i in (0, 1):
             inner = prod.inputs[1 - i]
             if _channel_vector(prod.inputs[i], hidden) and inner is not None and inner.producer() is not None \
-                    and id(inner.producer()) in sites and len(inner.uses()) == 1 and not inner.is_graph_output():
+                    and id(inner.producer()) in sites and len(data_uses(inner)) == 1 and not inner.is_graph_output():
                 bias, prod = ConstRef(prod, i, -1), inner.producer()
                 break
     site = sites.get(id(prod)) if prod is not None else None
     if site is None or site.N != hidden:
         made = f"made by {_who(prod)}" if prod is not None else "a graph input"
         return Refusal(f"residual {_who(add)} adds {w.name} ({made}), not a linear layer's output")
-    if len(w.uses()) != 1 or w.is_graph_output():
+    if len(data_uses(w)) != 1 or w.is_graph_output():
         return Refusal(f"{w.name} (added into the stream by {_who(add)}) is also read elsewhere")
     return StreamWriter(site, bias, add)
 
@@ -217,23 +222,24 @@ def _cast_norm(x: ir.Value, cast: ir.Node, hidden: int,
     xc = cast.outputs[0]
     if xc.is_graph_output():
         return None
-    start = next((u for u, _ in xc.uses() if _starts_norm(u, xc)), None)
+    start = next((u for u, _ in data_uses(xc) if _starts_norm(u, xc)), None)
     if start is None:
         return None
     found = _norm(xc, start, hidden, sites, stream=x)
-    if found and any(id(u) not in found[1] for u, _ in xc.uses()):
+    if found and any(id(u) not in found[1] for u, _ in data_uses(xc)):
         return Refusal(f"the float cast {xc.name} of stream value {x.name} is read outside its norm")
     return found
 
 
 def _walk(gather: ir.Node, sites: dict[int, LinearSite], max_steps: int) -> ResidualStream | Refusal:
     hidden = int(gather.inputs[0].const_value.shape[1])
+    dtype = gather.inputs[0].const_value.dtype  # the stream's type where an exporter left values untyped
     x = gather.outputs[0]
     values, norms, writers = [x], [], []
     for _ in range(max_steps):
         if x.is_graph_output():
             return Refusal(f"stream value {x.name} is a graph output (a rotation would change it)")
-        users = list({id(u): u for u, _ in x.uses()}.values())  # Mul(x, x) reads x twice
+        users = list({id(u): u for u, _ in data_uses(x)}.values())  # Mul(x, x) reads x twice
         covered: set[int] = set()
         for u in users:  # norms first: a decomposed RMSNorm reads x twice
             if _starts_norm(u, x):
@@ -242,7 +248,7 @@ def _walk(gather: ir.Node, sites: dict[int, LinearSite], max_steps: int) -> Resi
                     return found
                 norms.append(found[0])
                 covered |= found[1]
-            elif _is_float_cast(u):
+            elif _is_float_cast(u) and not _is_noop_cast(u, x.dtype or dtype):
                 found = _cast_norm(x, u, hidden, sites)
                 if found is None:
                     continue  # not a norm: refused below as an unknown reader
@@ -265,6 +271,8 @@ def _walk(gather: ir.Node, sites: dict[int, LinearSite], max_steps: int) -> Resi
             elif u.op_type == "Mul" and u.domain in ONNX_DOMAINS and any(
                     trace_const(i) and trace_const(i).initializer.const_value.size == 1 for i in u.inputs):
                 nxt = u  # a scalar scale commutes with any rotation
+            elif _is_noop_cast(u, x.dtype or dtype):
+                nxt = u  # optimum's float32 exports: the norm's upcast of a float32 stream, read by the residual too
             elif u.op_type == "LayerNormalization" or u.op_type in ("ReduceMean", "Sub"):
                 return Refusal(f"{_who(u)}: {LAYERNORM_REASON}")
             elif u.op_type.startswith("Skip"):

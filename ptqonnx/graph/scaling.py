@@ -29,8 +29,8 @@ absorbed (found structurally, never by node names):
   several heads) is skipped, and so are fused attention ops, non-layout ops on the path, a V shared with
   other consumers (a KV cache) and maps that are not 1:1, each with a Skip saying which.
 * `mul_insert`: anything else but attention outputs (including an X with consumers besides the group's
-  sites): a new `Mul(X, 1/s)` feeds only the group's sites (exact too; e.g. after GELU, which s does not
-  pass through).
+  sites; a `Shape` reader does not count, a scale leaves the shape as it is): a new `Mul(X, 1/s)` feeds
+  only the group's sites (exact too; e.g. after GELU, which s does not pass through).
 
 Between X and its producer the matches look through `Relu` (relu(y)/s = relu(y/s) for s > 0: OPT's fc2
 folds into fc1's columns) and through a `Reshape` keeping the last axis K (a channel stays a channel:
@@ -52,7 +52,7 @@ from ptqonnx.graph.attention import (
     ATTENTION_OPS, SELECT_OPS, attention_path, channel_map, column_path, row_columns, trace_columns,
 )
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
-from ptqonnx.graph.trace import ONNX_DOMAINS, attr, gemm_trans_b, trace_const, upstream_any
+from ptqonnx.graph.trace import ONNX_DOMAINS, attr, data_uses, gemm_trans_b, trace_const, upstream_any
 
 __all__ = [
     "ATTENTION_SKIP_REASON",
@@ -138,7 +138,7 @@ def _depends_on(value: ir.Value, target: ir.Node, stop: frozenset[int] = frozens
 
 
 def _only_consumer(value: ir.Value, node: ir.Node) -> bool:
-    uses = list(value.uses())
+    uses = data_uses(value)
     return not value.is_graph_output() and len(uses) == 1 and uses[0][0] is node
 
 
@@ -241,18 +241,17 @@ def _attention_producer(
         return f"V is not a layout of a linear layer's output (reached {stop})"
     node, refs = found
     site = producers[id(node)]
-    concat = next((i for i, (n, _) in enumerate(steps) if n.op_type == "Concat"), len(steps))
-    trace = trace_columns(top, steps[:concat])
-    if isinstance(trace, str):
+    if any(n.op_type == "Concat" for n, _ in steps):
+        return "V also holds tensors from outside (a KV cache Concat) that would not carry the scale"
+    trace = trace_columns(top, steps)
+    if isinstance(trace, str) and not (width == site.N and site.N < k):
         return trace
-    n_v = int(trace.columns.size)
-    if n_v != k:
+    n_v = int(trace.columns.size) if not isinstance(trace, str) else site.N  # an unfollowed GQA repeat: V is all
+    if n_v != k:  # of P_v's columns
         kind = "grouped-query attention" if k % n_v == 0 else "V narrower than the attention output"
         name = site.weight_name or site.name
         what = f"{name} {site.N} outputs" if n_v == site.N else f"V is {n_v} of {name}'s {site.N} outputs"
         return f"{kind} ({what}, this layer reads {k}): per-channel scales don't pass (as llm-awq)"
-    if concat < len(steps):
-        return "V also holds tensors from outside (a KV cache Concat) that would not carry the scale"
     siblings = trace.siblings(pv)
     post = [pv] + o_path[::-1]  # from P·V to X
     if isinstance(siblings, str) or not all(_only_consumer(a.outputs[0], b) for a, b in zip(post, post[1:])):
@@ -315,7 +314,7 @@ def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[
         x, k = members[0].activation, members[0].K
         member_nodes = {id(s.node) for s in members}
         private = not x.is_graph_output() and all(
-            idx == 0 and id(n) in member_nodes for n, idx in x.uses()
+            idx == 0 and id(n) in member_nodes for n, idx in data_uses(x)
         )
         attention = attention_path(x)
         if attention is not None:

@@ -41,11 +41,18 @@ class LinearSite:
     bias: ir.Value | None  # Gemm's C
     K: int
     N: int
-    is_lm_head: bool
+    is_lm_head: bool  # the last linear layer (its output is a graph output): an LM head or a classifier
+    head_output: str = ""  # the graph output it gives, when is_lm_head
 
     @property
     def name(self) -> str:
         return self.node.name or ""
+
+    @property
+    def head_label(self) -> str:
+        """What messages call the last layer: "LM head" when it gives logits, else "output layer" (a
+        classifier, an encoder's projection)."""
+        return "LM head" if "logits" in self.head_output.lower() else "output layer"
 
     @property
     def weight_name(self) -> str:
@@ -81,6 +88,8 @@ ROLE_KEY = "ptqonnx.role"  # node metadata naming nodes ptqonnx inserted for a p
 ONLINE_HADAMARD_ROLE = "online_hadamard"
 ONLINE_HADAMARD_REASON = "online Hadamard of a rotation (kept float)"
 GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
+CONV_REASON = "Conv layer: not quantized (ptqonnx quantizes MatMul/Gemm layers; convolutions are not built yet)"
+CONV_OPS = ("Conv", "ConvTranspose")
 
 
 def _trace_weight(value: ir.Value) -> ConstTrace | Refusal:
@@ -97,17 +106,18 @@ def _trace_weight(value: ir.Value) -> ConstTrace | Refusal:
     return found
 
 
-def _is_lm_head(node: ir.Node) -> bool:
-    """The last linear layer: its output is a graph output (logits), directly or through a Reshape/Cast."""
+def _head_output(node: ir.Node) -> str | None:
+    """The graph output the last linear layer gives (logits), directly or through a Reshape/Cast; None for any
+    other layer."""
     out = node.outputs[0]
     for _ in range(3):
         if out.is_graph_output():
-            return True
+            return out.name or ""
         consumers = list(out.consumers())
         if len(consumers) != 1 or consumers[0].op_type not in ("Reshape", "Cast", "Identity", "Add"):
-            return False
+            return None
         out = consumers[0].outputs[0]
-    return False
+    return None
 
 
 def _scan_node(node: ir.Node) -> LinearSite | Skip:
@@ -141,16 +151,22 @@ def _scan_node(node: ir.Node) -> LinearSite | Skip:
     bias_const = trace_const(bias) if bias is not None else None
     if bias is not None and (not bias_const or bias_const.initializer.const_value.size != n):
         return skip("Gemm bias C is not a constant vector of length N")
+    head = _head_output(node)
     return LinearSite(
         node=node, activation=x, weight_input=w, weight_source=source, weight_transposed=transposed,
-        bias=bias, K=int(k), N=int(n), is_lm_head=_is_lm_head(node),
+        bias=bias, K=int(k), N=int(n), is_lm_head=head is not None, head_output=head or "",
     )
 
 
 def find_linear_sites(model: ir.Model) -> SiteScan:
-    """All MatMul/Gemm nodes of the main graph, split into quantizable sites and skips (with reasons)."""
+    """All MatMul/Gemm nodes of the main graph, split into quantizable sites and skips (with reasons); Conv
+    layers with a constant weight are skips too, so that a CNN's convolutions are reported, not passed over
+    in silence."""
     scan = SiteScan()
     for node in model.graph:
+        if node.domain in ONNX_DOMAINS and node.op_type in CONV_OPS and len(node.inputs) > 1 \
+                and trace_const(node.inputs[1]):
+            scan.skipped.append(Skip(node.name or "", node.op_type, CONV_REASON))
         if node.domain not in ONNX_DOMAINS or node.op_type not in ("MatMul", "Gemm"):
             continue
         res = _scan_node(node)

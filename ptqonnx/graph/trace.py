@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-__all__ = ["ConstTrace", "Refusal", "FLOAT_TYPES", "ONNX_DOMAINS", "attr", "trace_const", "gemm_trans_b",
-           "upstream_any"]
+__all__ = ["ConstTrace", "Refusal", "FLOAT_TYPES", "ONNX_DOMAINS", "attr", "data_uses", "trace_const",
+           "gemm_trans_b", "upstream_any"]
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -52,6 +52,16 @@ class ConstTrace:
     @property
     def casts(self) -> tuple[ir.Node, ...]:
         return tuple(n for n in self.chain if n.op_type == "Cast")
+
+
+_SHAPE_READERS = ("Shape", "Size")
+
+
+def data_uses(value: ir.Value) -> list[tuple[ir.Node, int]]:
+    """The uses of `value` that read its elements: a `Shape`/`Size` reader (exporters such as optimum's
+    read a hidden state's shape for the sequence length) is left out, as a per-channel scale or an
+    orthogonal rotation of the value leaves its shape unchanged."""
+    return [(n, i) for n, i in value.uses() if not (n.op_type in _SHAPE_READERS and n.domain in ONNX_DOMAINS)]
 
 
 def attr(node: ir.Node, name: str, default):

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph.attention import ATTENTION_OPS, Step, _concrete, _step, attention_path, column_path
+from ptqonnx.graph.attention import (ATTENTION_OPS, Step, _broadcast_shape, _step, attention_path, column_ids,
+                                     column_path)
 from ptqonnx.graph.scaling import ConstRef, _channel_vector
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
 from ptqonnx.graph.trace import ONNX_DOMAINS, trace_const, upstream_any
@@ -56,11 +57,11 @@ def _head_blocks(top: ir.Value, v_steps: list[Step], pv: ir.Node, o_path: list[i
                  k: int) -> tuple[int, ...] | str:
     """X block b ↦ V block g(b) with channel b·d + j carrying V column g(b)·d + j, all of one P·V head."""
     sizes: dict[str, int] = {}
-    shape, out_shape = _concrete(top.shape, sizes), None
-    if shape is None or not shape:
+    ids = column_ids(top, sizes)
+    if ids is None:
         return "shapes on the v→o path unknown (run shape inference)"
-    cols = _follow(np.broadcast_to(np.arange(shape[-1]), shape), v_steps, sizes)  # V column behind each V element
-    out_shape = _concrete(pv.outputs[0].shape, sizes)
+    cols = _follow(ids, v_steps, sizes)  # V column behind each V element
+    out_shape = None if cols is None else _broadcast_shape(pv.outputs[0].shape, cols, sizes)
     if cols is None or cols.ndim < 2 or out_shape is None or out_shape[-1] != d:
         return "shapes on the v→o path unknown or inconsistent"
     if not (cols == cols[..., :1, :]).all():

@@ -40,12 +40,12 @@ class Calibration:
     feeds given directly (a list of {input name: array})."""
 
     def __init__(self, source: CalibConfig | Sequence[Mapping[str, np.ndarray]] | None, model_dir: Path | None,
-                 input_names: Sequence[str]) -> None:
+                 inputs: Sequence[str | ir.Value]) -> None:
         self.supplied = source is not None
         self._config = source if isinstance(source, CalibConfig) or source is None else None
         self._feeds: Feeds | None = None if self._config is not None or source is None else [dict(f) for f in source]
         self.model_dir = model_dir
-        self.input_names = list(input_names)
+        self.inputs = list(inputs)  # graph inputs: values (their shapes build a KV graph's empty cache)
 
     @property
     def config(self) -> CalibConfig:
@@ -55,7 +55,7 @@ class Calibration:
         if self._feeds is None:
             from ptqonnx.calibration.sources import calibration_batches
 
-            self._feeds = calibration_batches(self.config, self.model_dir, self.input_names)
+            self._feeds = calibration_batches(self.config, self.model_dir, self.inputs)
         return self._feeds
 
 
