@@ -14,8 +14,7 @@ it (`gqa_head_dims`: kv_num_heads, and the query width over the heads).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import onnx_ir as ir
 
 from ptqonnx.errors import UserError
 
-__all__ = ["CONVENTIONS", "cache_convention", "cache_head_dims", "empty_past", "gqa_head_dims", "is_past"]
+__all__ = ["CONVENTIONS", "cache_head_dims", "empty_past", "gqa_head_dims", "is_past"]
 
 # (name, past-input pattern, present-output format)
 CONVENTIONS = (
@@ -35,12 +34,6 @@ CONVENTIONS = (
 def is_past(name: str) -> bool:
     """Whether `name` is a KV-cache input under one of the conventions."""
     return any(p.fullmatch(name or "") for _, p, _ in CONVENTIONS)
-
-
-def cache_convention(names: Iterable[str]):
-    """(convention, pattern, present format) of the first convention any of `names` follows, or None."""
-    names = list(names)
-    return next((c for c in CONVENTIONS if any(c[1].fullmatch(n or "") for n in names)), None)
 
 
 def gqa_head_dims(past: ir.Value) -> tuple[int, int] | None:

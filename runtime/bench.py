@@ -103,7 +103,7 @@ class ModelFeeds:
     and head shape from the input's metadata) for a prefill, or fed back from `present.{i}.key/.value`.
     """
 
-    def __init__(self, sess, batch: int = 1, seed: int = 0, model_path: str | Path | None = None) -> None:
+    def __init__(self, sess, batch: int = 1, seed: int = 0) -> None:
         self.sess = sess
         self.batch = batch
         self.rng = np.random.default_rng(seed)
@@ -117,7 +117,7 @@ class ModelFeeds:
             raise UserError(f"cannot build feeds for inputs {other}; supported: {', '.join(_TOKEN_INPUTS)} and "
                             f"{_PAST_PREFIX}{{i}}.key/.value")
         self.outputs = [o.name for o in sess.get_outputs()]
-        self.heads = self._cache_heads(model_path or getattr(sess, "_model_path", None))  # ORT keeps the path
+        self.heads = self._cache_heads(getattr(sess, "_model_path", None))  # ORT keeps a path session's file
         self.vocab = self._vocab()
 
     def _cache_heads(self, model_path) -> dict[str, tuple[int, int]]:
