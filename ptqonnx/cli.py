@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(smoothquant, w8a8, gptq --one-shot) instead of a calibration run")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks of the output (loading it "
                    "and comparing ORT_ENABLE_ALL with ORT_DISABLE_ALL on a probe input)")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (and report)")
+    p.add_argument("--report", type=Path, metavar="DIR", help="also write report.json, report.md and plots to DIR: "
+                   "per-layer quantization error on held-out calibration rows (calibration flags are then "
+                   "used by rtn too), input outliers before/after smoothing or rotation, sizes, time per step "
+                   "(needs matplotlib: pip install 'ptqonnx[report]')")
     _TABLES["config"] = add_config_flags(p, classes)
     _TABLES["calib"] = add_calibration_flags(p)
 
@@ -243,7 +247,9 @@ def _compile_recipe(args):
         recipe = recipe_from_args(args.method or "rtn", args.w8a8, args, table, classes, rotate=args.rotate)
     calib = calib_from_args(args, _TABLES["calib"], recipe.calibration, classes)
     given = given_flags(args, _TABLES["calib"])
-    if given and not recipe.needs_calibration:
+    measures = args.report is not None or any(st.kind == "weights" and st.budget_bits is not None
+                                              for st in recipe.stages)  # data the report / budget measure on
+    if given and not recipe.needs_calibration and not measures:
         raise UserError(f"{recipe.method} needs no calibration data; drop {', '.join(given)}")
     if args.stats is not None and not recipe.needs_calibration:
         raise UserError(f"{recipe.method} needs no statistics; drop --stats")
@@ -261,12 +267,15 @@ def _cmd_compile(args) -> None:
     report = compile_model(
         args.model, args.output, recipe, calibration=calib, stats=args.stats, verify_ort=not args.no_verify,
         progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)), force=args.force,
+        report_dir=args.report,
     )
     for line in report.lines(all_skips=args.verbose > 0):
         print(line)
     print(f"wrote {report.output_path} ({_mib(report.output_bytes)}, input {_mib(report.input_bytes)}) "
           f"in {report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB; recipe "
           f"{recipe_path_for(report.output_path)}")
+    if report.report_files:
+        print(f"report: {report.report_files[1] if len(report.report_files) > 1 else report.report_files[0]}")
 
 
 def _cmd_calibrate(args) -> None:

@@ -233,10 +233,27 @@ class WeightStage(StageConfig):
 
     fp8: bool = option(False, "FLOAT8 E4M3 codes per output channel instead of an integer grid (set by the w8a8 "
                        "stage's qtype fp8)")
+    budget_bits: float | None = option(
+        None, "mixed precision: average bits per quantized weight, scales included (e.g. 4.5); the layers whose "
+        "measured error drops most per added bit get 8 bits per channel until the budget is used (the choice is "
+        "written to the recipe as high_bits)", flag="--budget-bits", metavar="B")
+    high_bits: tuple[str, ...] = option(
+        (), "layers (node-name patterns) quantized to 8 bits per output channel instead of this stage's grid "
+        "(what --budget-bits chose)")
 
     @property
     def positive_scales(self) -> bool:
         return self.scales == "positive"
+
+    def high_grid(self) -> WeightStage:
+        """The grid a layer raised by the budget gets: 8 bits per output channel, otherwise this stage's."""
+        return dataclasses.replace(self, bits=8, group_size=None, budget_bits=None, high_bits=())
+
+    def for_site(self, name: str) -> WeightStage:
+        """The grid of one layer: `high_grid()` for a layer `high_bits` names, else this stage's."""
+        if self.high_bits and self.bits < 8 and matches_any(self.high_bits, name):
+            return self.high_grid()
+        return self
 
     def validate(self) -> None:
         if self.scales == "positive" and not self.symmetric:
@@ -255,6 +272,16 @@ class WeightStage(StageConfig):
             raise ConfigError(f"{self.bits}-bit weights need a group size (e.g. 128) in {{0}}; per channel is for "
                               "8 bits", self.ref("group_size"))
         object.__setattr__(self, "group_size", g)
+        if self.budget_bits is not None:
+            if self.bits >= 8 or self.fp8:
+                raise ConfigError("{0} spends bits above a 3- or 4-bit grid; drop it for 8-bit weights",
+                                  self.ref("budget_bits"))
+            if not self.bits < self.budget_bits < 8.5:
+                raise ConfigError(f"{{0}} must be between the grid's {self.bits} bits and 8.5, got {self.budget_bits}",
+                                  self.ref("budget_bits"))
+            if self.high_bits:
+                raise ConfigError("{0} chooses the 8-bit layers that {1} lists; give one of them",
+                                  self.ref("budget_bits"), self.ref("high_bits"))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ modified); `compile_model` goes file to file and writes the recipe it ran beside
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -42,6 +44,8 @@ __all__ = ["compile_model", "quantize", "prepare_model", "default_output_path", 
 logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 1024  # rows kept per requested `sample` statistic
+REPORT_SAMPLES = 4  # held-out calibration samples the report's per-layer measurements run on
+REPORT_ROWS = 256  # input rows per layer kept for its error
 CalibrationArg = CalibConfig | Sequence[Mapping[str, np.ndarray]] | None
 
 
@@ -214,6 +218,7 @@ def quantize(
     stats: str | Path | None = None,
     progress: Progress | None = None,
     model_dir: str | Path | None = None,
+    analyze: bool = False,
 ) -> ir.Model:
     """Quantize `model` (a path, an `onnx.ModelProto` or an `onnx_ir.Model`, never modified) with `config`
     (a `Recipe`, one stage config such as `GptqConfig(bits=4)`, or a list of them) and return the rewritten
@@ -222,14 +227,16 @@ def quantize(
     `calibration`: a `CalibConfig` (text windows or an npz) or the feeds themselves (a list of {input name:
     array}); a recipe's own `calibration` is used when this is None. `stats`: a `.npz` written by `ptqonnx
     calibrate`, used instead of a collection run for the one-shot statistics. `model_dir`: where the
-    tokenizer is looked for (default: the model's folder when `model` is a path).
+    tokenizer is looked for (default: the model's folder when `model` is a path). `analyze`: measure every
+    layer's quantization error and input outliers into the report (`CompileReport.layers`, `sizes`), on
+    held-out calibration rows (two or three extra ONNX Runtime runs over `REPORT_SAMPLES` samples).
     """
     recipe = _recipe(config)
     _check_requirements(recipe)
     ir_model, folder = _as_model(model)
     report = CompileReport(Path(model) if isinstance(model, (str, Path)) else None, None, recipe=recipe)
     _quantize_in_place(ir_model, recipe, calibration if calibration is not None else recipe.calibration,
-                       Path(model_dir) if model_dir is not None else folder, stats, progress, report)
+                       Path(model_dir) if model_dir is not None else folder, stats, progress, report, analyze)
     ir_model.meta["ptqonnx.report"] = report
     return ir_model
 
@@ -266,8 +273,11 @@ def _infer_shapes(model: ir.Model) -> None:
 
 
 def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: CalibrationArg, model_dir: Path | None,
-                       stats_path: str | Path | None, progress: Progress | None, report: CompileReport) -> None:
-    prepare_model(model)
+                       stats_path: str | Path | None, progress: Progress | None, report: CompileReport,
+                       analyze: bool = False) -> None:
+    timed = _Timer(report)
+    with timed("prepare"):
+        prepare_model(model)
     scan = find_linear_sites(model)
     sites, skipped = _select_sites(scan.sites, recipe)
     skipped = scan.skipped + skipped
@@ -276,13 +286,20 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, list(model.graph.inputs)),
                         progress=progress)
     specs = [(method_spec(stage), stage) for stage in recipe.stages]
+    held, before = None, None
+    if analyze:
+        with timed("report: input profile"):
+            held, report.analysis = _held_feeds(ctx)
+            if held is not None and any(cfg.kind in ("transform", "scaling") for cfg in recipe.stages):
+                before = _input_absmax(model, ctx.sites, held)
     early = [(spec, cfg) for spec, cfg in specs if cfg.before_statistics]
     if early:  # rotations: every later stage selects, measures and quantizes the rewritten graph
         if more:
             raise UserError("rotations would spread the NaN/Inf weights of "
                             f"{', '.join(s.node for s in more[:3])} into every layer; fix the model or drop --rotate")
         for spec, cfg in early:
-            _run_stage(spec, cfg, ctx, report, skipped)
+            with timed(cfg.stage):
+                _run_stage(spec, cfg, ctx, report, skipped)
         scan = find_linear_sites(model)
         ctx.sites, selected = _select_sites(scan.sites, recipe)
         skipped = scan.skipped + selected
@@ -299,30 +316,137 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     for spec, cfg in specs:
         for name, kinds in (spec.requests(ctx, cfg) if spec.requests is not None else {}).items():
             requests.setdefault(name, set()).update(kinds)
+    budget = next((st.budget_bits for st in recipe.stages if st.kind == "weights"), None)
+    if budget is not None and (ctx.calibration.supplied or stats_path is not None):
+        for s in ctx.sites:  # the budget ranks layers by their error on these rows
+            requests.setdefault(s.activation.name, set()).add("sample")
     requests = {k: v for k, v in requests.items() if v}
     if stats_path is not None and not requests:
         raise UserError(f"{recipe.method} calibrates block by block on the partly quantized model and reads no "
                         "saved statistics; drop --stats (one-shot stages read them: smoothquant, w8a8, gptq "
                         "--one-shot)")
     if requests:
-        ctx.stats, ctx.stats_origin = _statistics(ctx, requests, Path(stats_path) if stats_path else None)
+        with timed("statistics"):
+            ctx.stats, ctx.stats_origin = _statistics(ctx, requests, Path(stats_path) if stats_path else None)
 
+    if budget is not None:
+        with timed("budget"):
+            recipe = _spend_budget(ctx, report)
+        specs = [(method_spec(stage), stage) for stage in recipe.stages]
     driven = any(s.kind == "scaling" for s in recipe.stages)  # awq runs the weights stage itself
     for spec, cfg in specs:
         if not (cfg.kind == "weights" and driven) and not cfg.before_statistics:
-            _run_stage(spec, cfg, ctx, report, skipped)
+            with timed(cfg.stage):
+                _run_stage(spec, cfg, ctx, report, skipped)
+    if analyze and ctx.plan:
+        with timed("report: layer errors"):
+            report.layers = _measure_layers(ctx, held, before)
 
     if recipe.target == "tensorrt" and recipe.w8a8 is None:
         _check_tensorrt_blocks(ctx.sites, recipe.weights.group_size)
     passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), ctx.activations)
-    run_passes(passes, model)
-    if recipe.target is not None:
-        report.notes += _check_target(model, recipe.target)
+    with timed("lowering"):
+        run_passes(passes, model)
+        if recipe.target is not None:
+            report.notes += _check_target(model, recipe.target)
+    if analyze:
+        from ptqonnx.analysis import size_breakdown
+
+        report.sizes = size_breakdown(model)
     report.quantized = [s.name for s in ctx.sites]
     report.skipped = skipped
     if emb is not None:
         report.embeddings_quantized = sum(1 for n in model.graph if n.op_type == "GatherBlockQuantized")
         report.skipped += [Skip(n, "Gather", r) for n, r in emb.skipped]
+
+
+class _Timer:
+    """`with timed("step"):` adds the step's wall time to `report.timings` (seconds, in run order)."""
+
+    def __init__(self, report: CompileReport) -> None:
+        self.report = report
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.timings[step] = self.report.timings.get(step, 0.0) + time.perf_counter() - t0
+
+
+def _spend_budget(ctx: MethodContext, report: CompileReport) -> Recipe:
+    """`--budget-bits`: rank the selected layers by their RTN error (`ptqonnx.budget`) on the statistics' sample
+    rows (or the weights alone), raise the best error-per-bit ones to 8 bits, and return the recipe with that
+    choice as the weights stage's `high_bits` (which every later stage, the report and the written recipe
+    read)."""
+    from ptqonnx.budget import choose_high_bits, layer_cost
+    from ptqonnx.report import BudgetSummary
+
+    recipe, w = ctx.recipe, ctx.recipe.weights
+    on_data = all(s.activation.name in ctx.stats and ctx.stats[s.activation.name].sample is not None
+                  for s in ctx.sites)
+    costs = [layer_cost(s.name, s.weight_nk(), ctx.stats[s.activation.name].sample if on_data else None, w,
+                        8 * s.weight_source.const_value.dtype.itemsize, recipe.format) for s in ctx.sites]
+    high, reached, floor = choose_high_bits(costs, w.budget_bits)
+    raised = dataclasses.replace(w, budget_bits=None, high_bits=tuple(high))
+    recipe = dataclasses.replace(recipe, stages=tuple(raised if st is w else st for st in recipe.stages))
+    measured = (f"relative output MSE of RTN on {ctx.stats_origin}" if on_data
+                else "relative weight MSE of RTN (no calibration data)")
+    report.stages.append(BudgetSummary("budget", budget_bits=w.budget_bits, bits_per_weight=reached,
+                                       grid_bits=floor, high=tuple(high),
+                                       errors={c.name: c.base_error for c in costs}, measured=measured))
+    logger.info("budget %.3g bits per weight: %d of %d layers at 8 bits, %.3f bits per weight reached",
+                w.budget_bits, len(high), len(costs), reached)
+    ctx.recipe = report.recipe = recipe
+    return recipe
+
+
+def _held_feeds(ctx: MethodContext) -> tuple[list[dict[str, np.ndarray]] | None, str]:
+    """The report's measurement rows, and how they were drawn: text calibration draws `REPORT_SAMPLES` fresh
+    windows with the next seed (held out from what the methods saw); an npz or given feeds have no more
+    samples than calibration used, so their last ones are reused (said so); no data: None (data-free)."""
+    cal = ctx.calibration
+    if not cal.supplied:
+        return None, "no calibration data: per-layer error is the weight-space ||W_hat - W||^2 / ||W||^2"
+    cfg = cal.config
+    if cal.draws_text:
+        from ptqonnx.calibration.sources import calibration_batches
+
+        held = dataclasses.replace(cfg, samples=min(cfg.samples, REPORT_SAMPLES), seed=cfg.seed + 1)
+        feeds = calibration_batches(held, cal.model_dir, cal.inputs)
+        return feeds, (f"relative output MSE on {len(feeds)} held-out windows of {cfg.seq_len} tokens (seed "
+                       f"{held.seed}; calibration drew with seed {cfg.seed}), {REPORT_ROWS} rows per layer")
+    feeds = ctx.feeds()[-REPORT_SAMPLES:]
+    return feeds, (f"relative output MSE on the last {len(feeds)} calibration samples (not held out: the "
+                   f"calibration data has no more), {REPORT_ROWS} rows per layer")
+
+
+def _input_absmax(model: ir.Model, sites: Sequence[LinearSite], feeds) -> dict[str, np.ndarray]:
+    """Per-channel absmax of each site's input (by site name), one ONNX Runtime run over `feeds`."""
+    from ptqonnx.runtime.collect import collect_statistics
+
+    stats = collect_statistics(model, feeds, {s.activation.name: {"absmax"} for s in sites})
+    return {s.name: stats[s.activation.name].absmax for s in sites}
+
+
+def _measure_layers(ctx: MethodContext, feeds, before: dict[str, np.ndarray] | None) -> list:
+    """Every planned layer's error on the float model it was quantized from (`ptqonnx.analysis`)."""
+    from ptqonnx.analysis import measure_layers
+
+    current = {s.name: s for s in find_linear_sites(ctx.model).sites if s.name in ctx.plan}
+    rows = after = None
+    if feeds is not None:
+        from ptqonnx.runtime.collect import collect_statistics
+
+        stats = collect_statistics(ctx.model, feeds, {s.activation.name: {"absmax", "sample"}
+                                                      for s in current.values()}, sample_rows=REPORT_ROWS)
+        rows = {n: stats[s.activation.name].sample for n, s in current.items()}
+        after = {n: stats[s.activation.name].absmax for n, s in current.items()}
+    plan = {n: p for n, p in ctx.plan.items() if n in current}
+    grids = {n: g[0] for n, g in ctx.activations.grids.items() if 0 in g} if ctx.activations is not None else None
+    return measure_layers(plan, {n: current[n].weight_nk() for n in plan}, rows,
+                          before if before is not None else after, after, grids)
 
 
 def _run_stage(spec, cfg: StageConfig, ctx: MethodContext, report: CompileReport, skipped: list[Skip]) -> None:
@@ -348,11 +472,13 @@ def compile_model(
     progress: Progress | None = None,
     write_recipe: bool = True,
     force: bool = False,
+    report_dir: str | Path | None = None,
 ) -> CompileReport:
     """Quantize the model file at `input_path` and write it to `output_path` (or a default beside it), plus
     the recipe actually run (`recipe_path_for(output)`), from which the same output can be compiled again.
     An existing output is replaced only with `force`; the output never names an input file (checked, with the
-    disk space, before any compute)."""
+    disk space, before any compute). `report_dir`: measure every layer (`quantize(analyze=True)`) and write
+    `report.json`, `report.md` and its plots there (`ptqonnx.report_files`)."""
     t0 = time.perf_counter()
     recipe = _recipe(config)
     _check_requirements(recipe)
@@ -362,22 +488,31 @@ def compile_model(
     inputs = model_files(src)
     check_output_path(dst, inputs, force=force)
     preflight(dst, file_bytes(src))
+    if report_dir is not None:
+        from ptqonnx.report_files import check_report_dir
+
+        check_report_dir(Path(report_dir), force=force)
     calib = calibration if calibration is not None else recipe.calibration
     if isinstance(calib, CalibConfig):
         calib = _absolute(calib)
         recipe = as_recipe(recipe, calibration=calib) if recipe.needs_calibration else recipe
     report = CompileReport(src, dst, recipe=recipe, input_bytes=file_bytes(src))
-    _quantize_in_place(model, recipe, calib, src.parent, stats, progress, report)
-    report.notes += save_model(model, dst, verify_ort=verify_ort)
+    _quantize_in_place(model, recipe, calib, src.parent, stats, progress, report, analyze=report_dir is not None)
+    with _Timer(report)("save and checks"):
+        report.notes += save_model(model, dst, verify_ort=verify_ort)
     if write_recipe:
         from ptqonnx.recipe import save_recipe
 
-        save_recipe(recipe, recipe_path_for(dst))
+        save_recipe(report.recipe, recipe_path_for(dst))
     report.output_bytes = file_bytes(dst)
     report.peak_rss_mib = _peak_rss_mib()
     report.seconds = time.perf_counter() - t0
     logger.info("compiled %s -> %s: %d linear layers quantized, %d skipped in %.1f s",
                 src, dst, len(report.quantized), len(report.skipped), report.seconds)
+    if report_dir is not None:
+        from ptqonnx.report_files import write_report
+
+        report.report_files = write_report(report, Path(report_dir))
     return report
 
 

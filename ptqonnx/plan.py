@@ -56,8 +56,9 @@ def rtn_solver(cfg: WeightStage, clip_ratios: Mapping[str, np.ndarray] | None = 
     def solve(site: LinearSite, w: np.ndarray) -> QuantizedWeight:
         if cfg.fp8:
             return quantize_weight_fp8(w)
-        ratio = 1.0 if clip_ratios is None else clip_ratios.get(site.name, 1.0)
-        return quantize_weight(w, cfg.bits, block_size_for(cfg, site.K), cfg.symmetric, ratio, cfg.positive_scales)
+        c = cfg.for_site(site.name)
+        ratio = 1.0 if clip_ratios is None or c is not cfg else clip_ratios.get(site.name, 1.0)
+        return quantize_weight(w, c.bits, block_size_for(c, site.K), c.symmetric, ratio, c.positive_scales)
 
     return solve
 
@@ -77,17 +78,28 @@ def gptq_stage_solver(cfg: GptqConfig, losses: dict[str, float] | None = None):
     H = 2/n XᵀX): `solve(sites, weights [N_i, K], H)` -> one QuantizedWeight per site. The rows of all the
     weights go through one sweep (GPTQ treats rows independently given H, so this equals one sweep per
     site, with one factorization of H and one column loop instead of several). The grids GPTQ chose while
-    sweeping are the ones kept (no re-derivation). Losses are recorded by weight name when `losses` is given."""
-    from ptqonnx.numerics.gptq import gptq_quantize
+    sweeping are the ones kept (no re-derivation). Losses are recorded by weight name when `losses` is given.
+    Sites on different grids (`high_bits`: 8 bits per channel) are swept apart, one sweep per grid."""
 
     def solve(sites: Sequence[LinearSite], weights: Sequence[np.ndarray],
               hessian: np.ndarray) -> list[QuantizedWeight]:
+        grids = [cfg.for_site(site.name) for site in sites]
+        out: dict[int, QuantizedWeight] = {}
+        for grid in dict.fromkeys(grids):  # frozen configs: equal grids hash alike
+            idx = [i for i, g in enumerate(grids) if g == grid]
+            out.update(zip(idx, sweep(grid, [sites[i] for i in idx], [weights[i] for i in idx], hessian)))
+        return [out[i] for i in range(len(sites))]
+
+    def sweep(grid: GptqConfig, sites: Sequence[LinearSite], weights: Sequence[np.ndarray],
+              hessian: np.ndarray) -> list[QuantizedWeight]:
+        from ptqonnx.numerics.gptq import gptq_quantize
+
         ends = np.cumsum([w.shape[0] for w in weights])
         res = gptq_quantize(
-            np.concatenate(weights) if len(weights) > 1 else weights[0], hessian, bits=cfg.bits,
-            block_size=cfg.group_size, symmetric=cfg.symmetric, positive=cfg.positive_scales, damp=cfg.damp,
-            act_order=cfg.act_order,
-            static_groups=cfg.act_order, device=cfg.device,
+            np.concatenate(weights) if len(weights) > 1 else weights[0], hessian, bits=grid.bits,
+            block_size=grid.group_size, symmetric=grid.symmetric, positive=grid.positive_scales, damp=grid.damp,
+            act_order=grid.act_order,
+            static_groups=grid.act_order, device=grid.device,
         )
         qw, out = res.qweight, []
         for site, a, b in zip(sites, np.concatenate([[0], ends[:-1]]), ends):

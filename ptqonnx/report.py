@@ -16,7 +16,8 @@ from typing import Any
 from ptqonnx.graph import Skip
 
 __all__ = [
-    "StageSummary", "WeightsSummary", "ScalesSummary", "RotationSummary", "W8A8Summary", "CompileReport",
+    "StageSummary", "WeightsSummary", "BudgetSummary", "ScalesSummary", "RotationSummary", "W8A8Summary",
+    "CompileReport",
 ]
 
 
@@ -51,6 +52,24 @@ class WeightsSummary(StageSummary):
             out.append(f"{self.stage}: {len(self.fallback)} layers fell back to RTN (calibration input "
                        f"{', '.join(sorted(set(self.fallback.values())))}): {', '.join(list(self.fallback)[:3])}")
         return out
+
+
+@dataclass(frozen=True)
+class BudgetSummary(StageSummary):
+    """Mixed precision under `--budget-bits`: the layers raised to 8 bits per channel and the bits reached."""
+
+    budget_bits: float = 0.0
+    bits_per_weight: float = 0.0  # reached, codes + scales + zero points as written
+    grid_bits: float = 0.0  # with no layer raised
+    high: tuple[str, ...] = ()
+    errors: dict[str, float] = field(default_factory=dict)  # layer -> its error on the grid (the ranking)
+    measured: str = ""
+
+    def lines(self) -> list[str]:
+        top = sorted(self.errors, key=self.errors.get, reverse=True)[:3]
+        return [f"budget {self.budget_bits:g} bits per weight: {len(self.high)} of {len(self.errors)} layers at 8 "
+                f"bits per channel, {self.bits_per_weight:.3f} bits per weight ({self.grid_bits:.3f} with none); "
+                f"ranked by {self.measured}; largest errors: {', '.join(top)}"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,11 @@ class W8A8Summary(StageSummary):
         kind = "FP8 E4M3 " if self.qtype == "fp8" else ""
         out = [f"{kind}W8A8 ({self.target}): activations of {self.static_layers} layers static per tensor{dyn}{bmm}; "
                f"calibration {self.calibration}"]
+        if self.target == "tensorrt":  # measured: benchmarks/results/targets.md, smoothquant.md (SmolLM2)
+            out.append(f"W8A8: the TensorRT form runs on ONNX Runtime CPU as DequantizeLinear + float MatMul, "
+                       f"{'slower than' if self.qtype == 'fp8' else 'about as fast as'} FP32 there (measured "
+                       f"{'1.3-1.6x' if self.qtype == 'fp8' else '0.9-1.0x'} FP32 prefill on SmolLM2); "
+                       "--target ort-cpu writes what ORT CPU runs in int8 (0.6x)")
         if self.weight_only:
             out.append(f"W8A8: {len(self.weight_only)} layers saw all-zero calibration inputs and keep float "
                        f"activations (INT8 weights only): {', '.join(self.weight_only[:3])}")
@@ -146,6 +170,12 @@ class CompileReport:
     input_bytes: int = 0
     output_bytes: int = 0
     notes: list[str] = field(default_factory=list)  # what the output checks found for the user (io.save_model)
+    timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, in run order
+    # filled when the compile was asked to measure (`quantize(analyze=True)`, `compile --report DIR`):
+    layers: list[Any] = field(default_factory=list)  # ptqonnx.analysis.LayerMeasure per quantized layer
+    sizes: dict[str, int] = field(default_factory=dict)  # output initializer bytes: quantized / embeddings / float
+    analysis: str = ""  # how the layers were measured, in words
+    report_files: list[Path] = field(default_factory=list)
 
     def skip_summary(self) -> list[tuple[str, int]]:
         return Counter(s.reason for s in self.skipped).most_common()
@@ -174,7 +204,8 @@ class CompileReport:
             "quantized": self.quantized, "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "embeddings_quantized": self.embeddings_quantized, "stages": [s.to_dict() for s in self.stages],
             "peak_rss_mib": self.peak_rss_mib, "seconds": self.seconds, "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes, "notes": self.notes,
+            "output_bytes": self.output_bytes, "notes": self.notes, "timings": self.timings,
+            "analysis": self.analysis, "sizes": self.sizes, "layers": [dataclasses.asdict(m) for m in self.layers],
         })
 
 

@@ -194,3 +194,24 @@ def decode_gap(path: Path, ids: np.ndarray) -> float:
         step = sess.run(["logits"], feeds.build(row[None, -1:], feeds.presents_as_past(outs)))[0][0, -1]
         worst = max(worst, float(np.abs(step - full).max() / np.abs(full).max()))
     return worst
+
+
+def activations(model_path: Path, names: list[str], feeds) -> dict[str, np.ndarray]:
+    """Each named value over all feeds, rows [R, K] (the float model, no graph optimizations)."""
+    model = onnx.load(str(model_path))
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    runs = [sess.run(names, f) for f in feeds]
+    return {n: np.concatenate([r[i].reshape(-1, r[i].shape[-1]) for r in runs]) for i, n in enumerate(names)}
+
+
+def float_weights(path: Path) -> dict[str, np.ndarray]:
+    """weight name -> W [N, K] of the float model: a MatMul's weight is stored [K, N], a tied LM head's table
+    [N, K] behind a Transpose."""
+    model = onnx.load(str(path))
+    transposed = {n.input[0] for n in model.graph.node if n.op_type == "Transpose"}
+    return {i.name: (a if i.name in transposed else a.T) for i in model.graph.initializer
+            if i.name.endswith(".weight") and (a := numpy_helper.to_array(i).astype(np.float32)).ndim == 2}

@@ -104,7 +104,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
         for site in stage.sites:
             ws = site.weight_nk() * s  # float32, as FoldScalesPass writes it
             bs = block_size_for(w, site.K)
-            if acfg.clip:
+            if acfg.clip and w.for_site(site.name) is w:  # a layer raised to 8 bits is not clipped
                 ratios[site.name] = search_clip(gram, ws, bits=w.bits, block_size=bs, symmetric=w.symmetric,
                                                 grid=acfg.grid, device=acfg.device)
                 logger.debug("AWQ clip %s: mean ratio %.3f", site.name, float(ratios[site.name].mean()))

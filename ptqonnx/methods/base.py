@@ -51,6 +51,11 @@ class Calibration:
     def config(self) -> CalibConfig:
         return self._config or CalibConfig()
 
+    @property
+    def draws_text(self) -> bool:
+        """The feeds are windows drawn from text (so more can be drawn with another seed)."""
+        return self._config is not None and self._config.npz is None
+
     def feeds(self) -> Feeds:
         if self._feeds is None:
             from ptqonnx.calibration.sources import calibration_batches

@@ -1,0 +1,93 @@
+"""Mixed precision under a size budget (`--budget-bits B`): which layers get 8 bits per channel instead of
+the stage's 3/4-bit grid, so that the average bits per quantized weight (codes, scales and zero points as
+written) stays within B and the measured error drops most.
+
+Each layer's sensitivity is its RTN error on the grid and at 8 bits, measured on the calibration rows the
+one-shot statistics already hold (`sample`; the relative output MSE of `ptqonnx.analysis`), or on the weights
+alone without data. The choice is a greedy knapsack: layers by error removed per added bit, each taken while
+it fits. Pure functions of arrays and numbers; the pipeline feeds them and writes the choice into the recipe
+(`high_bits`), so the written recipe compiles the same model again without measuring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptqonnx.config import WeightStage
+from ptqonnx.errors import UserError
+
+__all__ = ["LayerCost", "stored_bits", "layer_cost", "choose_high_bits"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    weights: int  # N * K
+    base_bits: float  # bits per weight on the stage's grid, as stored
+    high_bits: float  # bits per weight at 8 bits per channel, as stored
+    base_error: float  # relative error on the stage's grid
+    high_error: float  # relative error at 8 bits
+
+    @property
+    def gain_per_bit(self) -> float:
+        extra = self.weights * (self.high_bits - self.base_bits)
+        return (self.base_error - self.high_error) / extra if extra > 0 else math.inf
+
+
+def stored_bits(cfg: WeightStage, k: int, scale_bits: int, fmt: str) -> float:
+    """Bits per weight of a K-input layer on `cfg`'s grid as the lowering writes it: storage bits per code
+    (3-bit codes sit in 4-bit containers) plus, per block, one scale and (asymmetric or 3-bit) a zero point.
+    MatMulNBits writes a per-channel weight as blocks of 128 (`per_channel_block`)."""
+    from ptqonnx.numerics.packing import storage_bits
+    from ptqonnx.passes.matmul_nbits import matmulnbits_block_size, per_channel_block
+
+    code = storage_bits(cfg.bits)
+    if fmt == "matmulnbits":
+        block = per_channel_block(k) if cfg.group_size is None else matmulnbits_block_size(cfg.group_size)
+    else:
+        block = k if cfg.group_size is None else cfg.group_size
+    blocks = math.ceil(k / block)
+    zero_point = code if (not cfg.symmetric or code != cfg.bits) else 0
+    return code + blocks * (scale_bits + zero_point) / k
+
+
+def layer_cost(name: str, w: np.ndarray, x: np.ndarray | None, cfg: WeightStage, scale_bits: int,
+               fmt: str) -> LayerCost:
+    """The layer's cost and RTN errors on `cfg`'s grid and at 8 bits per channel; `x` [R, K] input rows (None:
+    the weight-space error)."""
+    from ptqonnx.analysis import relative_output_mse, relative_weight_mse
+    from ptqonnx.numerics.quant import fake_quantize
+
+    high = cfg.high_grid()
+    n, k = w.shape
+    err = (lambda c: relative_output_mse(x, w, _rtn(w, c, fake_quantize))) if x is not None else (
+        lambda c: relative_weight_mse(w, _rtn(w, c, fake_quantize)))
+    return LayerCost(name, n * k, stored_bits(cfg, k, scale_bits, fmt), stored_bits(high, k, scale_bits, fmt),
+                     err(cfg), err(high))
+
+
+def _rtn(w: np.ndarray, c: WeightStage, fake_quantize) -> np.ndarray:
+    return fake_quantize(w, c.bits, c.group_size, c.symmetric, positive=c.positive_scales)
+
+
+def choose_high_bits(layers: Sequence[LayerCost], budget: float) -> tuple[list[str], float, float]:
+    """(names to raise to 8 bits, the average bits per weight reached, the average with none raised). Refuses
+    a budget below what the grid alone takes."""
+    total = sum(c.weights for c in layers)
+    spent = sum(c.weights * c.base_bits for c in layers)
+    floor = spent / total
+    if budget + 1e-9 < floor:
+        raise UserError(f"--budget-bits {budget:g} is below the {floor:.3f} bits per weight the grid alone takes "
+                        f"(codes, scales and zero points of {len(layers)} layers); pass at least {floor:.3f}, or a "
+                        "larger group size")
+    chosen = []
+    for c in sorted(layers, key=lambda c: c.gain_per_bit, reverse=True):
+        extra = c.weights * (c.high_bits - c.base_bits)
+        if c.base_error > c.high_error and spent + extra <= budget * total:
+            chosen.append(c.name)
+            spent += extra
+    return chosen, spent / total, floor
