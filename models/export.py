@@ -58,6 +58,7 @@ import numpy as np
 
 from ptqonnx.errors import UserError, require_module
 from ptqonnx.models.smollm2 import load_hf_causal_lm
+from ptqonnx.progress import Advance, progress_task
 
 __all__ = [
     "MODEL_FILE",
@@ -130,14 +131,18 @@ def export_causal_lm(
                         f"and calibrate it); pass --dtype {' or '.join(EXPORT_DTYPES)}")
     if opset < 18:
         raise UserError(f"opset {opset} is too old for the dynamo exporter; pass --opset 18 or newer (21 preferred)")
-    with _quiet():
-        return _export(source, Path(out_dir), kv_cache=kv_cache, opset=opset, verify=verify, dtype=dtype)
+    steps = 3 + int(verify) + int(kv_cache)  # load, model.onnx, [verify], [model_kv.onnx], the rest
+    with _quiet(), progress_task("export", steps) as advance:
+        return _export(source, Path(out_dir), kv_cache=kv_cache, opset=opset, verify=verify, dtype=dtype,
+                       advance=advance)
 
 
-def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool, dtype: str) -> ExportResult:
+def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool, dtype: str,
+            advance: Advance) -> ExportResult:
     torch = require_module("torch", "export")
     t0 = time.perf_counter()
     model, tokenizer = load_hf_causal_lm(source)
+    advance(info=f"loaded {source}")
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     model.set_attn_implementation("eager")
@@ -167,16 +172,19 @@ def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool,
             )
             reference = model(input_ids=ids, use_cache=False).logits.float().numpy()
         _save(onnx_program.model, tmp / MODEL_FILE, opset, {"logits": ["batch", "sequence", "vocab"]})
-        logger.info("exported %s (%.1f s)", MODEL_FILE, time.perf_counter() - t0)
+        logger.debug("exported %s (%.1f s)", MODEL_FILE, time.perf_counter() - t0)  # at INFO: the progress line
+        advance(info=f"traced {MODEL_FILE}")
 
         max_abs_diff = None
         if verify:
             max_abs_diff = _verify(tmp / MODEL_FILE, ids.numpy(), reference, _VERIFY_TOLERANCE[dtype])
+            advance(info=f"verified against torch: max |diff| {max_abs_diff:.2e}")
 
         if kv_cache:
             t1 = time.perf_counter()
             _export_kv(model, tmp / MODEL_KV_FILE, opset, layout, vocab, getattr(torch, dtype))
-            logger.info("exported %s (%.1f s)", MODEL_KV_FILE, time.perf_counter() - t1)
+            logger.debug("exported %s (%.1f s)", MODEL_KV_FILE, time.perf_counter() - t1)
+            advance(info=f"traced {MODEL_KV_FILE}")
 
         _save_config(cfg, type(model).__name__, tmp / CONFIG_FILE, dtype)
         if getattr(model, "generation_config", None) is not None:
@@ -184,6 +192,7 @@ def _export(source: str, out: Path, *, kv_cache: bool, opset: int, verify: bool,
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp, source)
         _move_into(tmp, out)
+        advance(info="config and tokenizer saved" if tokenizer is not None else "config saved")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -403,7 +412,7 @@ def _verify(path: Path, ids: np.ndarray, reference: np.ndarray, tolerance: float
     scale = float(np.max(np.abs(reference))) or 1.0
     if not np.isfinite(diff) or diff > tolerance * max(scale, 1.0):
         raise RuntimeError(f"exported {path.name} disagrees with torch: max |diff| {diff:.3g} (logit scale {scale:.3g})")
-    logger.info("verified %s against torch: max |diff| %.2e", path.name, diff)
+    logger.debug("verified %s against torch: max |diff| %.2e", path.name, diff)
     return diff
 
 

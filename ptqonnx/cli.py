@@ -266,8 +266,7 @@ def _cmd_compile(args) -> None:
     recipe, calib = _compile_recipe(args)
     report = compile_model(
         args.model, args.output, recipe, calibration=calib, stats=args.stats, verify_ort=not args.no_verify,
-        progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)), force=args.force,
-        report_dir=args.report,
+        force=args.force, report_dir=args.report,  # progress: the bars / INFO lines of ptqonnx.progress (-q: none)
     )
     for line in report.lines(all_skips=args.verbose > 0):
         print(line)
@@ -432,7 +431,10 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from ptqonnx.progress import StderrHandler  # log lines print above the progress bars, not into them
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[StderrHandler()])
+    logging.getLogger("ptqonnx").setLevel(level)  # -q silences the progress lines under any logging setup
     if args.verbose < 2:  # onnx_ir's own passes log at INFO per pass; keep our summary lines readable
         logging.getLogger("onnx_ir").setLevel(max(level, logging.WARNING))
     from ptqonnx.errors import Interrupted

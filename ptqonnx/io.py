@@ -33,6 +33,7 @@ from pathlib import Path, PureWindowsPath
 import onnx_ir as ir
 
 from ptqonnx.errors import Interrupted, UserError
+from ptqonnx.progress import Advance, progress_task
 from ptqonnx.protoscan import ExternalRef, Scan, ScanError, embed_external_data, scan_model
 
 __all__ = [
@@ -337,7 +338,8 @@ def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> lis
     The checks run on the external-data form, where onnx.checker reads only the graph and ORT maps the
     weights (on an embedded file both would parse all of it: about 2x its size); a small output is then
     embedded by a byte copy that leaves the graph and every tensor header as checked. Returns the notes the
-    checks left for the user (see `_check_saved`)."""
+    checks left for the user (see `_check_saved`). Writing and each check are steps of the "output checks"
+    progress task (`ptqonnx.progress`)."""
     output = Path(output)
     _refuse_overwriting_sources(model, output)
     try:
@@ -345,14 +347,15 @@ def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> lis
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     except OSError as exc:
         raise UserError(f"cannot write to {output.parent} ({exc.strerror}); pass -o in a writable folder") from None
-    with cleanup_on_signal(tmpdir):
+    with cleanup_on_signal(tmpdir), progress_task("output checks", 3 if verify_ort else 2) as advance:
         try:
             tmp, tmp_data = tmpdir / output.name, data_path(tmpdir / output.name)
             with _attribute_tensors_in_memory(model):
                 ir.save(model, str(tmp), external_data=tmp_data.name)
+            advance(info="written")
             probes = _probe_feeds(model) if verify_ort else None
             _release_mappings(model)
-            notes = _check_saved(tmp, probes)
+            notes = _check_saved(tmp, probes, advance)
             if _initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
                 embed_external_data(tmp, tmp_data)
             _commit(tmp, output)
@@ -371,7 +374,7 @@ def _probe_feeds(model: ir.Model):
     return probe_feeds(model, 2)
 
 
-def _check_saved(tmp: Path, probes) -> list[str]:
+def _check_saved(tmp: Path, probes, advance: Advance) -> list[str]:
     """The outputs gate: no reference outside the output, onnx.checker's full check (strict shape inference
     too), and, with `probes`, ONNX Runtime at ORT_ENABLE_ALL and ORT_DISABLE_ALL computing the same outputs on
     them (ORT fusions have miscomputed silently before).
@@ -388,11 +391,13 @@ def _check_saved(tmp: Path, probes) -> list[str]:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise RuntimeError(f"internal error: the emitted model fails onnx.checker: {first}") from exc
+    advance(info="onnx.checker passed")
     if probes is not None:
         from ptqonnx.runtime.ort import GAP_TOLERANCE, explain_gap, optimization_gap
 
         # from the path: ORT maps external data; a load failure is a UserError with ORT's first line
         gap = optimization_gap(tmp, probes)
+        advance(info=f"ORT optimized vs unoptimized: {gap:.2g}")
         if not gap <= GAP_TOLERANCE:
             note = explain_gap(tmp, probes, gap)
             if note is not None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ptqonnx.errors import UserError
 from ptqonnx.kvcache import cache_head_dims, empty_past
+from ptqonnx.progress import progress_task
 from ptqonnx.runtime.ort import make_session, session_threads
 
 __all__ = [
@@ -257,7 +258,7 @@ def bench_prefill(
     run, n_threads = prefill_runner(
         model_path, seq_len=seq_len, batch=batch, threads=threads, opt_level=opt_level, seed=seed, provider=provider
     )
-    return _repeat(run, warmup, repeats, n_threads)
+    return _repeat(run, warmup, repeats, n_threads, "prefill runs")
 
 
 def bench_decode(
@@ -284,15 +285,20 @@ def bench_decode(
         seed=seed,
         provider=provider,
     )
-    return _repeat(run, warmup, repeats, n_threads)
+    return _repeat(run, warmup, repeats, n_threads, "decode runs")
 
 
-def _repeat(run: Callable[[], float], warmup: int, repeats: int, threads: int) -> BenchResult:
+def _repeat(run: Callable[[], float], warmup: int, repeats: int, threads: int, task: str) -> BenchResult:
     if repeats < 1 or warmup < 0:
         raise UserError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     for _ in range(warmup):
         run()
-    return summarize([run() for _ in range(repeats)], threads)
+    samples = []
+    with progress_task(task, repeats) as advance:  # steps are logged between runs, never inside one
+        for _ in range(repeats):
+            samples.append(run())
+            advance()
+    return summarize(samples, threads)
 
 
 def interleaved(
@@ -318,13 +324,15 @@ def interleaved(
         for label in labels:
             benchmarks[label]()
     samples: dict[str, list[float]] = {label: [] for label in labels}
-    for r in range(rounds):
-        k = r % len(labels)
-        for label in labels[k:] + labels[:k]:
-            t0 = time.perf_counter()
-            got = benchmarks[label]()
-            ms = float(got) if isinstance(got, (int, float)) else (time.perf_counter() - t0) * 1e3
-            samples[label].append(ms)
+    with progress_task("latency rounds", rounds) as advance:
+        for r in range(rounds):
+            k = r % len(labels)
+            for label in labels[k:] + labels[:k]:
+                t0 = time.perf_counter()
+                got = benchmarks[label]()
+                ms = float(got) if isinstance(got, (int, float)) else (time.perf_counter() - t0) * 1e3
+                samples[label].append(ms)
+            advance()
     base = samples[baseline]
     return InterleavedResult(
         baseline=baseline,

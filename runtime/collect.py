@@ -25,6 +25,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from ptqonnx.calibration.observers import DEFAULT_SAMPLE_ROWS, Stat, TensorObserver, parse_stats
 from ptqonnx.calibration.stats import Statistics
 from ptqonnx.errors import UserError
+from ptqonnx.progress import progress_task
 from ptqonnx.runtime.ort import make_session
 
 __all__ = ["collect_statistics", "instrumented_session", "first_nonfinite", "raise_nonfinite", "serialize_for_session"]
@@ -51,7 +52,8 @@ def collect_statistics(
 
     `requests` maps value names (graph inputs or intermediate values) to statistic kinds
     (`"absmax"`, `"mean_abs"`, `"minmax"`, `"xtx"`, `"sample"`). The caller's model object and file are
-    never modified. `progress(done, total)` is called after each feed (`total` is None for iterators).
+    never modified. `progress(done, total)` is called after each feed (`total` is None for iterators), and
+    each feed is a step of the "calibration" task (`ptqonnx.progress`).
     """
     reqs = {name: parse_stats(kinds) for name, kinds in requests.items()}
     reqs = {k: v for k, v in reqs.items() if v}
@@ -62,7 +64,8 @@ def collect_statistics(
         name: TensorObserver(kinds, sample_rows=sample_rows, seed=seed + i)
         for i, (name, kinds) in enumerate(sorted(reqs.items()))
     }
-    with instrumented_session(model, list(reqs), threads=threads, opt_level=opt_level) as (sess, fetched):
+    with instrumented_session(model, list(reqs), threads=threads, opt_level=opt_level) as (sess, fetched), \
+            progress_task("calibration", total) as advance:
         graph_inputs = [i.name for i in sess.get_inputs()]
         from_feed = [n for n in reqs if n in graph_inputs]
         t0 = time.perf_counter()
@@ -80,6 +83,7 @@ def collect_statistics(
                 observers[name].update(feed[name])
             del outs
             done += 1
+            advance()
             if progress is not None:
                 progress(done, total)
     if done == 0:

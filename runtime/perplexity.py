@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqonnx.errors import UserError
+from ptqonnx.progress import progress_task
 from ptqonnx.runtime.bench import ModelFeeds
 from ptqonnx.runtime.ort import make_session
 
@@ -65,8 +66,9 @@ def perplexity(
 ) -> PerplexityResult:
     """exp(mean NLL) of `windows` (int64 [n, seq], e.g. from `ptqonnx.text.eval_windows`).
 
-    `progress(done, total)` is called after each window; `config`: ORT session options (e.g.
-    `runtime.ort.PRECISE_INT8`); `provider`: cpu, cuda or tensorrt (`runtime.ort.PROVIDERS`).
+    `progress(done, total)` is called after each window (each also a step of a `ptqonnx.progress` task);
+    `config`: ORT session options (e.g. `runtime.ort.PRECISE_INT8`); `provider`: cpu, cuda or tensorrt
+    (`runtime.ort.PROVIDERS`).
     """
     w = np.asarray(windows)
     if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2:
@@ -98,15 +100,17 @@ def perplexity(
     n, seq = w.shape
     t0 = time.perf_counter()
     total = 0.0
-    for i in range(n):
-        (logits,) = session.run(["logits"], feeds.build(w[i : i + 1]))  # [1, seq, vocab]
-        nll = window_nll(logits[0], w[i])
-        if not math.isfinite(nll):
-            raise UserError(f"window {i} gives a non-finite NLL; the model produced inf/NaN logits")
-        total += nll
-        logger.debug("window %d/%d: nll/token %.4f", i + 1, n, nll / (seq - 1))
-        if progress is not None:
-            progress(i + 1, n)
+    with progress_task(f"perplexity {path.name}", n) as advance:
+        for i in range(n):
+            (logits,) = session.run(["logits"], feeds.build(w[i : i + 1]))  # [1, seq, vocab]
+            nll = window_nll(logits[0], w[i])
+            if not math.isfinite(nll):
+                raise UserError(f"window {i} gives a non-finite NLL; the model produced inf/NaN logits")
+            total += nll
+            logger.debug("window %d/%d: nll/token %.4f", i + 1, n, nll / (seq - 1))
+            advance(info=f"ppl {math.exp(total / ((i + 1) * (seq - 1))):.4g}")
+            if progress is not None:
+                progress(i + 1, n)
     count = n * (seq - 1)
     nll_mean = total / count
     seconds = time.perf_counter() - t0

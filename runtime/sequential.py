@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from ptqonnx.graph import Block, LinearSite, Stage, trace_const
 from ptqonnx.calibration.observers import DEFAULT_SAMPLE_ROWS, Stat, TensorObserver, TensorStats, parse_stats
+from ptqonnx.progress import progress_task
 from ptqonnx.runtime.collect import serialize_for_session
 from ptqonnx.runtime.ort import make_session
 
@@ -126,6 +127,8 @@ def run_sequential(
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     threads: int | None = None,
     progress: Callable[[Block, Stage, float], None] | None = None,
+    task: str = "block",
+    block_info: Callable[[Block], str] | None = None,
 ) -> None:
     """Run `solve` on every stage of every block, in order, on sequentially calibrated statistics (`kinds`
     of each stage's activation; `sample_rows` rows for a `sample`).
@@ -135,6 +138,9 @@ def run_sequential(
     outputs are computed from the nearest kept values (the o-projection's input from the attention inputs
     already computed, the block output from the last stage's activation), so every block costs about one
     forward pass in ORT plus its linear layers after the stages, not one pass per stage.
+
+    `progress(block, stage, seconds)` is called after each stage; each block is a step of the progress task
+    `task` (`ptqonnx.progress`), shown with `block_info(block)` once the block is done.
     """
     kinds = parse_stats(kinds)
     graph_inputs = {v.name for v in model.graph.inputs}
@@ -158,45 +164,47 @@ def run_sequential(
             del sess
         return [[r[j] for r in results] for j in range(len(outputs))]
 
-    for bi, block in enumerate(blocks):
-        later = {name for b in blocks[bi + 1 :] for name in b.inputs}
-        produced = {v.name for node in block.nodes for v in node.outputs}
-        keep = sorted(later & produced)
-        stage_outputs = [s.activation for s in block.stages if s.activation in produced]
-        outputs = list(dict.fromkeys(keep + stage_outputs)) or [block.nodes[-1].outputs[0].name]
-        bmodel = _block_model(model, block.inputs, outputs)
-        privates = {s.name: _private_weight(bmodel, s) for st in block.stages for s in st.sites}
-        missing = [name for name in block.inputs if name not in cache]
-        if missing:
-            raise RuntimeError(f"block {bi}: inputs {missing} were not produced by earlier blocks")
-        local = {name: cache[name] for name in block.inputs}  # grows by each stage's activation
+    with progress_task(task, len(blocks)) as advance:
+        for bi, block in enumerate(blocks):
+            later = {name for b in blocks[bi + 1 :] for name in b.inputs}
+            produced = {v.name for node in block.nodes for v in node.outputs}
+            keep = sorted(later & produced)
+            stage_outputs = [s.activation for s in block.stages if s.activation in produced]
+            outputs = list(dict.fromkeys(keep + stage_outputs)) or [block.nodes[-1].outputs[0].name]
+            bmodel = _block_model(model, block.inputs, outputs)
+            privates = {s.name: _private_weight(bmodel, s) for st in block.stages for s in st.sites}
+            missing = [name for name in block.inputs if name not in cache]
+            if missing:
+                raise RuntimeError(f"block {bi}: inputs {missing} were not produced by earlier blocks")
+            local = {name: cache[name] for name in block.inputs}  # grows by each stage's activation
 
-        for stage in block.stages:
-            t0 = time.perf_counter()
-            if stage.activation not in local:  # else: a block input (e.g. a side value), or computed already
-                (local[stage.activation],) = run(bmodel, [stage.activation], local)
-            bad = next((i for i, x in enumerate(local[stage.activation])
-                        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all()), None)
-            if bad is not None:  # name the node from the partly quantized model as far as it is built
-                from ptqonnx.runtime.collect import raise_nonfinite
+            for stage in block.stages:
+                t0 = time.perf_counter()
+                if stage.activation not in local:  # else: a block input (e.g. a side value), or computed already
+                    (local[stage.activation],) = run(bmodel, [stage.activation], local)
+                bad = next((i for i, x in enumerate(local[stage.activation])
+                            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all()), None)
+                if bad is not None:  # name the node from the partly quantized model as far as it is built
+                    from ptqonnx.runtime.collect import raise_nonfinite
 
-                raise_nonfinite(model, feeds[bad], bad)
-            observer = TensorObserver(kinds, sample_rows=sample_rows, xtx_chunk_dtype=np.float32)
-            chunk = _Chunker(observer)
-            for x in local[stage.activation]:
-                chunk.add(x)
-            chunk.flush()
-            updates = solve(block, stage, observer.finalize())
-            for site in stage.sites:
-                if site.name in updates and privates[site.name] is not None:
-                    _write_back(privates[site.name], site, updates[site.name])
-            if progress is not None:
-                progress(block, stage, time.perf_counter() - t0)
+                    raise_nonfinite(model, feeds[bad], bad)
+                observer = TensorObserver(kinds, sample_rows=sample_rows, xtx_chunk_dtype=np.float32)
+                chunk = _Chunker(observer)
+                for x in local[stage.activation]:
+                    chunk.add(x)
+                chunk.flush()
+                updates = solve(block, stage, observer.finalize())
+                for site in stage.sites:
+                    if site.name in updates and privates[site.name] is not None:
+                        _write_back(privates[site.name], site, updates[site.name])
+                if progress is not None:
+                    progress(block, stage, time.perf_counter() - t0)
 
-        if keep:
-            for name, per_sample in zip(keep, run(bmodel, keep, local)):
-                cache[name] = per_sample
-        del local
-        for name in list(cache):  # drop what no later block reads
-            if name not in later:
-                del cache[name]
+            if keep:
+                for name, per_sample in zip(keep, run(bmodel, keep, local)):
+                    cache[name] = per_sample
+            del local
+            for name in list(cache):  # drop what no later block reads
+                if name not in later:
+                    del cache[name]
+            advance(info=block_info(block) if block_info is not None else "")

@@ -5,6 +5,7 @@ MatMulNBitsQuantizer, whose packed weights ours must equal byte for byte (real m
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from ptqonnx.cli import main
 from ptqonnx.numerics.quant import fake_quantize
-from ptqonnx.config import RtnConfig
+from ptqonnx.config import CalibConfig, RtnConfig
 from ptqonnx.pipeline import compile_model
 from ptqonnx.registry import recipe_for
 from graphs import real_windows, run
@@ -103,8 +104,9 @@ def test_cli_flow_on_tiny_export(tmp_path, tiny_export, capsys):
     assert code == 2 and "shorter than one window" in err
 
 
-def test_cli_verbosity_and_version(tmp_path, tiny_export, capsys):
-    """--version; -v / -q after the subcommand as before it; -q silences the per-block progress lines."""
+def test_cli_verbosity_and_version(tmp_path, tiny_export, capsys, caplog):
+    """--version; -v / -q after the subcommand as before it; -q silences the per-block progress lines (logged
+    by ptqonnx.progress); a library caller's `progress` callback still gets GPTQ's line per stage."""
     with pytest.raises(SystemExit) as exc:
         _cli(capsys, "--version")
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("ptqonnx ")
@@ -114,13 +116,19 @@ def test_cli_verbosity_and_version(tmp_path, tiny_export, capsys):
     text.write_text(" ".join(tiny_corpus(300, seed=5)))
     args = ("compile", tiny_export / "model.onnx", "--method", "gptq", "--calib-text", text, "--calib-samples", "4",
             "--calib-seq-len", "32", "-o", tmp_path / "g.onnx", "--force")
-    code, _, err = _cli(capsys, *args)
-    assert code == 0 and "GPTQ block 4/7, stage 2/2" in err  # gate/up then down_proj: stages say which
-    for quiet in (("-q", *args), (*args, "-q")):
-        code, out, err = _cli(capsys, *quiet)
-        assert code == 0 and "GPTQ block" not in err and "wrote" in out
-    code, out, _ = _cli(capsys, *args, "-v")
+    with caplog.at_level(logging.INFO, logger="ptqonnx"):  # restores the level main sets
+        code, _, err = _cli(capsys, *args)
+        assert code == 0 and "GPTQ block 4/7 (" in caplog.text
+        for quiet in (("-q", *args), (*args, "-q")):
+            caplog.clear()
+            code, out, err = _cli(capsys, *quiet)
+            assert code == 0 and "GPTQ block" not in caplog.text + err and "wrote" in out
+        code, out, _ = _cli(capsys, *args, "-v")
     assert code == 0 and "-v lists all" not in out  # every skip listed
+    said: list[str] = []
+    compile_model(tiny_export / "model.onnx", tmp_path / "g2.onnx", recipe_for("gptq"), progress=said.append,
+                  calibration=CalibConfig(text=text, samples=4, seq_len=32))
+    assert any(line.startswith("GPTQ block 4/7, stage 2/2 (") for line in said)  # gate/up then down_proj
 
 
 # --- the real model ------------------------------------------------------------------------------

@@ -108,5 +108,6 @@ def find_blocks(model: ir.Model, sites: list[LinearSite]) -> list[Block]:
         stages = tuple(Stage(a, tuple(ss)) for a, ss in by_act.items())
         blocks.append(Block(len(blocks), tuple(block_nodes), tuple(_value_names_read(block_nodes)), cut, stages))
         start = end + 1
-    logger.info("found %d sequential blocks (%d cuts along the residual stream)", len(blocks), len(cuts))
+    # debug: a query, called by more than one stage per compile; the block progress lines say the count
+    logger.debug("found %d sequential blocks (%d cuts along the residual stream)", len(blocks), len(cuts))
     return blocks

@@ -299,10 +299,11 @@ def find_residual_stream(model: ir.Model) -> ResidualStream | Refusal:
     for gather in gathers:
         found = _walk(gather, sites, len(model.graph))
         if found:
-            logger.info("residual stream: hidden %d, %d norms, %d writers, LM head %s", found.hidden,
+            # debug: a query several passes make per compile; they say at INFO what they rotated
+            logger.debug("residual stream: hidden %d, %d norms, %d writers, LM head %s", found.hidden,
                         len(found.norms), len(found.writers), "tied" if found.tied else "untied")
             return found
         first = first or found
-    logger.info("no rotatable residual stream: %s", first.reason)
+    logger.debug("no rotatable residual stream: %s", first.reason)
     return first
 

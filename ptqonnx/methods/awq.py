@@ -72,6 +72,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
     rtn = rtn_solver(w, ratios)
 
     fallback: dict[str, str] = {}
+    searched: dict[int, list[float]] = {}  # block index -> output error / RTN's, per group searched there
 
     def solve_stage(block, stage, stats):
         k = stats.channels
@@ -93,6 +94,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
                                 grid=acfg.grid, device=acfg.device)
             s = scales[group.name] = res.s
             alphas[group.name] = res.alpha
+            searched.setdefault(block.index, []).append(res.error / max(res.rtn_error, 1e-30))
             line = (f"AWQ block {block.index + 1}/{len(blocks)} {group.name} ({len(group.sites)} sites, "
                     f"{group.kind}): alpha={res.alpha:.2f}, output error {res.rtn_error:.4g} -> {res.error:.4g} "
                     f"({res.error / max(res.rtn_error, 1e-30):.1%})")
@@ -119,8 +121,15 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
             updates[site.name] = (dequantize_weight(qw) / s).astype(np.float32)  # x Ŵᵀ = (x/s) Q(W s)ᵀ
         return updates
 
+    def block_info(block) -> str:  # beside the bar / in the progress line
+        errs = searched.get(block.index)
+        if not errs:
+            return ""
+        return f"{len(errs)} group{'s' if len(errs) > 1 else ''}, output error {np.mean(errs):.1%} of RTN's"
+
     feeds = ctx.feeds()
-    run_sequential(model, blocks, feeds, solve_stage, kinds={Stat.XTX, Stat.MEAN_ABS})
+    run_sequential(model, blocks, feeds, solve_stage, kinds={Stat.XTX, Stat.MEAN_ABS}, task="AWQ block",
+                   block_info=block_info)
     calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
     if ratios:
         clipped = sum(int((r < 1).sum()) for r in ratios.values())

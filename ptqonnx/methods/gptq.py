@@ -75,10 +75,19 @@ def run_gptq(ctx: MethodContext, cfg: GptqConfig) -> MethodResult:
             shown = ", ".join(f"{s.weight_name} {losses[s.weight_name]:.4g}" if s.weight_name in losses else
                               f"{s.weight_name} RTN ({fallback.get(s.name)})" for s in stage.sites)
             part = f", stage {block.stages.index(stage) + 1}/{len(block.stages)}" if len(block.stages) > 1 else ""
-            ctx.say(f"GPTQ block {block.index + 1}/{len(blocks)}{part} ({seconds:.1f} s) loss: {shown}")
+            line = f"GPTQ block {block.index + 1}/{len(blocks)}{part} ({seconds:.1f} s) loss: {shown}"
+            logger.debug(line)
+            ctx.say(line)
+
+        def block_info(block):  # beside the bar / in the progress line: the block's loss, summed as the report's
+            sites = [s for stage in block.stages for s in stage.sites]
+            rtn_sites = sum(1 for s in sites if s.name in fallback)
+            loss = sum(losses.get(s.weight_name, 0.0) for s in sites)
+            return f"loss {loss:.4g}" + (f", RTN for {rtn_sites} of {len(sites)} layers" if rtn_sites else "")
 
         feeds = ctx.feeds()
-        run_sequential(ctx.model, blocks, feeds, solve_stage, progress=on_stage)
+        run_sequential(ctx.model, blocks, feeds, solve_stage, progress=on_stage, task="GPTQ block",
+                       block_info=block_info)
         calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
         plan = {s.name: plan[s.name] for s in ctx.sites}  # graph order
     else:
