@@ -2,8 +2,8 @@
 
 Pure functions of arrays (the per-layer error, the outlier ratio, a layer's depth and kind) plus the one
 graph walk that sorts the output's initializers by what reads them (`size_breakdown`). The pipeline runs
-the measurements (`measure_layers`) on held-out calibration rows of the *float* model the weights stage
-quantized (after any rotation or scale folding), so a layer's number is the error of its quantized weight
+the measurements (`measure_layers`) on a second draw of calibration rows of the *float* model the weights
+stage quantized (after any rotation or scale folding), so a layer's number is the error of its quantized weight
 alone, on the inputs it sees:
 
     rel_mse = ||X (W_hat - W)^T||^2 / ||X W^T||^2        X: rows of the layer's input, W [N, K]

@@ -39,20 +39,22 @@ class LayerCost:
 
 
 def stored_bits(cfg: WeightStage, k: int, scale_bits: int, fmt: str) -> float:
-    """Bits per weight of a K-input layer on `cfg`'s grid as the lowering writes it: storage bits per code
-    (3-bit codes sit in 4-bit containers) plus, per block, one scale and (asymmetric or 3-bit) a zero point.
-    MatMulNBits writes a per-channel weight as blocks of 128 (`per_channel_block`)."""
+    """Bits per weight of a K-input layer on `cfg`'s grid as the lowering writes it (checked against the
+    written bytes in tests/test_budget.py). MatMulNBits (`passes.matmul_nbits`): each row's codes padded to
+    whole blocks, one scale per block, zero points (asymmetric, or 3-bit codes in 4-bit storage) padded to
+    whole bytes per row; a single-block weight is written with `per_channel_block(K)`. QDQ (`passes.qdq`):
+    K codes per row, one scale per block (and a zero point, asymmetric only)."""
     from ptqonnx.numerics.packing import storage_bits
-    from ptqonnx.passes.matmul_nbits import matmulnbits_block_size, per_channel_block
+    from ptqonnx.passes.matmul_nbits import per_channel_block
 
     code = storage_bits(cfg.bits)
     if fmt == "matmulnbits":
-        block = per_channel_block(k) if cfg.group_size is None else matmulnbits_block_size(cfg.group_size)
-    else:
-        block = k if cfg.group_size is None else cfg.group_size
-    blocks = math.ceil(k / block)
-    zero_point = code if (not cfg.symmetric or code != cfg.bits) else 0
-    return code + blocks * (scale_bits + zero_point) / k
+        block = per_channel_block(k) if cfg.group_size is None or cfg.group_size >= k else cfg.group_size
+        blocks = math.ceil(k / block)
+        zero_points = 8 * math.ceil(blocks * code / 8) if (not cfg.symmetric or code != cfg.bits) else 0
+        return (code * blocks * block + blocks * scale_bits + zero_points) / k
+    blocks = 1 if cfg.group_size is None else math.ceil(k / cfg.group_size)
+    return code + blocks * (scale_bits + (0 if cfg.symmetric else code)) / k
 
 
 def layer_cost(name: str, w: np.ndarray, x: np.ndarray | None, cfg: WeightStage, scale_bits: int,
@@ -77,13 +79,16 @@ def _rtn(w: np.ndarray, c: WeightStage, fake_quantize) -> np.ndarray:
 def choose_high_bits(layers: Sequence[LayerCost], budget: float) -> tuple[list[str], float, float]:
     """(names to raise to 8 bits, the average bits per weight reached, the average with none raised). Refuses
     a budget below what the grid alone takes."""
+    if not layers:
+        raise UserError("--budget-bits has no linear layer to spend bits on (only embeddings are quantized); drop it")
     total = sum(c.weights for c in layers)
     spent = sum(c.weights * c.base_bits for c in layers)
     floor = spent / total
     if budget + 1e-9 < floor:
-        raise UserError(f"--budget-bits {budget:g} is below the {floor:.3f} bits per weight the grid alone takes "
-                        f"(codes, scales and zero points of {len(layers)} layers); pass at least {floor:.3f}, or a "
-                        "larger group size")
+        least = math.ceil(floor * 1000) / 1000
+        raise UserError(f"--budget-bits {budget:g} is below the {least:.3f} bits per weight the grid alone takes "
+                        f"(codes with their padding, scales and zero points of {len(layers)} layers); pass at least "
+                        f"{least:.3f}, or another group size")
     chosen = []
     for c in sorted(layers, key=lambda c: c.gain_per_bit, reverse=True):
         extra = c.weights * (c.high_bits - c.base_bits)

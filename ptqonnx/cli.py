@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and comparing ORT_ENABLE_ALL with ORT_DISABLE_ALL on a probe input)")
     p.add_argument("--force", action="store_true", help="replace an existing output file (and report)")
     p.add_argument("--report", type=Path, metavar="DIR", help="also write report.json, report.md and plots to DIR: "
-                   "per-layer quantization error on held-out calibration rows (calibration flags are then "
+                   "per-layer quantization error on a second draw of calibration rows (calibration flags are then "
                    "used by rtn too), input outliers before/after smoothing or rotation, sizes, time per step "
                    "(needs matplotlib: pip install 'ptqonnx[report]')")
     _TABLES["config"] = add_config_flags(p, classes)
@@ -251,7 +251,7 @@ def _compile_recipe(args):
                                               for st in recipe.stages)  # data the report / budget measure on
     if given and not recipe.needs_calibration and not measures:
         raise UserError(f"{recipe.method} needs no calibration data; drop {', '.join(given)}")
-    if args.stats is not None and not recipe.needs_calibration:
+    if args.stats is not None and not recipe.needs_calibration and not measures:
         raise UserError(f"{recipe.method} needs no statistics; drop --stats")
     return recipe, calib
 

@@ -44,7 +44,7 @@ __all__ = ["compile_model", "quantize", "prepare_model", "default_output_path", 
 logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 1024  # rows kept per requested `sample` statistic
-REPORT_SAMPLES = 4  # held-out calibration samples the report's per-layer measurements run on
+REPORT_SAMPLES = 4  # calibration samples (a second draw) the report's per-layer measurements run on
 REPORT_ROWS = 256  # input rows per layer kept for its error
 CalibrationArg = CalibConfig | Sequence[Mapping[str, np.ndarray]] | None
 
@@ -229,7 +229,7 @@ def quantize(
     calibrate`, used instead of a collection run for the one-shot statistics. `model_dir`: where the
     tokenizer is looked for (default: the model's folder when `model` is a path). `analyze`: measure every
     layer's quantization error and input outliers into the report (`CompileReport.layers`, `sizes`), on
-    held-out calibration rows (two or three extra ONNX Runtime runs over `REPORT_SAMPLES` samples).
+    a second draw of calibration rows (two or three extra ONNX Runtime runs over `REPORT_SAMPLES` samples).
     """
     recipe = _recipe(config)
     _check_requirements(recipe)
@@ -343,7 +343,8 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
             report.layers = _measure_layers(ctx, held, before)
 
     if recipe.target == "tensorrt" and recipe.w8a8 is None:
-        _check_tensorrt_blocks(ctx.sites, recipe.weights.group_size)
+        _check_tensorrt_blocks([st for st in ctx.sites if recipe.weights.for_site(st.name) is recipe.weights],
+                               recipe.weights.group_size)  # raised layers are per channel
     passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), ctx.activations)
     with timed("lowering"):
         run_passes(passes, model)
@@ -387,9 +388,9 @@ def _spend_budget(ctx: MethodContext, report: CompileReport) -> Recipe:
     on_data = all(s.activation.name in ctx.stats and ctx.stats[s.activation.name].sample is not None
                   for s in ctx.sites)
     costs = [layer_cost(s.name, s.weight_nk(), ctx.stats[s.activation.name].sample if on_data else None, w,
-                        8 * s.weight_source.const_value.dtype.itemsize, recipe.format) for s in ctx.sites]
+                        8 * s.float_dtype.itemsize, recipe.format) for s in ctx.sites]
     high, reached, floor = choose_high_bits(costs, w.budget_bits)
-    raised = dataclasses.replace(w, budget_bits=None, high_bits=tuple(high))
+    raised = dataclasses.replace(w, budget_bits=None, high_bits=tuple(_exact_pattern(n) for n in high))
     recipe = dataclasses.replace(recipe, stages=tuple(raised if st is w else st for st in recipe.stages))
     measured = (f"relative output MSE of RTN on {ctx.stats_origin}" if on_data
                 else "relative weight MSE of RTN (no calibration data)")
@@ -402,10 +403,16 @@ def _spend_budget(ctx: MethodContext, report: CompileReport) -> Recipe:
     return recipe
 
 
+def _exact_pattern(name: str) -> str:
+    """A shell pattern matching exactly `name` (`high_bits` and `exclude` are patterns: `[`, `*`, `?` escaped)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
 def _held_feeds(ctx: MethodContext) -> tuple[list[dict[str, np.ndarray]] | None, str]:
     """The report's measurement rows, and how they were drawn: text calibration draws `REPORT_SAMPLES` fresh
-    windows with the next seed (held out from what the methods saw); an npz or given feeds have no more
-    samples than calibration used, so their last ones are reused (said so); no data: None (data-free)."""
+    windows with the next seed (another draw than the methods saw; a short text's windows may overlap); an
+    npz or given feeds have no more samples than calibration used, so their last ones are reused (said so);
+    no data: None (data-free)."""
     cal = ctx.calibration
     if not cal.supplied:
         return None, "no calibration data: per-layer error is the weight-space ||W_hat - W||^2 / ||W||^2"
@@ -415,8 +422,10 @@ def _held_feeds(ctx: MethodContext) -> tuple[list[dict[str, np.ndarray]] | None,
 
         held = dataclasses.replace(cfg, samples=min(cfg.samples, REPORT_SAMPLES), seed=cfg.seed + 1)
         feeds = calibration_batches(held, cal.model_dir, cal.inputs)
-        return feeds, (f"relative output MSE on {len(feeds)} held-out windows of {cfg.seq_len} tokens (seed "
-                       f"{held.seed}; calibration drew with seed {cfg.seed}), {REPORT_ROWS} rows per layer")
+        other = (f"another draw than calibration's seed {cfg.seed}, windows may overlap"
+                 if ctx.recipe.needs_calibration else "no method read calibration data")
+        return feeds, (f"relative output MSE on {len(feeds)} windows of {cfg.seq_len} tokens drawn with seed "
+                       f"{held.seed} ({other}), {REPORT_ROWS} rows per layer")
     feeds = ctx.feeds()[-REPORT_SAMPLES:]
     return feeds, (f"relative output MSE on the last {len(feeds)} calibration samples (not held out: the "
                    f"calibration data has no more), {REPORT_ROWS} rows per layer")
@@ -426,7 +435,8 @@ def _input_absmax(model: ir.Model, sites: Sequence[LinearSite], feeds) -> dict[s
     """Per-channel absmax of each site's input (by site name), one ONNX Runtime run over `feeds`."""
     from ptqonnx.runtime.collect import collect_statistics
 
-    stats = collect_statistics(model, feeds, {s.activation.name: {"absmax"} for s in sites})
+    stats = collect_statistics(model, feeds, {s.activation.name: {"absmax"} for s in sites},
+                               label="report: input model")
     return {s.name: stats[s.activation.name].absmax for s in sites}
 
 
@@ -440,7 +450,8 @@ def _measure_layers(ctx: MethodContext, feeds, before: dict[str, np.ndarray] | N
         from ptqonnx.runtime.collect import collect_statistics
 
         stats = collect_statistics(ctx.model, feeds, {s.activation.name: {"absmax", "sample"}
-                                                      for s in current.values()}, sample_rows=REPORT_ROWS)
+                                                      for s in current.values()}, sample_rows=REPORT_ROWS,
+                                 label="report: layer errors")
         rows = {n: stats[s.activation.name].sample for n, s in current.items()}
         after = {n: stats[s.activation.name].absmax for n, s in current.items()}
     plan = {n: p for n, p in ctx.plan.items() if n in current}

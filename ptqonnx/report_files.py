@@ -67,6 +67,8 @@ def write_report(report: CompileReport, folder: Path) -> list[Path]:
     written = [_write(folder / "report.json", json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")]
     plots = _plots(report, folder)
     written.append(_write(folder / "report.md", _markdown(report, data["versions"], plots)))
+    for stale in set(REPORT_FILES) - {p.name for p in written + plots}:  # an earlier report's (--force)
+        (folder / stale).unlink(missing_ok=True)
     logger.info("report written to %s (%s)", folder, ", ".join(p.name for p in written + plots))
     return written + plots
 
@@ -141,17 +143,17 @@ def _plot_errors(plt, report: CompileReport):
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
     by_kind = defaultdict(list)
-    with_act = all(m.act_rel_mse is not None for m in report.layers)
+    with_act = any(m.act_rel_mse is not None for m in report.layers)
     for x, m in _positions(report):
-        by_kind[m.kind].append((x, max(m.act_rel_mse if with_act else m.rel_mse, 1e-12)))
+        by_kind[m.kind].append((x, max(_error(m), 1e-12)))
     for kind in sorted(by_kind, key=lambda k: _KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER)):
         xs, ys = zip(*by_kind[kind])
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=kind)
     ax.set_yscale("log")
     ax.set_xlabel("block (depth)")
     on_data = all(m.on_data for m in report.layers)
-    ax.set_ylabel(("relative output MSE, input quantized too" if with_act else "relative output MSE") if on_data
-                  else "relative weight MSE (no data)")
+    ax.set_ylabel(("relative output MSE (static inputs quantized too)" if with_act else "relative output MSE")
+                  if on_data else "relative weight MSE (no data)")
     ax.set_title("quantization error per layer")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -239,13 +241,19 @@ def _markdown(report: CompileReport, vers: dict[str, str | None], plots: list[Pa
     return "\n".join(lines)
 
 
+def _error(m) -> float:
+    """A layer's error as the report ranks it: with its input quantized where that was measured (static W8A8),
+    else its weight's alone."""
+    return m.act_rel_mse if m.act_rel_mse is not None else m.rel_mse
+
+
 def _error_tables(report: CompileReport) -> list[str]:
     with_act = any(m.act_rel_mse is not None for m in report.layers)
-    key = (lambda m: m.act_rel_mse if m.act_rel_mse is not None else m.rel_mse) if with_act else (lambda m: m.rel_mse)
+    key = _error
     by_kind = defaultdict(list)
     for m in report.layers:
         by_kind[m.kind].append(key(m))
-    what = "error (weights and static input)" if with_act else "error"
+    what = "error (static inputs quantized too)" if with_act else "error"
     out = [f"| kind | layers | median {what} | max {what} |", "|---|---:|---:|---:|"]
     for kind in sorted(by_kind, key=lambda k: _KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER)):
         v = sorted(by_kind[kind])

@@ -47,13 +47,14 @@ def collect_statistics(
     opt_level: str = "all",
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     seed: int = 0,
+    label: str = "calibration",
 ) -> Statistics:
     """Run `model` once over `batches` and return the requested statistics per value name.
 
     `requests` maps value names (graph inputs or intermediate values) to statistic kinds
     (`"absmax"`, `"mean_abs"`, `"minmax"`, `"xtx"`, `"sample"`). The caller's model object and file are
     never modified. `progress(done, total)` is called after each feed (`total` is None for iterators), and
-    each feed is a step of the "calibration" task (`ptqonnx.progress`).
+    each feed is a step of the `label` task (`ptqonnx.progress`).
     """
     reqs = {name: parse_stats(kinds) for name, kinds in requests.items()}
     reqs = {k: v for k, v in reqs.items() if v}
@@ -65,7 +66,7 @@ def collect_statistics(
         for i, (name, kinds) in enumerate(sorted(reqs.items()))
     }
     with instrumented_session(model, list(reqs), threads=threads, opt_level=opt_level) as (sess, fetched), \
-            progress_task("calibration", total) as advance:
+            progress_task(label, total) as advance:
         graph_inputs = [i.name for i in sess.get_inputs()]
         from_feed = [n for n in reqs if n in graph_inputs]
         t0 = time.perf_counter()

@@ -145,3 +145,34 @@ def test_budget_tensorrt_form_parses(tiny_export: Path, calib_text: Path, tmp_pa
 
     if tensorrt_available():
         assert parse_onnx(out).ok
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 64), (3, True, 128), (8, True, None),
+                                                  (4, True, 256)])
+@pytest.mark.parametrize("k", [200, 576])
+def test_stored_bits_are_the_written_bytes(k: int, bits: int, symmetric: bool, group, fmt: str,
+                                           tmp_path: Path) -> None:
+    """The budget's cost of a layer equals the bytes the lowering writes (codes padded to whole blocks,
+    scales, zero points padded per row), for K that no block divides, asymmetric, 3-bit and per channel."""
+    from ptqonnx.budget import stored_bits
+    from ptqonnx.config import as_recipe
+    from ptqonnx.pipeline import compile_model
+    from tests.graphs import linear_model, save
+
+    n = 48
+    src = save(linear_model(k, n)[0], tmp_path / "m.onnx")
+    cfg = RtnConfig(bits=bits, group_size=group, symmetric=symmetric)
+    compile_model(src, tmp_path / "q.onnx", as_recipe(cfg, format=fmt))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    float_inputs = {i.name for i in model.graph.input}
+    written = 0
+    for init in model.graph.initializer:
+        if init.name in float_inputs:
+            continue
+        arr = numpy_helper.to_array(init)
+        if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            written += 4 * arr.size + (4 if arr.size % 2 else 0)  # two codes per byte
+        else:
+            written += 8 * arr.nbytes
+    assert written == pytest.approx(stored_bits(cfg, k, 32, fmt) * n * k, abs=8)
