@@ -83,7 +83,7 @@ def gptq_stage_solver(cfg: GptqConfig, losses: dict[str, float] | None = None):
 
     def solve(sites: Sequence[LinearSite], weights: Sequence[np.ndarray],
               hessian: np.ndarray) -> list[QuantizedWeight]:
-        grids = [cfg.for_site(site.name) for site in sites]
+        grids = [cfg.for_site(site.name) for site in sites] if cfg.high_bits else [cfg] * len(sites)
         out: dict[int, QuantizedWeight] = {}
         for grid in dict.fromkeys(grids):  # frozen configs: equal grids hash alike
             idx = [i for i, g in enumerate(grids) if g == grid]
