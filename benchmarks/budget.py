@@ -22,20 +22,12 @@ METHODS = (("RTN", "rtn"), ("GPTQ", "gptq"), ("AWQ+GPTQ", "awq+gptq"))
 
 
 def bits_per_weight(path: Path) -> tuple[float, int]:
-    """(bits per weight of the MatMulNBits layers from the bytes written, how many of them are 8-bit)."""
-    import onnx
-    from onnx import numpy_helper
+    """(bits per quantized weight from the bytes written, as `ptqonnx inspect` counts them: codes, scales, zero
+    points; how many layers are 8-bit)."""
+    from ptqonnx.inspect import inspect_model
 
-    model = onnx.load(str(path))
-    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
-    stored = weights = high = 0
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = {a.name: a.i for a in node.attribute}
-            stored += 8 * sum(sizes[n] for n in node.input[1:] if n)
-            weights += attrs["N"] * attrs["K"]
-            high += attrs["bits"] == 8
-    return stored / weights, high
+    info = inspect_model(path)
+    return info.summary.bits_per_weight, sum(1 for layer in info.linear_layers if layer.weight_quant.bits == 8)
 
 
 def plot(points: dict[str, list[tuple[float, float]]], fp32: float, path: Path) -> None:

@@ -22,8 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
-    "LayerMeasure", "KINDS", "layer_position", "relative_output_mse", "relative_output_mse_of", "relative_weight_mse",
-    "outlier_ratio",
+    "LayerMeasure", "KINDS", "layer_position", "relative_output_mses", "relative_weight_mse", "outlier_ratio",
     "size_breakdown", "measure_layers",
 ]
 
@@ -76,18 +75,18 @@ def layer_position(*names: str) -> tuple[int | None, str]:
     return depth, kind
 
 
-def relative_output_mse(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
-    """||X (W_hat - W)^T||^2 / ||X W^T||^2 for rows X [R, K] and weights W, W_hat [N, K] (float64 sums);
-    0 when the float output is all zero."""
-    return relative_output_mse_of(x, x, w, w_hat)
-
-
-def relative_output_mse_of(x: np.ndarray, x_hat: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
-    """||X_hat W_hat^T - X W^T||^2 / ||X W^T||^2: the quantized layer on its quantized input `x_hat`."""
-    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-    err = np.asarray(x_hat, np.float64) @ np.asarray(w_hat, np.float64).T - ref
+def relative_output_mses(x: np.ndarray, w: np.ndarray,
+                         variants: list[tuple[np.ndarray | None, np.ndarray]]) -> list[float]:
+    """||X_hat W_hat^T - X W^T||^2 / ||X W^T||^2 for each (X_hat, W_hat) in `variants` (X_hat None: X itself),
+    rows X [R, K], weights [N, K], float64 sums, the float output X W^T computed once; 0 when it is all zero."""
+    x64 = np.asarray(x, np.float64)
+    ref = x64 @ np.asarray(w, np.float64).T
     den = float(np.sum(ref * ref))
-    return float(np.sum(err * err) / den) if den > 0 else 0.0
+    out = []
+    for x_hat, w_hat in variants:
+        err = (x64 if x_hat is None else np.asarray(x_hat, np.float64)) @ np.asarray(w_hat, np.float64).T - ref
+        out.append(float(np.sum(err * err) / den) if den > 0 else 0.0)
+    return out
 
 
 def relative_weight_mse(w: np.ndarray, w_hat: np.ndarray) -> float:
@@ -126,12 +125,16 @@ def measure_layers(
         qw = planned.qweight
         w, w_hat = weights[name], dequantize_weight(qw)
         x = None if rows is None else rows.get(name)
-        err = relative_output_mse(x, w, w_hat) if x is not None else relative_weight_mse(w, w_hat)
+        grid = None if act_grids is None or x is None else act_grids.get(name)
+        if x is None:
+            err, act = relative_weight_mse(w, w_hat), None
+        else:
+            errs = relative_output_mses(x, w, [(None, w_hat)] + (
+                [(fake_quantize_activation(x, grid), w_hat)] if grid is not None else []))
+            err, act = errs[0], (errs[1] if grid is not None else None)
         wname = planned.site.weight_name
         depth, kind = layer_position(name, wname)
         ratio = lambda m: outlier_ratio(m[name]) if m is not None and name in m else None  # noqa: E731
-        grid = None if act_grids is None or x is None else act_grids.get(name)
-        act = None if grid is None else relative_output_mse_of(x, fake_quantize_activation(x, grid), w, w_hat)
         out.append(LayerMeasure(name, wname, kind, depth, (int(w.shape[0]), int(w.shape[1])), qw.bits, qw.block_size,
                                 err, x is not None, ratio(before), ratio(after), act))
     return out

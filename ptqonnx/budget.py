@@ -61,19 +61,15 @@ def layer_cost(name: str, w: np.ndarray, x: np.ndarray | None, cfg: WeightStage,
                fmt: str) -> LayerCost:
     """The layer's cost and RTN errors on `cfg`'s grid and at 8 bits per channel; `x` [R, K] input rows (None:
     the weight-space error)."""
-    from ptqonnx.analysis import relative_output_mse, relative_weight_mse
+    from ptqonnx.analysis import relative_output_mses, relative_weight_mse
     from ptqonnx.numerics.quant import fake_quantize
 
     high = cfg.high_grid()
     n, k = w.shape
-    err = (lambda c: relative_output_mse(x, w, _rtn(w, c, fake_quantize))) if x is not None else (
-        lambda c: relative_weight_mse(w, _rtn(w, c, fake_quantize)))
-    return LayerCost(name, n * k, stored_bits(cfg, k, scale_bits, fmt), stored_bits(high, k, scale_bits, fmt),
-                     err(cfg), err(high))
-
-
-def _rtn(w: np.ndarray, c: WeightStage, fake_quantize) -> np.ndarray:
-    return fake_quantize(w, c.bits, c.group_size, c.symmetric, positive=c.positive_scales)
+    w_hats = [fake_quantize(w, c.bits, c.group_size, c.symmetric, positive=c.positive_scales) for c in (cfg, high)]
+    errs = (relative_output_mses(x, w, [(None, wh) for wh in w_hats]) if x is not None
+            else [relative_weight_mse(w, wh) for wh in w_hats])
+    return LayerCost(name, n * k, stored_bits(cfg, k, scale_bits, fmt), stored_bits(high, k, scale_bits, fmt), *errs)
 
 
 def choose_high_bits(layers: Sequence[LayerCost], budget: float) -> tuple[list[str], float, float]:

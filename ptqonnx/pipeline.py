@@ -444,7 +444,7 @@ def _measure_layers(ctx: MethodContext, feeds, before: dict[str, np.ndarray] | N
     """Every planned layer's error on the float model it was quantized from (`ptqonnx.analysis`)."""
     from ptqonnx.analysis import measure_layers
 
-    current = {s.name: s for s in find_linear_sites(ctx.model).sites if s.name in ctx.plan}
+    current = {s.name: s for s in ctx.refresh_sites() if s.name in ctx.plan}  # weights as the graph now holds them
     rows = after = None
     if feeds is not None:
         from ptqonnx.runtime.collect import collect_statistics
