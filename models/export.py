@@ -442,6 +442,9 @@ def _save_tokenizer(tokenizer, folder: Path, source: str) -> None:
     for key in ("backend", "is_local", "local_files_only"):  # 5.x's backend marker; load-time kwargs it keeps
         data.pop(key, None)
     data["tokenizer_class"] = TOKENIZER_CLASS
+    # the input names the source's tokenizer class declares: PreTrainedTokenizerFast would otherwise add
+    # token_type_ids, which a decoder's generate() refuses (transformers 4.57, optimum's ORTModelForCausalLM)
+    data["model_input_names"] = list(tokenizer.model_input_names)
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -13,8 +13,10 @@ each of them sees V_g R. d = head_dim (64 on SmolLM2); R = `kind` ("random_hadam
 and W_o's columns, R2 W_v's columns and W_o's rows (Ashkboos et al. 2024, sec. 4: "Hadamard on the value
 heads"; Liu et al. 2024, sec. 3, R2).
 
-Skips (`skipped`, one per o_proj) what cannot be proven: fused attention ops, a V stored in a KV cache
-(the cache's meaning would change), outputs shared with other consumers, non-block channel maps.
+A V stored in a KV cache is rotated only with `through_cache`: the present outputs (`cache_outputs`) then hold
+V' and the past inputs must too, which they do when this same model wrote them (decode after a prefill equals
+the prefill: tested). Skips (`skipped`, one per o_proj) what cannot be proven: fused attention ops, a cached V
+without `through_cache`, outputs shared with other consumers, non-block channel maps.
 `modified` is False when no pair is found.
 """
 
@@ -39,7 +41,8 @@ logger = logging.getLogger(__name__)
 class RotateValueHeadsPass(InPlacePass):
     """W_v ← W_v blockdiag(R), W_o ← blockdiag(R)ᵀ W_o for every v_proj → attention → o_proj found."""
 
-    def __init__(self, kind: str = "random_hadamard", seed: int = 0, matrix: np.ndarray | None = None) -> None:
+    def __init__(self, kind: str = "random_hadamard", seed: int = 0, matrix: np.ndarray | None = None,
+                 through_cache: bool = False) -> None:
         super().__init__()
         if kind not in ROTATION_KINDS:
             raise ValueError(f"unknown rotation kind {kind!r}; use one of {list(ROTATION_KINDS)}")
@@ -47,12 +50,14 @@ class RotateValueHeadsPass(InPlacePass):
             raise ValueError("matrix must be square and orthogonal (RᵀR = I to 1e-6)")
         self.kind, self.seed = kind, int(seed)
         self.matrix = None if matrix is None else np.asarray(matrix, dtype=np.float64)
+        self.through_cache = through_cache  # also V stored in a KV cache (the cache then holds rotated values)
         self.rotated: list[str] = []  # o_proj names
+        self.cache_outputs: list[str] = []  # present outputs now holding rotated values
         self.skipped: list[Skip] = []
 
     def call(self, model: ir.Model) -> PassResult:
-        pairs, self.skipped = find_value_heads(model)
-        self.rotated = []
+        pairs, self.skipped = find_value_heads(model, self.through_cache)
+        self.rotated, self.cache_outputs = [], []
         graph, names = model.graph, NameScope(model.graph)
         for pair in pairs:
             d = pair.head_dim
@@ -70,6 +75,7 @@ class RotateValueHeadsPass(InPlacePass):
                 edit_channels(graph, ref, lambda m: v_rot @ m, names)
             edit_channels(graph, weight_ref(pair.o, "K"), lambda m: o_rot @ m, names)
             self.rotated.append(pair.o.name)
+            self.cache_outputs += pair.cache_outputs
         for s in self.skipped:
             logger.debug("rotate value heads: %s skipped: %s", s.node, s.reason)
         logger.info("rotate value heads: %d v/o pairs rotated, %d skipped", len(self.rotated), len(self.skipped))

@@ -1,6 +1,6 @@
-"""Mixed precision under a size budget (`--budget-bits B`): which layers get 8 bits per channel instead of
-the stage's 3/4-bit grid, so that the average bits per quantized weight (codes, scales and zero points as
-written) stays within B and the measured error drops most.
+"""Mixed precision under a size budget (`--budget-bits B`, `--max-size-mb N`): which layers get 8 bits per
+channel instead of the stage's 3/4-bit grid, so that the average bits per quantized weight (codes, scales and
+zero points as written) stays within B — or the file within N MiB — and the measured error drops most.
 
 Each layer's sensitivity is its RTN error on the grid and at 8 bits, measured on the calibration rows the
 one-shot statistics already hold (`sample`; the relative output MSE of `ptqonnx.analysis`), or on the weights
@@ -20,7 +20,7 @@ import numpy as np
 from ptqonnx.config import WeightStage
 from ptqonnx.errors import UserError
 
-__all__ = ["LayerCost", "stored_bits", "layer_cost", "choose_high_bits"]
+__all__ = ["LayerCost", "stored_bits", "layer_cost", "choose_high_bits", "bits_for_size"]
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,18 @@ def layer_cost(name: str, w: np.ndarray, x: np.ndarray | None, cfg: WeightStage,
     return LayerCost(name, n * k, stored_bits(cfg, k, scale_bits, fmt), stored_bits(high, k, scale_bits, fmt), *errs)
 
 
-def choose_high_bits(layers: Sequence[LayerCost], budget: float) -> tuple[list[str], float, float]:
+def choose_high_bits(layers: Sequence[LayerCost], budget: float,
+                     flag: str = "--budget-bits") -> tuple[list[str], float, float]:
     """(names to raise to 8 bits, the average bits per weight reached, the average with none raised). Refuses
     a budget below what the grid alone takes."""
     if not layers:
-        raise UserError("--budget-bits has no linear layer to spend bits on (only embeddings are quantized); drop it")
+        raise UserError(f"{flag} has no linear layer to spend bits on (only embeddings are quantized); drop it")
     total = sum(c.weights for c in layers)
     spent = sum(c.weights * c.base_bits for c in layers)
     floor = spent / total
     if budget + 1e-9 < floor:
         least = math.ceil(floor * 1000) / 1000
-        raise UserError(f"--budget-bits {budget:g} is below the {least:.3f} bits per weight the grid alone takes "
+        raise UserError(f"{flag} {budget:g} is below the {least:.3f} bits per weight the grid alone takes "
                         f"(codes with their padding, scales and zero points of {len(layers)} layers); pass at least "
                         f"{least:.3f}, or another group size")
     chosen = []
@@ -92,3 +93,20 @@ def choose_high_bits(layers: Sequence[LayerCost], budget: float) -> tuple[list[s
             chosen.append(c.name)
             spent += extra
     return chosen, spent / total, floor
+
+
+def bits_for_size(max_bytes: float, fixed_bytes: float, layers: Sequence[LayerCost]) -> float:
+    """The average bits per quantized weight that keeps the whole file within `max_bytes` when `fixed_bytes`
+    of it are not the quantized layers' codes, scales and zero points (embeddings, norms, float layers, the
+    graph itself). Refuses a size the grid alone exceeds, naming the smallest one that fits."""
+    if not layers:
+        raise UserError("--max-size-mb has no linear layer to spend bits on (only embeddings are quantized); drop it")
+    total = sum(c.weights for c in layers)
+    least = fixed_bytes + sum(c.weights * c.base_bits for c in layers) / 8
+    if max_bytes < least:
+        mib = math.ceil(least / 2**20 * 100) / 100
+        raise UserError(f"--max-size-mb {max_bytes / 2**20:g} is below the {mib:.2f} MiB the grid alone writes "
+                        f"({fixed_bytes / 2**20:.2f} MiB of it is not quantized weights: embeddings, norms, float "
+                        f"layers, the graph); pass at least {mib:.2f}, or a coarser grid (--wbits 3, a larger "
+                        "--group-size)")
+    return (max_bytes - fixed_bytes) * 8 / total

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "per-layer quantization error on a second draw of calibration rows (calibration flags are then "
                    "used by rtn too), input outliers before/after smoothing or rotation, sizes, time per step "
                    "(needs matplotlib: pip install 'ptqonnx[report]')")
+    p.add_argument("--sensitivity", action="store_true", help="also print every quantized layer ranked by its "
+                   "measured RTN error on the grid (and at 8 bits): the numbers --budget-bits / --max-size-mb rank by; "
+                   "measured on the calibration rows the compile collects (calibration flags are then used by rtn "
+                   "too), or on the weights alone without data")
     _TABLES["config"] = add_config_flags(p, classes)
     _TABLES["calib"] = add_calibration_flags(p)
 
@@ -190,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", parents=[common], help="the main job end to end on the real default model: "
                        "export SmolLM2-135M, RTN INT4 g128, perplexity and prefill latency next to FP32")
     p.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 test)")
-    p.add_argument("--out", type=Path, default=Path("work/smollm2"), help="working folder (default work/smollm2)")
+    p.add_argument("-o", "--output", "--out", dest="out", type=Path, default=Path("work/smollm2"),
+                   help="working folder (default work/smollm2; --out is an alias)")
     p.add_argument("--max-windows", type=_positive(int), default=40, help="512-token windows to evaluate (40)")
     return parser
 
@@ -247,8 +252,8 @@ def _compile_recipe(args):
         recipe = recipe_from_args(args.method or "rtn", args.w8a8, args, table, classes, rotate=args.rotate)
     calib = calib_from_args(args, _TABLES["calib"], recipe.calibration, classes)
     given = given_flags(args, _TABLES["calib"])
-    measures = args.report is not None or any(st.kind == "weights" and st.budget_bits is not None
-                                              for st in recipe.stages)  # data the report / budget measure on
+    measures = args.report is not None or args.sensitivity or any(
+        st.kind == "weights" and st.budgeted for st in recipe.stages)  # data the report / budget / ranking measure on
     if given and not recipe.needs_calibration and not measures:
         raise UserError(f"{recipe.method} needs no calibration data; drop {', '.join(given)}")
     if args.stats is not None and not recipe.needs_calibration and not measures:
@@ -267,12 +272,16 @@ def _cmd_compile(args) -> None:
     report = compile_model(
         args.model, args.output, recipe, calibration=calib, stats=args.stats, verify_ort=not args.no_verify,
         force=args.force, report_dir=args.report,  # progress: the bars / INFO lines of ptqonnx.progress (-q: none)
+        sensitivity=args.sensitivity,
     )
-    for line in report.lines(all_skips=args.verbose > 0):
+    for line in report.lines(all_skips=args.verbose > 0) + report.sensitivity_lines():
         print(line)
     print(f"wrote {report.output_path} ({_mib(report.output_bytes)}, input {_mib(report.input_bytes)}) "
           f"in {report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB; recipe "
           f"{recipe_path_for(report.output_path)}")
+    if report.companions:
+        print(f"copied {', '.join(report.companions)} beside it (optimum's ORTModelForCausalLM and transformers "
+              "load that folder)")
     if report.report_files:
         print(f"report: {report.report_files[1] if len(report.report_files) > 1 else report.report_files[0]}")
 
@@ -296,7 +305,7 @@ def _cmd_calibrate(args) -> None:
     from ptqonnx.calibration.validate import check_feeds
 
     check_feeds(model, batches)
-    stats = collect_statistics(model, batches, {n: set(kinds) for n in names},
+    stats = collect_statistics(model, batches, {n: set(kinds) for n in names}, provider=cfg.provider,
                                **({"sample_rows": args.sample_rows} if args.sample_rows else {}))
     stats.save(args.output)
     print(f"wrote statistics of {len(names)} activations to {args.output}")

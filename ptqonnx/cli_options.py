@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ptqonnx.config import CalibConfig, ConfigError, FieldRef, Recipe, StageConfig, W8A8Config
+from ptqonnx.config import CalibConfig, ConfigError, FieldRef, Recipe, StageConfig
 from ptqonnx.errors import UserError
 
 __all__ = ["add_config_flags", "add_calibration_flags", "calib_from_args", "recipe_from_args", "flag_name",

@@ -237,17 +237,26 @@ class WeightStage(StageConfig):
         None, "mixed precision: average bits per quantized weight, scales included (e.g. 4.5); the layers whose "
         "measured error drops most per added bit get 8 bits per channel until the budget is used (the choice is "
         "written to the recipe as high_bits)", flag="--budget-bits", metavar="B")
+    max_size_mb: float | None = option(
+        None, "mixed precision: the output file's size in MiB (2^20 bytes, as `ls -lh` counts; external data "
+        "included); like --budget-bits, the layers whose measured error drops most per added byte get 8 bits per "
+        "channel while the whole file stays within N", flag="--max-size-mb", metavar="N")
     high_bits: tuple[str, ...] = option(
         (), "layers (node-name patterns) quantized to 8 bits per output channel instead of this stage's grid "
-        "(what --budget-bits chose)")
+        "(what --budget-bits or --max-size-mb chose)")
 
     @property
     def positive_scales(self) -> bool:
         return self.scales == "positive"
 
+    @property
+    def budgeted(self) -> bool:
+        """A size budget (--budget-bits or --max-size-mb) is still to be spent."""
+        return self.budget_bits is not None or self.max_size_mb is not None
+
     def high_grid(self) -> WeightStage:
         """The grid a layer raised by the budget gets: 8 bits per output channel, otherwise this stage's."""
-        return dataclasses.replace(self, bits=8, group_size=None, budget_bits=None, high_bits=())
+        return dataclasses.replace(self, bits=8, group_size=None, budget_bits=None, max_size_mb=None, high_bits=())
 
     def for_site(self, name: str) -> WeightStage:
         """The grid of one layer: `high_grid()` for a layer `high_bits` names, else this stage's."""
@@ -272,16 +281,22 @@ class WeightStage(StageConfig):
             raise ConfigError(f"{self.bits}-bit weights need a group size (e.g. 128) in {{0}}; per channel is for "
                               "8 bits", self.ref("group_size"))
         object.__setattr__(self, "group_size", g)
-        if self.budget_bits is not None:
-            if self.bits >= 8 or self.fp8:
-                raise ConfigError("{0} spends bits above a 3- or 4-bit grid; drop it for 8-bit weights",
-                                  self.ref("budget_bits"))
-            if not self.bits < self.budget_bits < 8.5:
-                raise ConfigError(f"{{0}} must be between the grid's {self.bits} bits and 8.5, got {self.budget_bits}",
-                                  self.ref("budget_bits"))
-            if self.high_bits:
-                raise ConfigError("{0} chooses the 8-bit layers that {1} lists; give one of them",
-                                  self.ref("budget_bits"), self.ref("high_bits"))
+        budget = "budget_bits" if self.budget_bits is not None else "max_size_mb"
+        if self.budgeted and (self.bits >= 8 or self.fp8):
+            raise ConfigError("{0} spends bits above a 3- or 4-bit grid; drop it for 8-bit weights", self.ref(budget))
+        if self.budget_bits is not None and not self.bits < self.budget_bits < 8.5:
+            raise ConfigError(f"{{0}} must be between the grid's {self.bits} bits and 8.5, got {self.budget_bits}",
+                              self.ref("budget_bits"))
+        if self.max_size_mb is not None:
+            if not self.max_size_mb > 0:
+                raise ConfigError(f"{{0}} must be a positive size in MiB, got {self.max_size_mb}",
+                                  self.ref("max_size_mb"))
+            if self.budget_bits is not None:
+                raise ConfigError("{0} and {1} are two budgets for one choice; give one of them",
+                                  self.ref("max_size_mb"), self.ref("budget_bits"))
+        if self.budgeted and self.high_bits:
+            raise ConfigError("{0} chooses the 8-bit layers that {1} lists; give one of them",
+                              self.ref(budget), self.ref("high_bits"))
 
 
 @dataclass(frozen=True)
@@ -359,6 +374,10 @@ class RotateConfig(StageConfig):
     seed: int = option(0, "seed of the random rotations", flag="--rotation-seed")
     heads: bool = option(True, "skip R2, the per-head rotation of V and o_proj", flag="--no-r2", invert=True)
     online: bool = option(True, "skip R4, the online Hadamard before down_proj", flag="--no-r4", invert=True)
+    through_cache: bool = option(
+        True, "KV-cache graphs: skip R2 where V is stored in the cache, so that present.*.value holds what the float "
+        "model's does (by default R2 rotates the cached values too: exact for a cache this model wrote, as every "
+        "decode loop's is)", flag="--keep-cache-values", invert=True)
 
     def validate(self) -> None:
         if self.seed < 0:
@@ -489,6 +508,10 @@ class CalibConfig:
     samples: int = option(128, "number of calibration windows", flag="--calib-samples", metavar="N")
     seq_len: int = option(512, "tokens per calibration window", flag="--calib-seq-len", metavar="L")
     seed: int = option(0, "seed for window offsets", flag="--seed")
+    provider: str = option("cpu", "ONNX Runtime execution provider of the calibration runs (statistics, the "
+                           "sequential methods' block runs); cuda/tensorrt need onnxruntime-gpu and never fall back "
+                           "to the CPU. The float checks and the output checks run on the CPU", flag="--provider",
+                           choices=("cpu", "cuda", "tensorrt"))
 
     def __post_init__(self) -> None:
         _check_fields(self, "calibration")

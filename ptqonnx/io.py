@@ -279,9 +279,87 @@ def _remove(p: Path) -> None:
 
 # --- save ---------------------------------------------------------------------------------------------
 
-def _initializer_bytes(model: ir.Model) -> int:
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of tensor data the model's initializers hold (its subgraphs' too)."""
     return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
                if v.const_value is not None)
+
+
+def _tensor_header_bytes(value: ir.Value, external: bool) -> int:
+    """An upper bound on an initializer's bytes besides its data: its TensorProto's name, dims, type and field
+    tags (and the location, offset and length strings of an external one), and its value_info entry
+    (serialized: it carries the value's metadata too)."""
+    dims = len(value.shape) if value.shape is not None else 8
+    return 32 + len(value.name or "") + 11 * dims + (96 if external else 0) + 8 + ir.serde.serialize_value(
+        value).ByteSize()
+
+
+def structure_bytes(model: ir.Model) -> int:
+    """The bytes a saved `model` takes besides its tensors' data: the graph serialized without initializers
+    (nodes, value_info, inputs, outputs), an upper bound on each initializer's header, the metadata, doc
+    strings and functions, and 1 KiB for the model's own fields (opsets, producer). Subgraphs are serialized
+    whole (their tensors counted here as well: an upper bound). Checked against written files in
+    tests/test_budget.py."""
+    import onnx
+
+    graph = model.graph
+    view = ir.GraphView(graph.inputs, graph.outputs, nodes=list(graph), name=graph.name)
+    proto = onnx.GraphProto()
+    ir.serde.serialize_graph_into(proto, view)
+    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    headers = sum(_tensor_header_bytes(v, external) for v in graph.initializers.values())
+    props = sum(len(k) + len(v) + 8 for p in (graph.metadata_props, model.metadata_props) for k, v in p.items())
+    docs = len(graph.doc_string or "") + len(model.doc_string or "")
+    functions = sum(ir.serde.serialize_function(f).ByteSize() + 8 for f in model.functions.values())
+    return proto.ByteSize() + headers + props + docs + functions + 1024
+
+
+def predicted_file_bytes(model: ir.Model) -> int:
+    """An upper bound on the bytes `save_model` writes for `model` (model file plus external data)."""
+    return structure_bytes(model) + initializer_bytes(model)
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file beside it and a rename: a reader sees the old file or
+    the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it owner-only)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# the files beside a Hugging Face model that loaders read with the ONNX file (optimum's ORTModelForCausalLM,
+# transformers' AutoTokenizer / GenerationConfig); genai_config.json is not one: it names the model file
+COMPANION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "chat_template.jinja", "preprocessor_config.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def copy_companions(source: Path, output: Path) -> list[str]:
+    """Copy the model folder's companion files (`COMPANION_FILES`) beside `output` when it is written to
+    another folder, each atomically and only where the output's folder has none of that name; the names
+    copied."""
+    src, dst = source.parent.resolve(), output.parent.resolve()
+    if src == dst:
+        return []
+    copied = []
+    for name in COMPANION_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            write_atomic(dst / name, (src / name).read_bytes())
+            copied.append(name)
+    return copied
 
 
 def _external_tensors(model: ir.Model) -> Iterator[tuple[ir.Node | None, str | None, ir.ExternalTensor]]:
@@ -356,7 +434,7 @@ def save_model(model: ir.Model, output: Path, *, verify_ort: bool = True) -> lis
             probes = _probe_feeds(model) if verify_ort else None
             _release_mappings(model)
             notes = _check_saved(tmp, probes, advance)
-            if _initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
                 embed_external_data(tmp, tmp_data)
             _commit(tmp, output)
             return notes

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ from ptqonnx.config import CalibConfig, ConfigError, Recipe, StageConfig, as_rec
 from ptqonnx.errors import UserError, require_module
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
 from ptqonnx.graph.validate import NONFINITE_REASON, describe_quantized, nonfinite_sites
-from ptqonnx.io import check_output_path, file_bytes, load_model, model_files, preflight, save_model
+from ptqonnx.io import check_output_path, copy_companions, file_bytes, load_model, model_files, preflight, save_model
 from ptqonnx.methods.base import ActivationResult, Calibration, MethodContext, Progress
 from ptqonnx.passes import run_passes
 from ptqonnx.registry import method_spec
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 SAMPLE_ROWS = 1024  # rows kept per requested `sample` statistic
 REPORT_SAMPLES = 4  # calibration samples (a second draw) the report's per-layer measurements run on
 REPORT_ROWS = 256  # input rows per layer kept for its error
+LOWERED_NODE_BYTES = 384  # --max-size-mb's allowance per quantized layer: its node, tensor names and headers
 CalibrationArg = CalibConfig | Sequence[Mapping[str, np.ndarray]] | None
 
 
@@ -156,7 +158,8 @@ def _statistics(ctx: MethodContext, requests: dict[str, set], stats_path: Path |
         from ptqonnx.runtime.collect import collect_statistics
 
         feeds = ctx.feeds()
-        return collect_statistics(ctx.model, feeds, requests, sample_rows=SAMPLE_ROWS), f"{len(feeds)} samples"
+        return (collect_statistics(ctx.model, feeds, requests, sample_rows=SAMPLE_ROWS,
+                                   provider=ctx.calibration.provider), f"{len(feeds)} samples")
     saved = Statistics.load(stats_path)
     missing = [f"{name} ({', '.join(sorted(k.value for k in kinds - saved[name].kinds))})" if name in saved else name
                for name, kinds in requests.items() if name not in saved or not kinds <= saved[name].kinds]
@@ -219,6 +222,7 @@ def quantize(
     progress: Progress | None = None,
     model_dir: str | Path | None = None,
     analyze: bool = False,
+    sensitivity: bool = False,
 ) -> ir.Model:
     """Quantize `model` (a path, an `onnx.ModelProto` or an `onnx_ir.Model`, never modified) with `config`
     (a `Recipe`, one stage config such as `GptqConfig(bits=4)`, or a list of them) and return the rewritten
@@ -230,13 +234,17 @@ def quantize(
     tokenizer is looked for (default: the model's folder when `model` is a path). `analyze`: measure every
     layer's quantization error and input outliers into the report (`CompileReport.layers`, `sizes`), on
     a second draw of calibration rows (two or three extra ONNX Runtime runs over `REPORT_SAMPLES` samples).
+    `sensitivity`: rank the layers by their RTN error on the weights stage's grid (and at 8 bits) from the
+    one-shot statistics' sample rows (`CompileReport.sensitivity`, most sensitive first; no extra full-model
+    run when the compile collects statistics anyway).
     """
     recipe = _recipe(config)
     _check_requirements(recipe)
     ir_model, folder = _as_model(model)
     report = CompileReport(Path(model) if isinstance(model, (str, Path)) else None, None, recipe=recipe)
     _quantize_in_place(ir_model, recipe, calibration if calibration is not None else recipe.calibration,
-                       Path(model_dir) if model_dir is not None else folder, stats, progress, report, analyze)
+                       Path(model_dir) if model_dir is not None else folder, stats, progress, report, analyze,
+                       sensitivity)
     ir_model.meta["ptqonnx.report"] = report
     return ir_model
 
@@ -274,8 +282,12 @@ def _infer_shapes(model: ir.Model) -> None:
 
 def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: CalibrationArg, model_dir: Path | None,
                        stats_path: str | Path | None, progress: Progress | None, report: CompileReport,
-                       analyze: bool = False) -> None:
+                       analyze: bool = False, sensitivity: bool = False) -> None:
     timed = _Timer(report)
+    if isinstance(calibration, CalibConfig) and calibration.provider != "cpu":
+        from ptqonnx.runtime.ort import provider_names
+
+        provider_names(calibration.provider)  # a missing GPU provider: one line before any work
     with timed("prepare"):
         prepare_model(model)
     scan = find_linear_sites(model)
@@ -291,7 +303,7 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         with timed("report: input profile"):
             held, report.analysis = _held_feeds(ctx)
             if held is not None and any(cfg.kind in ("transform", "scaling") for cfg in recipe.stages):
-                before = _input_absmax(model, ctx.sites, held)
+                before = _input_absmax(model, ctx.sites, held, ctx.calibration.provider)
     early = [(spec, cfg) for spec, cfg in specs if cfg.before_statistics]
     if early:  # rotations: every later stage selects, measures and quantizes the rewritten graph
         if more:
@@ -312,13 +324,21 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         raise UserError("the model has no quantizable MatMul/Gemm (a float weight initializer [K, N])"
                         + (f": {why}" if why else "") + "; pass a model with linear layers")
 
+    sized = next((st for st in recipe.stages if st.kind == "weights" and st.max_size_mb is not None), None)
+    if sized is not None:  # a size the grid alone exceeds: refused before any calibration run
+        from ptqonnx.budget import LayerCost, bits_for_size, stored_bits
+
+        bits_for_size(sized.max_size_mb * 2**20, _unquantized_bytes(model, ctx.sites, recipe), [
+            LayerCost(s.name, s.N * s.K, stored_bits(sized, s.K, 8 * s.float_dtype.itemsize, recipe.format), 0.0,
+                      0.0, 0.0) for s in ctx.sites])
     requests: dict[str, set] = {}
     for spec, cfg in specs:
         for name, kinds in (spec.requests(ctx, cfg) if spec.requests is not None else {}).items():
             requests.setdefault(name, set()).update(kinds)
-    budget = next((st.budget_bits for st in recipe.stages if st.kind == "weights"), None)
-    if budget is not None and (ctx.calibration.supplied or stats_path is not None):
-        for s in ctx.sites:  # the budget ranks layers by their error on these rows
+    budget = any(st.kind == "weights" and st.budgeted for st in recipe.stages)
+    ranks = budget or (sensitivity and any(st.kind == "weights" for st in recipe.stages))
+    if ranks and (ctx.calibration.supplied or stats_path is not None):
+        for s in ctx.sites:  # the budget and --sensitivity rank layers by their error on these rows
             requests.setdefault(s.activation.name, set()).add("sample")
     requests = {k: v for k, v in requests.items() if v}
     if stats_path is not None and not requests:
@@ -329,10 +349,15 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         with timed("statistics"):
             ctx.stats, ctx.stats_origin = _statistics(ctx, requests, Path(stats_path) if stats_path else None)
 
-    if budget is not None:
-        with timed("budget"):
-            recipe = _spend_budget(ctx, report)
-        specs = [(method_spec(stage), stage) for stage in recipe.stages]
+    if ranks:
+        with timed("budget" if budget else "sensitivity"):
+            costs, measured = _layer_costs(ctx)
+            if sensitivity:
+                report.sensitivity = sorted(costs, key=lambda c: c.base_error, reverse=True)
+                report.sensitivity_measured = measured
+            if budget:
+                recipe = _spend_budget(ctx, report, costs, measured)
+                specs = [(method_spec(stage), stage) for stage in recipe.stages]
     driven = any(s.kind == "scaling" for s in recipe.stages)  # awq runs the weights stage itself
     for spec, cfg in specs:
         if not (cfg.kind == "weights" and driven) and not cfg.before_statistics:
@@ -376,31 +401,79 @@ class _Timer:
             self.report.timings[step] = self.report.timings.get(step, 0.0) + time.perf_counter() - t0
 
 
-def _spend_budget(ctx: MethodContext, report: CompileReport) -> Recipe:
-    """`--budget-bits`: rank the selected layers by their RTN error (`ptqonnx.budget`) on the statistics' sample
-    rows (or the weights alone), raise the best error-per-bit ones to 8 bits, and return the recipe with that
-    choice as the weights stage's `high_bits` (which every later stage, the report and the written recipe
-    read)."""
-    from ptqonnx.budget import choose_high_bits, layer_cost
-    from ptqonnx.report import BudgetSummary
+def _layer_costs(ctx: MethodContext) -> tuple[list, str]:
+    """Each selected layer's stored cost and RTN error on the weights stage's grid and at 8 bits per channel
+    (`ptqonnx.budget.layer_cost`) on the statistics' sample rows, or on the weights alone without data; and
+    how they were measured, in words."""
+    from ptqonnx.budget import layer_cost
 
-    recipe, w = ctx.recipe, ctx.recipe.weights
+    w = ctx.recipe.weights
     on_data = all(s.activation.name in ctx.stats and ctx.stats[s.activation.name].sample is not None
                   for s in ctx.sites)
     costs = [layer_cost(s.name, s.weight_nk(), ctx.stats[s.activation.name].sample if on_data else None, w,
-                        8 * s.float_dtype.itemsize, recipe.format) for s in ctx.sites]
-    high, reached, floor = choose_high_bits(costs, w.budget_bits)
-    raised = dataclasses.replace(w, budget_bits=None, high_bits=tuple(_exact_pattern(n) for n in high))
-    recipe = dataclasses.replace(recipe, stages=tuple(raised if st is w else st for st in recipe.stages))
+                        8 * s.float_dtype.itemsize, ctx.recipe.format) for s in ctx.sites]
     measured = (f"relative output MSE of RTN on {ctx.stats_origin}" if on_data
                 else "relative weight MSE of RTN (no calibration data)")
-    report.stages.append(BudgetSummary("budget", budget_bits=w.budget_bits, bits_per_weight=reached,
-                                       grid_bits=floor, high=tuple(high),
-                                       errors={c.name: c.base_error for c in costs}, measured=measured))
-    logger.info("budget %.3g bits per weight: %d of %d layers at 8 bits, %.3f bits per weight reached",
-                w.budget_bits, len(high), len(costs), reached)
+    return costs, measured
+
+
+def _spend_budget(ctx: MethodContext, report: CompileReport, costs: list, measured: str) -> Recipe:
+    """`--budget-bits` / `--max-size-mb`: raise the layers with the most error removed per added bit to 8 bits
+    (`ptqonnx.budget`) and return the recipe with that choice as the weights stage's `high_bits` (which every
+    later stage, the report and the written recipe read). A size in MiB becomes bits per weight once the
+    bytes that are not quantized weights are counted (`_unquantized_bytes`)."""
+    from ptqonnx.budget import bits_for_size, choose_high_bits
+    from ptqonnx.report import BudgetSummary
+
+    recipe, w = ctx.recipe, ctx.recipe.weights
+    fixed = None
+    if w.max_size_mb is not None:
+        if recipe.quantize_embeddings:
+            raise UserError("--max-size-mb does not count quantized embeddings yet; drop --quantize-embeddings, or "
+                            "give --budget-bits (bits per quantized linear weight) instead")
+        fixed = _unquantized_bytes(ctx.model, ctx.sites, ctx.recipe)
+        bits = bits_for_size(w.max_size_mb * 2**20, fixed, costs)
+    else:
+        bits = w.budget_bits
+    high, reached, floor = choose_high_bits(costs, bits, "--budget-bits" if fixed is None else "--max-size-mb")
+    raised = dataclasses.replace(w, budget_bits=None, max_size_mb=None,
+                                 high_bits=tuple(_exact_pattern(n) for n in high))
+    recipe = dataclasses.replace(recipe, stages=tuple(raised if st is w else st for st in recipe.stages))
+    planned = None if fixed is None else int(fixed + sum(c.weights * (c.high_bits if c.name in high else c.base_bits)
+                                                         for c in costs) / 8)
+    report.stages.append(BudgetSummary("budget", budget_bits=w.budget_bits, max_size_mb=w.max_size_mb,
+                                       planned_bytes=planned, bits_per_weight=reached, grid_bits=floor,
+                                       high=tuple(high), errors={c.name: c.base_error for c in costs},
+                                       measured=measured))
+    logger.info("budget %s: %d of %d layers at 8 bits, %.3f bits per weight reached",
+                f"{w.max_size_mb:g} MiB" if fixed is not None else f"{w.budget_bits:g} bits per weight", len(high),
+                len(costs), reached)
     ctx.recipe = report.recipe = recipe
     return recipe
+
+
+def _unquantized_bytes(model: ir.Model, sites: Sequence[LinearSite], recipe: Recipe) -> int:
+    """An upper bound on the bytes an output file will hold besides the quantized layers' codes, scales and
+    zero points: the graph as it stands (`io.structure_bytes`: nodes, value_info, tensor headers, metadata),
+    every initializer the lowering keeps (embeddings, norms, biases, layers left float; a weight the layers
+    share with another reader, like a tied embedding), `LOWERED_NODE_BYTES` per layer for the node and
+    tensors the lowering writes, and the scale vector and Mul of each group a scaling stage may insert."""
+    from ptqonnx.io import structure_bytes
+
+    nodes = {id(s.node) for s in sites}
+
+    def only_layers(v: ir.Value) -> bool:  # read by the layers alone (directly or through a Transpose/Cast)
+        return all(id(u.node) in nodes or (u.node.op_type in ("Transpose", "Cast", "Identity")
+                                           and all(only_layers(o) for o in u.node.outputs)) for u in v.uses())
+
+    dropped = {id(s.weight_source) for s in sites if only_layers(s.weight_source)}
+    kept = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None and id(v) not in dropped)
+    inserted = 0
+    if any(st.kind == "scaling" or st.stage == "smoothquant" for st in recipe.stages):
+        groups = {id(s.activation): s for s in sites}.values()
+        inserted = sum(s.K * s.float_dtype.itemsize + 512 for s in groups)
+    return structure_bytes(model) + kept + LOWERED_NODE_BYTES * len(sites) + inserted
 
 
 def _exact_pattern(name: str) -> str:
@@ -431,12 +504,12 @@ def _held_feeds(ctx: MethodContext) -> tuple[list[dict[str, np.ndarray]] | None,
                    f"calibration data has no more), {REPORT_ROWS} rows per layer")
 
 
-def _input_absmax(model: ir.Model, sites: Sequence[LinearSite], feeds) -> dict[str, np.ndarray]:
+def _input_absmax(model: ir.Model, sites: Sequence[LinearSite], feeds, provider: str) -> dict[str, np.ndarray]:
     """Per-channel absmax of each site's input (by site name), one ONNX Runtime run over `feeds`."""
     from ptqonnx.runtime.collect import collect_statistics
 
     stats = collect_statistics(model, feeds, {s.activation.name: {"absmax"} for s in sites},
-                               label="report: input model")
+                               label="report: input model", provider=provider)
     return {s.name: stats[s.activation.name].absmax for s in sites}
 
 
@@ -451,7 +524,7 @@ def _measure_layers(ctx: MethodContext, feeds, before: dict[str, np.ndarray] | N
 
         stats = collect_statistics(ctx.model, feeds, {s.activation.name: {"absmax", "sample"}
                                                       for s in current.values()}, sample_rows=REPORT_ROWS,
-                                 label="report: layer errors")
+                                 label="report: layer errors", provider=ctx.calibration.provider)
         rows = {n: stats[s.activation.name].sample for n, s in current.items()}
         after = {n: stats[s.activation.name].absmax for n, s in current.items()}
     plan = {n: p for n, p in ctx.plan.items() if n in current}
@@ -484,12 +557,17 @@ def compile_model(
     write_recipe: bool = True,
     force: bool = False,
     report_dir: str | Path | None = None,
+    sensitivity: bool = False,
 ) -> CompileReport:
     """Quantize the model file at `input_path` and write it to `output_path` (or a default beside it), plus
     the recipe actually run (`recipe_path_for(output)`), from which the same output can be compiled again.
+    Written into a folder of its own (new or empty before the compile), the output gets the input folder's
+    config and tokenizer files beside it (`io.copy_companions`), so optimum and transformers load that folder
+    as a model.
     An existing output is replaced only with `force`; the output never names an input file (checked, with the
     disk space, before any compute). `report_dir`: measure every layer (`quantize(analyze=True)`) and write
-    `report.json`, `report.md` and its plots there (`ptqonnx.report_files`)."""
+    `report.json`, `report.md` and its plots there (`ptqonnx.report_files`). `sensitivity`: as for
+    `quantize`."""
     t0 = time.perf_counter()
     recipe = _recipe(config)
     _check_requirements(recipe)
@@ -508,13 +586,20 @@ def compile_model(
         calib = _absolute(calib)
         recipe = as_recipe(recipe, calibration=calib) if recipe.needs_calibration else recipe
     report = CompileReport(src, dst, recipe=recipe, input_bytes=file_bytes(src))
-    _quantize_in_place(model, recipe, calib, src.parent, stats, progress, report, analyze=report_dir is not None)
+    fresh = not dst.parent.exists() or not any(dst.parent.iterdir())  # a folder of its own: companions go there
+    _quantize_in_place(model, recipe, calib, src.parent, stats, progress, report, analyze=report_dir is not None,
+                       sensitivity=sensitivity)
+    size = next((st.max_size_mb for st in recipe.stages if st.kind == "weights" and st.max_size_mb), None)
+    if size is not None:
+        _check_size(model, size)
     with _Timer(report)("save and checks"):
         report.notes += save_model(model, dst, verify_ort=verify_ort)
     if write_recipe:
         from ptqonnx.recipe import save_recipe
 
         save_recipe(report.recipe, recipe_path_for(dst))
+    if fresh:  # config and tokenizer beside it: optimum / transformers load the folder as a model
+        report.companions = copy_companions(src, dst)
     report.output_bytes = file_bytes(dst)
     report.peak_rss_mib = _peak_rss_mib()
     report.seconds = time.perf_counter() - t0
@@ -525,6 +610,19 @@ def compile_model(
 
         report.report_files = write_report(report, Path(report_dir))
     return report
+
+
+def _check_size(model: ir.Model, size_mb: float) -> None:
+    """--max-size-mb: the lowered model's file size (`io.predicted_file_bytes`, an upper bound) within the
+    budget, or a one-line refusal before anything is written."""
+    from ptqonnx.io import predicted_file_bytes
+
+    need = predicted_file_bytes(model)
+    if need > size_mb * 2**20:
+        over = math.ceil((need - size_mb * 2**20) / 2**20 * 100) / 100
+        raise UserError(f"the output would take up to {need / 2**20:.2f} MiB, over --max-size-mb {size_mb:g} (the "
+                        "budget's estimate of the graph fell short: please report it); nothing was written: pass "
+                        f"--max-size-mb {size_mb - over:g}")
 
 
 def _absolute(cfg: CalibConfig) -> CalibConfig:

@@ -1,7 +1,7 @@
 """Recipes as YAML: a compile described as stages, checked strictly before any work starts.
 
     # ptqonnx recipe
-    version: 1
+    version: 2
     stages:
       - smoothquant: {alpha: 0.5}
       - gptq: {bits: 8, group_size: 0}
@@ -20,8 +20,6 @@ wrong type, a bad value or a stage order that cannot work is one `UserError` nam
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,10 @@ from ptqonnx.errors import UserError
 
 __all__ = ["RECIPE_VERSION", "load_recipe", "recipe_from_dict", "save_recipe", "dump_recipe"]
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# version 1 (ptqonnx <= 0.2.0 before the rotate stage's through_cache): its rotate stages did not rotate V through a
+# KV cache, so a version-1 rotate stage without the key reads as through_cache: false (the same bytes again)
+_V1_DEFAULTS = {"rotate": {"through_cache": False}}
 _TOP_KEYS = ("version", "stages", "calibration") + tuple(
     f.name for f in dataclasses.fields(Recipe) if f.name not in ("stages", "calibration"))
 
@@ -125,12 +126,14 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
         if key not in _TOP_KEYS:
             raise lines.fail(f"unknown key {key!r}; recipe keys: {', '.join(_TOP_KEYS)}", key)
     version = data.get("version", RECIPE_VERSION)
-    if version != RECIPE_VERSION:
-        raise lines.fail(f"recipe version {version!r} is not supported (this ptqonnx reads version "
+    if version not in (1, RECIPE_VERSION):
+        raise lines.fail(f"recipe version {version!r} is not supported (this ptqonnx reads versions 1 and "
                          f"{RECIPE_VERSION})", "version")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise lines.fail("`stages` must be a non-empty list, e.g. `stages: [gptq]`", "stages")
+    if version == 1:
+        stages = [_with_v1_defaults(entry) for entry in stages]
     try:
         w8a8 = any(e == W8A8Config.stage or isinstance(e, dict) and W8A8Config.stage in e for e in stages)
         built = [_stage(entry, i, lines, w8a8) for i, entry in enumerate(stages)]
@@ -149,6 +152,17 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
         return Recipe(stages=tuple(built), calibration=calib, **options)
     except ConfigError as exc:
         raise lines.fail(exc.render(FieldRef.key), *_path_of(exc, data, lines)) from None
+
+
+def _with_v1_defaults(entry: Any) -> Any:
+    """A version-1 stage entry with the defaults version 1 had where they changed since (`_V1_DEFAULTS`)."""
+    name = entry if isinstance(entry, str) else next(iter(entry), None) if isinstance(entry, dict) and len(
+        entry) == 1 else None
+    old = _V1_DEFAULTS.get(name) if isinstance(name, str) else None
+    if old is None:
+        return entry
+    options = {} if isinstance(entry, str) else entry[name]
+    return {name: {**old, **options}} if isinstance(options, dict) else entry
 
 
 def _path_of(exc: ConfigError, data: dict, lines: _Lines) -> tuple:
@@ -189,13 +203,6 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write `recipe` as YAML, atomically (a temporary file beside it, then a rename)."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dump_recipe(recipe))
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    from ptqonnx.io import write_atomic
+
+    return write_atomic(Path(path), dump_recipe(recipe))

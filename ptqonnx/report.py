@@ -58,7 +58,9 @@ class WeightsSummary(StageSummary):
 class BudgetSummary(StageSummary):
     """Mixed precision under `--budget-bits`: the layers raised to 8 bits per channel and the bits reached."""
 
-    budget_bits: float = 0.0
+    budget_bits: float | None = None  # --budget-bits (None: the budget was --max-size-mb)
+    max_size_mb: float | None = None
+    planned_bytes: int | None = None  # --max-size-mb: the file size the choice was estimated to write
     bits_per_weight: float = 0.0  # reached, codes + scales + zero points as written
     grid_bits: float = 0.0  # with no layer raised
     high: tuple[str, ...] = ()
@@ -67,7 +69,9 @@ class BudgetSummary(StageSummary):
 
     def lines(self) -> list[str]:
         top = sorted(self.errors, key=self.errors.get, reverse=True)[:3]
-        return [f"budget {self.budget_bits:g} bits per weight: {len(self.high)} of {len(self.errors)} layers at 8 "
+        asked = (f"{self.max_size_mb:g} MiB (about {self.planned_bytes / 2**20:.2f} MiB planned)"
+                 if self.max_size_mb is not None else f"{self.budget_bits:g} bits per weight")
+        return [f"budget {asked}: {len(self.high)} of {len(self.errors)} layers at 8 "
                 f"bits per channel, {self.bits_per_weight:.3f} bits per weight ({self.grid_bits:.3f} with none); "
                 f"ranked by {self.measured}; largest errors: {', '.join(top)}"]
 
@@ -109,6 +113,7 @@ class RotationSummary(StageSummary):
     untied_bytes: int = 0
     not_rotated: tuple[Skip, ...] = ()
     fold_max_rel_err: float | None = None
+    rotated_cache: tuple[str, ...] = ()  # KV-cache outputs holding rotated V (R2 through the cache)
 
     def lines(self) -> list[str]:
         parts = ["R1 residual stream"] + ([f"R2 {self.heads} value heads"] if self.heads else []) + (
@@ -116,6 +121,10 @@ class RotationSummary(StageSummary):
         untied = f"; LM head untied (+{self.untied_bytes / 2**20:.1f} MiB)" if self.untied_bytes else ""
         out = [f"rotate ({self.rotation}): {', '.join(parts)}{untied}; float outputs unchanged to "
                f"{self.fold_max_rel_err:.1g}"]
+        if self.rotated_cache:
+            out.append(f"rotate: the KV cache holds rotated values ({len(self.rotated_cache)} outputs such as "
+                       f"{self.rotated_cache[0]}): feed it back to this model only (--keep-cache-values: no R2 "
+                       "where V is cached)")
         if self.not_rotated:
             out.append(f"rotate: {len(self.not_rotated)} layers not rotated, e.g. {self.not_rotated[0].reason}")
         return out
@@ -170,12 +179,16 @@ class CompileReport:
     input_bytes: int = 0
     output_bytes: int = 0
     notes: list[str] = field(default_factory=list)  # what the output checks found for the user (io.save_model)
+    companions: list[str] = field(default_factory=list)  # config/tokenizer files copied beside the output
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, in run order
     # filled when the compile was asked to measure (`quantize(analyze=True)`, `compile --report DIR`):
     layers: list[Any] = field(default_factory=list)  # ptqonnx.analysis.LayerMeasure per quantized layer
     sizes: dict[str, int] = field(default_factory=dict)  # output initializer bytes: quantized / embeddings / float
     analysis: str = ""  # how the layers were measured, in words
     report_files: list[Path] = field(default_factory=list)
+    # `--sensitivity`: ptqonnx.budget.LayerCost per quantized layer, largest error on the grid first
+    sensitivity: list[Any] = field(default_factory=list)
+    sensitivity_measured: str = ""
 
     def skip_summary(self) -> list[tuple[str, int]]:
         return Counter(s.reason for s in self.skipped).most_common()
@@ -204,9 +217,24 @@ class CompileReport:
             "quantized": self.quantized, "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "embeddings_quantized": self.embeddings_quantized, "stages": [s.to_dict() for s in self.stages],
             "peak_rss_mib": self.peak_rss_mib, "seconds": self.seconds, "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes, "notes": self.notes, "timings": self.timings,
+            "output_bytes": self.output_bytes, "notes": self.notes, "companions": self.companions,
+            "timings": self.timings,
             "analysis": self.analysis, "sizes": self.sizes, "layers": [dataclasses.asdict(m) for m in self.layers],
+            "sensitivity": {"measured": self.sensitivity_measured,
+                            "layers": [dataclasses.asdict(c) for c in self.sensitivity]} if self.sensitivity else None,
         })
+
+    def sensitivity_lines(self) -> list[str]:
+        """`--sensitivity`: one line per layer, most sensitive first."""
+        if not self.sensitivity:
+            return []
+        width = max(len(c.name) for c in self.sensitivity)
+        out = [f"sensitivity ({self.sensitivity_measured}), largest first:",
+               f"  {'rank':>4}  {'layer':<{width}}  {'N x K':>12}  {'error':>9}  {'at 8 bits':>9}  {'bits':>5}"]
+        for i, c in enumerate(self.sensitivity, 1):
+            out.append(f"  {i:>4}  {c.name:<{width}}  {c.weights:>12}  {c.base_error:>9.3g}  {c.high_error:>9.3g}  "
+                       f"{c.base_bits:>5.2f}")
+        return out
 
 
 def _jsonable(value: Any) -> Any:

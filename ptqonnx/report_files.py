@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqonnx.errors import UserError, require_module
+from ptqonnx.io import write_atomic
 from ptqonnx.report import CompileReport
 
 __all__ = ["REPORT_FILES", "check_report_dir", "write_report", "versions"]
@@ -64,25 +65,13 @@ def write_report(report: CompileReport, folder: Path) -> list[Path]:
     """Write report.json, report.md and the plots into `folder` (made if missing); the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     data = {"schema": SCHEMA_VERSION, "versions": versions(), **report.to_dict()}
-    written = [_write(folder / "report.json", json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")]
+    written = [write_atomic(folder / "report.json", json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")]
     plots = _plots(report, folder)
-    written.append(_write(folder / "report.md", _markdown(report, data["versions"], plots)))
+    written.append(write_atomic(folder / "report.md", _markdown(report, data["versions"], plots)))
     for stale in set(REPORT_FILES) - {p.name for p in written + plots}:  # an earlier report's (--force)
         (folder / stale).unlink(missing_ok=True)
     logger.info("report written to %s (%s)", folder, ", ".join(p.name for p in written + plots))
     return written + plots
-
-
-def _write(path: Path, text: str | bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _finite(value: Any) -> Any:

@@ -48,13 +48,15 @@ def collect_statistics(
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     seed: int = 0,
     label: str = "calibration",
+    provider: str = "cpu",
 ) -> Statistics:
     """Run `model` once over `batches` and return the requested statistics per value name.
 
     `requests` maps value names (graph inputs or intermediate values) to statistic kinds
     (`"absmax"`, `"mean_abs"`, `"minmax"`, `"xtx"`, `"sample"`). The caller's model object and file are
     never modified. `progress(done, total)` is called after each feed (`total` is None for iterators), and
-    each feed is a step of the `label` task (`ptqonnx.progress`).
+    each feed is a step of the `label` task (`ptqonnx.progress`). `provider`: the ORT execution provider
+    (`ptqonnx.runtime.ort.PROVIDERS`; a GPU one never falls back to the CPU).
     """
     reqs = {name: parse_stats(kinds) for name, kinds in requests.items()}
     reqs = {k: v for k, v in reqs.items() if v}
@@ -65,7 +67,8 @@ def collect_statistics(
         name: TensorObserver(kinds, sample_rows=sample_rows, seed=seed + i)
         for i, (name, kinds) in enumerate(sorted(reqs.items()))
     }
-    with instrumented_session(model, list(reqs), threads=threads, opt_level=opt_level) as (sess, fetched), \
+    with instrumented_session(model, list(reqs), threads=threads, opt_level=opt_level, provider=provider) as (
+            sess, fetched), \
             progress_task(label, total) as advance:
         graph_inputs = [i.name for i in sess.get_inputs()]
         from_feed = [n for n in reqs if n in graph_inputs]
@@ -103,6 +106,7 @@ def instrumented_session(
     *,
     threads: int | None = None,
     opt_level: str = "all",
+    provider: str = "cpu",
 ):
     """Context manager: (ORT session, names of its fetched outputs) for a clone of `model` whose graph
     outputs include `value_names` (graph inputs among them are not fetched; read them from the feed)."""
@@ -110,7 +114,7 @@ def instrumented_session(
     fetched = _expose_values(clone, value_names)
     with tempfile.TemporaryDirectory(prefix="ptqonnx-calib-") as tmp:
         src = serialize_for_session(clone, Path(tmp))
-        sess = make_session(src, opt_level=opt_level, threads=threads)
+        sess = make_session(src, opt_level=opt_level, threads=threads, provider=provider)
         have = {o.name for o in sess.get_outputs()}
         lost = [n for n in fetched if n not in have]
         if lost:  # pragma: no cover - ORT keeps graph outputs; guard against a future optimizer

@@ -129,6 +129,7 @@ def run_sequential(
     progress: Callable[[Block, Stage, float], None] | None = None,
     task: str = "block",
     block_info: Callable[[Block], str] | None = None,
+    provider: str = "cpu",
 ) -> None:
     """Run `solve` on every stage of every block, in order, on sequentially calibrated statistics (`kinds`
     of each stage's activation; `sample_rows` rows for a `sample`).
@@ -140,7 +141,8 @@ def run_sequential(
     forward pass in ORT plus its linear layers after the stages, not one pass per stage.
 
     `progress(block, stage, seconds)` is called after each stage; each block is a step of the progress task
-    `task` (`ptqonnx.progress`), shown with `block_info(block)` once the block is done.
+    `task` (`ptqonnx.progress`), shown with `block_info(block)` once the block is done. `provider`: the ORT
+    execution provider of the block runs.
     """
     kinds = parse_stats(kinds)
     graph_inputs = {v.name for v in model.graph.inputs}
@@ -158,7 +160,7 @@ def run_sequential(
             if v.dtype is None:
                 v.dtype = ir.DataType.from_numpy(local[v.name][0].dtype)
         with tempfile.TemporaryDirectory(prefix="ptqonnx-block-") as tmp:  # external data: linked in there
-            sess = make_session(serialize_for_session(smodel, Path(tmp)), threads=threads)
+            sess = make_session(serialize_for_session(smodel, Path(tmp)), threads=threads, provider=provider)
             names = [v.name for v in smodel.graph.inputs]
             results = [sess.run(outputs, {name: local[name][i] for name in names}) for i in range(n)]
             del sess

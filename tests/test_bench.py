@@ -255,3 +255,26 @@ def test_a_missing_gpu_provider_is_one_line_never_a_silent_cpu_run(tmp_path, cap
     assert make_session(path, provider="cpu").get_providers() == ["CPUExecutionProvider"]
     with pytest.raises(UserError, match="unknown provider 'rocm'"):
         make_session(path, provider="rocm")
+
+
+def test_calibration_on_a_missing_gpu_provider_is_one_line(tiny_export, calib_text, tmp_path, capsys):
+    """`compile --provider cuda` (the calibration runs' EP) and `calibrate --provider tensorrt`: one line before
+    any work and nothing written, where this ONNX Runtime has no GPU EP; `--provider cpu` is recorded in
+    the recipe."""
+    import onnxruntime as ort
+
+    from ptqonnx.cli import main
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has ONNX Runtime's CUDA EP")
+    src = str(tiny_export / "model.onnx")
+    calib = ["--calib-text", str(calib_text), "--calib-samples", "2", "--calib-seq-len", "16"]
+    for cmd in (["compile", src, "-o", str(tmp_path / "q.onnx"), "--method", "gptq", "--provider", "cuda", *calib],
+                ["calibrate", src, "-o", str(tmp_path / "s.npz"), "--provider", "tensorrt", *calib]):
+        assert main(["-q", *cmd]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "this ONNX Runtime has no" in err[0] and "onnxruntime-gpu" in err[0], err
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "s.npz").exists()
+    assert main(["-q", "compile", src, "-o", str(tmp_path / "c.onnx"), "--method", "gptq", "--provider", "cpu",
+                 *calib]) == 0
+    assert "provider: cpu" in (tmp_path / "c.recipe.yaml").read_text()

@@ -80,7 +80,7 @@ def test_budget_ranking_is_the_rtn_error(tiny_export: Path, calib_text: Path, tm
     src = tiny_export / "model.onnx"
     calib = CalibConfig(text=calib_text, samples=4, seq_len=32)
     recipe = as_recipe(RtnConfig(bits=4, group_size=128, budget_bits=4.8), calibration=calib)
-    report = compile_model(src, tmp_path / "b.onnx", recipe, calibration=calib)
+    report = compile_model(src, tmp_path / "b.onnx", recipe, calibration=calib, sensitivity=True)
     summary = report.summary(BudgetSummary)
     assert summary is not None and summary.grid_bits < summary.bits_per_weight <= 4.8
     assert set(summary.high) == set(report.recipe.weights.high_bits)
@@ -101,6 +101,8 @@ def test_budget_ranking_is_the_rtn_error(tiny_export: Path, calib_text: Path, tm
         err = {b: float((((xs @ _rtn(ww, b, ww.shape[1] if b == 8 else min(128, ww.shape[1])).T) - ref) ** 2).sum()
                         / (ref**2).sum()) for b in (4, 8)}
         assert summary.errors[layer] == pytest.approx(err[4], rel=1e-3)
+        ranked = next(c for c in report.sensitivity if c.name == layer)  # --sensitivity: the same measurement
+        assert (ranked.base_error, ranked.high_error) == pytest.approx((err[4], err[8]), rel=1e-3)
         k, nk = ww.shape[1], ww.size
         blocks = -(-k // 128)  # MatMulNBits writes g128, and a per-channel weight as blocks of 128
         costs[layer] = (err[4] - err[8]) / (nk * (8 + blocks * 32 / k - 4 - blocks * 32 / k)), nk
@@ -114,6 +116,76 @@ def test_budget_ranking_is_the_rtn_error(tiny_export: Path, calib_text: Path, tm
             spent += 4 * costs[layer][1]
     assert sorted(chosen) == sorted(summary.high)
     assert summary.bits_per_weight == pytest.approx(spent / total)
+    errors = [c.base_error for c in report.sensitivity]
+    assert errors == sorted(errors, reverse=True) and len(errors) == len(summary.errors)
+
+
+def test_sensitivity_flag_prints_the_ranking(tiny_export: Path, calib_text: Path, tmp_path: Path, capsys) -> None:
+    """`compile --sensitivity` (rtn, with calibration flags): one line per layer, largest error first, the same
+    numbers report.json holds."""
+    import json
+
+    from ptqonnx.cli import main
+
+    assert main(["-q", "compile", str(tiny_export / "model.onnx"), "-o", str(tmp_path / "s.onnx"), "--sensitivity",
+                 "--calib-text", str(calib_text), *CALIB, "--report", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("sensitivity (relative output MSE of RTN on"))
+    rows = [line.split() for line in out[start + 2:] if line.startswith("  ") and line.split()[0].isdigit()]
+    ranked = json.loads((tmp_path / "rep" / "report.json").read_text())["sensitivity"]["layers"]
+    assert [r[1] for r in rows] == [c["name"] for c in ranked] and len(rows) == len(ranked) > 10
+    assert [float(r[3]) for r in rows] == pytest.approx([c["base_error"] for c in ranked], rel=1e-2)
+    assert all(a["base_error"] >= b["base_error"] for a, b in zip(ranked, ranked[1:]))
+
+
+@pytest.mark.parametrize("fixture", ["optimum_llama", "optimum_gpt2", "genai_llama"])
+def test_max_size_mb_holds_on_other_exporters_files(fixture: str, calib_text: Path, tmp_path: Path) -> None:
+    """Files we did not export (intermediate values unshaped until shape inference adds value_info, Constant
+    nodes, external data): at three sizes between the uniform grid's and all-8-bit, every written file
+    (its bytes on disk) is within the budget, and `io.predicted_file_bytes` bounds each written file from
+    above."""
+    import onnx_ir as ir
+
+    from ptqonnx.io import file_bytes, predicted_file_bytes
+
+    src = Path(__file__).parent / "fixtures" / fixture / "model.onnx"
+    calib = ["--calib-text", str(calib_text), *CALIB]
+    uniform = compile_cli(src, tmp_path / "u" / "model.onnx", *calib[:0])
+    full = compile_cli(src, tmp_path / "f" / "model.onnx", "--budget-bits", "8.4", *calib)
+    lo, hi = file_bytes(uniform), file_bytes(full)
+    written = [uniform, full]
+    for i, frac in enumerate((0.5, 0.7, 0.9)):
+        limit = round((lo + frac * (hi - lo)) / 2**20, 4)
+        out = compile_cli(src, tmp_path / f"m{i}" / "model.onnx", "--max-size-mb", str(limit), *calib)
+        assert file_bytes(out) <= limit * 2**20, (frac, file_bytes(out), limit * 2**20)
+        written.append(out)
+    for path in written:
+        assert predicted_file_bytes(ir.load(path)) >= file_bytes(path)
+
+
+def test_max_size_mb_is_met(tiny_export: Path, calib_text: Path, tmp_path: Path) -> None:
+    """--max-size-mb N: the written file (its bytes on disk) is within N MiB, layers were raised above the
+    uniform grid's size, the plan's estimate of the file is close to what was written, and the recipe holds
+    the choice (compiled again: the same bytes)."""
+    from ptqonnx.cli import main
+
+    src = tiny_export / "model.onnx"
+    calib = ["--calib-text", str(calib_text), *CALIB]
+    uniform = compile_cli(src, tmp_path / "u.onnx", "--method", "gptq", *calib).stat().st_size
+    full = compile_cli(src, tmp_path / "f.onnx", "--method", "gptq", "--budget-bits", "8.4", *calib).stat().st_size
+    limit = (uniform + full) / 2 / 2**20
+    out = compile_cli(src, tmp_path / "m.onnx", "--method", "gptq", "--max-size-mb", f"{limit:.4f}", *calib)
+    size = out.stat().st_size
+    assert uniform < size <= round(limit, 4) * 2**20
+    _, bits = _bits_per_weight(out)
+    assert 0 < sum(b == 8 for b in bits.values()) < len(bits)
+    recipe = (tmp_path / "m.recipe.yaml").read_text()
+    assert "high_bits: [" in recipe and "max_size_mb: null" in recipe
+    again = compile_cli(src, tmp_path / "again.onnx", "--recipe", str(tmp_path / "m.recipe.yaml"))
+    assert again.read_bytes() == out.read_bytes()
+    # below the uniform grid's own size: one line naming the smallest size that fits
+    assert main(["-q", "compile", str(src), "-o", str(tmp_path / "x.onnx"), "--max-size-mb",
+                 f"{uniform / 2**20 * 0.9:.4f}"]) == 2
 
 
 def test_budget_refusals(tiny_export: Path, capsys) -> None:
@@ -129,6 +201,15 @@ def test_budget_refusals(tiny_export: Path, capsys) -> None:
         GptqConfig(bits=4, budget_bits=3.5)
     with pytest.raises(ConfigError, match="give one of them"):
         RtnConfig(bits=4, budget_bits=4.5, high_bits=("a",))
+    with pytest.raises(ConfigError, match="two budgets"):
+        RtnConfig(bits=4, budget_bits=4.5, max_size_mb=100)
+    with pytest.raises(ConfigError, match="8-bit weights"):
+        RtnConfig(bits=8, max_size_mb=100)
+    with pytest.raises(ConfigError, match="positive size"):
+        RtnConfig(bits=4, max_size_mb=0)
+    assert main(["-q", "compile", src, "-o", "/nonexistent/x.onnx", "--max-size-mb", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "MiB the grid alone writes" in err and "pass at least" in err and err.count("\n") == 1
 
 
 def test_budget_tensorrt_form_parses(tiny_export: Path, calib_text: Path, tmp_path: Path) -> None:

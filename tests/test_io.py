@@ -564,3 +564,35 @@ def test_gap_with_activation_quantizers_is_explained_only_if_their_float_view_ag
     plain = tmp_path / "p.onnx"
     onnx.save_model(linear_model(16, 8)[0], str(plain))
     assert ort_mod.explain_gap(plain, [{"x": np.ones((1, 2, 16), np.float32)}], 0.5) is None  # weight-only
+
+
+def test_companions_go_to_a_folder_of_its_own(tiny_export, tmp_path, monkeypatch):
+    """compile -o DIR/model.onnx into a new (or empty) folder copies the config and tokenizer files beside it,
+    byte for byte and readable as files open() makes (not owner-only); into a folder that holds other files
+    (the working directory) nothing is copied; the exported tokenizer config names the model's own inputs."""
+    import json
+    import os
+    import stat
+
+    from ptqonnx.cli import main
+
+    src = tiny_export / "model.onnx"
+    out = tmp_path / "q" / "model.onnx"
+    assert main(["-q", "compile", str(src), "-o", str(out)]) == 0
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.onnx", "model.recipe.yaml", "tokenizer.json",
+                     "tokenizer_config.json"], names
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.json", "tokenizer.json", "model.recipe.yaml"):
+        assert stat.S_IMODE((out.parent / name).stat().st_mode) == 0o666 & ~mask
+    assert (out.parent / "tokenizer.json").read_bytes() == (tiny_export / "tokenizer.json").read_bytes()
+    busy = tmp_path / "cwd"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    monkeypatch.chdir(busy)
+    assert main(["-q", "compile", str(src), "-o", "out.onnx"]) == 0
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt", "out.onnx", "out.recipe.yaml"]
+    config = json.loads((tiny_export / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["model_input_names"] == [
+        "input_ids", "attention_mask"]

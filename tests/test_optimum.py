@@ -133,7 +133,7 @@ def test_one_quantization_serves_both_graphs(tmp_path: Path, calib_text: Path) -
     hf = build_tiny("llama", tmp_path / "hf")
     res = export_causal_lm(str(hf), tmp_path / "onnx", kv_cache=True)
     ids = held_out_ids(res.model_path.parent)
-    for name, flags in METHODS.items():
+    for name, flags in {**METHODS, "gptq --rotate": ["--method", "gptq", "--rotate"]}.items():
         if name == "rtn":
             continue  # test_archs: RTN on every arch's KV graph
         flags = [*flags, "--calib-text", str(calib_text), *CALIB]
@@ -142,6 +142,62 @@ def test_one_quantization_serves_both_graphs(tmp_path: Path, calib_text: Path) -
         a, b = prefill_logits(plain, ids), prefill_logits(cached, ids)
         assert rel_error(b, a) <= DECODE_TOL.get(name, 1e-5), name
         assert decode_gap(cached, ids) <= DECODE_TOL.get(name, 1e-5), name
+
+
+@pytest.mark.parametrize("fixture", ["ours", "optimum_llama", "optimum_qwen2"])
+def test_rotation_through_the_kv_cache(fixture: str, tiny_export: Path, tmp_path: Path, capsys) -> None:
+    """R2 where the cache stores V: on the float model alone, the rotated graph's logits are the original's,
+    its present values are the original's times the per-head R (rebuilt here from the seed), its keys
+    unchanged, and one decode step fed its own cache gives the original's decode logits (the past it reads was
+    written by the same graph). Through the CLI: every value head is rotated in the KV graph, decode continues
+    the prefill, on our export the KV graph's prefill equals the no-cache graph's bit for bit, and
+    `--keep-cache-values` skips R2 where V is cached, saying so."""
+    import onnx_ir as ir
+
+    from ptqonnx.io import load_model
+    from ptqonnx.numerics.rotation import rotation_matrix
+    from ptqonnx.passes import run_passes
+    from ptqonnx.passes.rotate_heads import RotateValueHeadsPass
+    from ptqonnx.pipeline import prepare_model
+    from ptqonnx.runtime.bench import ModelFeeds
+    from ptqonnx.runtime.ort import make_session
+
+    src = tiny_export / "model_kv.onnx" if fixture == "ours" else FIXTURES / fixture / "model.onnx"
+    ids = held_out_ids(tiny_export)[:1]
+    model = prepare_model(load_model(src))
+    r2 = RotateValueHeadsPass("random_hadamard", 1, through_cache=True)
+    run_passes([r2], model)
+    assert len(r2.rotated) == 2 and len(r2.cache_outputs) == 2
+    ir.save(model, tmp_path / "r2.onnx")
+
+    def run(path: Path):
+        sess = make_session(path)
+        feeds = ModelFeeds(sess)
+        names = [o.name for o in sess.get_outputs()]
+        prefill = sess.run(None, feeds.build(ids[:, :-1]))
+        step = sess.run(["logits"], feeds.build(ids[:, -1:], feeds.presents_as_past(prefill)))[0]
+        return dict(zip(names, prefill)), step
+
+    (ref, ref_step), (rot, rot_step) = run(src), run(tmp_path / "r2.onnx")
+    assert rel_error(rot["logits"], ref["logits"]) <= 1e-5 and rel_error(rot_step, ref_step) <= 1e-5
+    for name in ref:
+        if name.startswith("present") and name.endswith("value"):
+            r = rotation_matrix(ref[name].shape[-1], "random_hadamard", 1)
+            assert name in r2.cache_outputs and rel_error(rot[name], ref[name] @ r) <= 1e-5
+        elif name.startswith("present"):
+            assert rel_error(rot[name], ref[name]) <= 1e-6
+
+    out = compile_cli(src, tmp_path / "rot.onnx", "--rotate", "--wbits", "8")
+    assert "through_cache: true" in (tmp_path / "rot.recipe.yaml").read_text()
+    assert decode_gap(out, held_out_ids(tiny_export)) <= 1e-5
+    if fixture == "ours":
+        plain = compile_cli(tiny_export / "model.onnx", tmp_path / "plain.onnx", "--rotate", "--wbits", "8")
+        assert rel_error(prefill_logits(out, ids), prefill_logits(plain, ids)) == 0.0
+    capsys.readouterr()
+    compile_cli(src, tmp_path / "kept.onnx", "--rotate", "--wbits", "8", "--keep-cache-values")
+    said = capsys.readouterr().out
+    assert "R2" not in said.split("rotate (")[1].split("\n")[0]
+    assert "kept as the float model's (--keep-cache-values)" in said
 
 
 def test_optimum_bert_encoder_every_method(calib_text: Path, tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_the_issue_examples_load():
     ("stages: [rtn]\nexclude: '*down*'\n", "r.yaml:2: exclude must be a list of strings, got '*down*'"),
     ("stages: [rtn]\nkeep_lm_head: yes please\n", "r.yaml:2: keep_lm_head must be true or false"),
     ("stages: []\n", "`stages` must be a non-empty list"),
-    ("stages: [rtn]\nversion: 2\n", "recipe version 2 is not supported"),
+    ("stages: [rtn]\nversion: 3\n", "recipe version 3 is not supported"),
     ("stages: [gptq]\ncalibration: {text: a.txt, npz: b.npz}\n", "r.yaml:2: pass either calibration.text or"),
     ("stages: [gptq]\ncalibration: {samples: 0}\n", "r.yaml:2: calibration.samples must be at least 1"),
     ("stages: [rtn\n", "r.yaml:2: not valid YAML"),
@@ -114,3 +114,21 @@ def test_every_compile_writes_a_recipe_that_reproduces_it(tmp_path, capsys, tiny
     assert main(["compile", str(src), "--recipe", str(tmp_path / "first.recipe.yaml"), "-o", str(again)]) == 0
     assert _sha(first) == _sha(again)
     assert (tmp_path / "first.recipe.yaml").read_text() == (tmp_path / "again.recipe.yaml").read_text()
+
+
+def test_a_version_1_rotate_stage_keeps_its_meaning(tmp_path):
+    """Recipes written before the rotate stage's through_cache (version 1) did not rotate V through a KV cache:
+    read as through_cache false, so they compile the same bytes again; version 2 and hand-written recipes
+    without a version get the current default (true); an explicit value wins in both."""
+    from ptqonnx.recipe import load_recipe
+
+    def rotate_of(text: str):
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+        return next(s for s in load_recipe(path).stages if s.stage == "rotate")
+
+    assert rotate_of("version: 1\nstages: [rotate, rtn]\n").through_cache is False
+    assert rotate_of("version: 1\nstages: [{rotate: {seed: 3}}, rtn]\n").through_cache is False
+    assert rotate_of("version: 1\nstages: [{rotate: {through_cache: true}}, rtn]\n").through_cache is True
+    assert rotate_of("version: 2\nstages: [rotate, rtn]\n").through_cache is True
+    assert rotate_of("stages: [rotate, rtn]\n").through_cache is True

@@ -3,7 +3,6 @@ encoder-style and tiny-LLaMA graphs end to end, outlier smoothing, skips and con
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 

@@ -81,10 +81,11 @@ def column_path(v: ir.Value) -> tuple[ir.Value, list[Step]]:
 def _unknown(d: ir.SymbolicDim) -> str | None:
     """The key of a dim whose size the model does not say: "" for an unnamed one, the name of one ONNX shape
     inference made up (`unk__N`: a Reshape or Expand to a computed shape, as optimum's exports have; one
-    name is one size wherever it appears), else None (a named symbol: any probe size may stand for it)."""
+    name is one size wherever it appears; a sum such as `past_sequence + sequence`, a KV cache's length, which
+    another value may call by another name), else None (a named symbol: any probe size may stand for it)."""
     if d.value is None:
         return ""
-    return str(d.value) if str(d.value).startswith("unk__") else None
+    return str(d.value) if str(d.value).startswith("unk__") or "+" in str(d.value) else None
 
 
 def _concrete(shape: ir.Shape | None, sizes: dict[str, int], free: bool = False) -> tuple[int, ...] | None:
@@ -190,9 +191,11 @@ def _step(ids: np.ndarray, node: ir.Node, out: ir.Value, sizes: dict[str, int]) 
             perm = attr(node, "perm", None)
             ids = ids.transpose(perm if perm is None else tuple(perm))
         elif node.op_type == "Expand":
-            ids = np.broadcast_to(ids, shape)
+            ids = np.broadcast_to(ids, _expanded_shape(ids, shape, out, sizes))
         elif node.op_type in SELECT_OPS:
             ids = _select(ids, node, out)
+        elif node.op_type == "Concat":
+            ids = _cache_concat(ids, node, shape)
         elif ids.ndim and len(shape) and shape[-1] >= 0 and ids.shape[-1] == shape[-1] \
                 and (ids == ids.reshape(-1, shape[-1])[:1]).all():
             shape = tuple(_FREE_SIZE if s < 0 else s for s in shape)
@@ -206,6 +209,35 @@ def _step(ids: np.ndarray, node: ir.Node, out: ir.Value, sizes: dict[str, int]) 
         return None
     _learn(out.shape, ids.shape, sizes)
     return ids
+
+
+def _expanded_shape(ids: np.ndarray, shape: tuple[int, ...], out: ir.Value, sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape an Expand gives `ids`, its unknown output dims filled in: the input's size, except one
+    size-1 axis being repeated (grouped-query attention's `repeat_kv` to a computed shape, as optimum's
+    exports have), whose count the Reshape reading the Expand says (its elements / the input's)."""
+    like = (1,) * (len(shape) - ids.ndim) + ids.shape
+    target = [g if s < 0 else s for s, g in zip(shape, like)]
+    open_axes = [i for i, (s, g) in enumerate(zip(shape, like)) if s < 0 and g == 1]
+    readers = out.uses()
+    if len(open_axes) == 1 and len(readers) == 1 and readers[0][0].op_type == "Reshape":
+        after = _concrete(readers[0][0].outputs[0].shape, sizes, free=True)
+        n = int(np.prod(target))
+        if after is not None and min(after, default=0) > 0 and int(np.prod(after)) % n == 0:
+            target[open_axes[0]] = int(np.prod(after)) // n
+    return tuple(target)
+
+
+def _cache_concat(ids: np.ndarray, node: ir.Node, shape: tuple[int, ...]) -> np.ndarray | None:
+    """ids at a KV cache's Concat (`column_path` follows only those: the other inputs are graph inputs, the
+    past): along a non-column axis the ids do not vary along, the past rows are taken to carry the same
+    columns, which holds when the cache was written by this same graph (the caller's premise). None where
+    the axis is the columns' or the ids vary along it."""
+    axis = attr(node, "axis", 0)
+    axis = axis + ids.ndim if axis < 0 else axis
+    if not 0 <= axis < ids.ndim - 1 or not (ids == ids.take([0], axis=axis)).all():
+        return None
+    size = shape[axis] if len(shape) == ids.ndim and shape[axis] >= 0 else ids.shape[axis]
+    return np.broadcast_to(ids.take([0], axis=axis), ids.shape[:axis] + (size,) + ids.shape[axis + 1:])
 
 
 def _fits(got: tuple[int, ...], shape: tuple[int, ...]) -> bool:

@@ -8,9 +8,13 @@ of X's block b come from one P·V head, i.e. one set of attention probabilities 
 
     X'_b = P_b (V blockdiag(R))_g = (P_b V_g) R = X_b R,    so V' = V blockdiag(R) gives X' = X blockdiag(R).
 
-Refused (a Skip per o_proj, with the reason): fused attention ops, V stored in a KV cache (a Concat with a graph
-input: the cache would hold rotated values), v_proj or attention outputs with other consumers, probabilities
-that depend on V, unknown shapes, channel maps that are not whole head blocks.
+V stored in a KV cache (a graph output on V's path, the present; maybe after a Concat with a graph input, the
+past) is followed only when asked (`through_cache`): the cache then holds rotated values, V' = V blockdiag(R),
+and the past rows must too, which holds when this model wrote them (a cache is fed back to the model that made
+it; a no-past graph exposing V and its with-past twin rotate alike); `ValueHeads.cache_outputs` names those
+present outputs. A past joined to V that the graph does not write back is refused. Refused otherwise (a Skip
+per o_proj, with the reason): fused attention ops, v_proj or attention outputs with other consumers,
+probabilities that depend on V, unknown shapes, channel maps that are not whole head blocks.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ptqonnx.graph.attention import (ATTENTION_OPS, Step, _broadcast_shape, _ste
                                      column_path)
 from ptqonnx.graph.scaling import ConstRef, _channel_vector
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
-from ptqonnx.graph.trace import ONNX_DOMAINS, trace_const, upstream_any
+from ptqonnx.graph.trace import ONNX_DOMAINS, data_uses, trace_const, upstream_any
 
 __all__ = ["ValueHeads", "find_value_heads"]
 
@@ -42,6 +46,7 @@ class ValueHeads:
     o: LinearSite
     head_dim: int
     groups: tuple[int, ...]
+    cache_outputs: tuple[str, ...] = ()  # present outputs that hold V (rotated with it)
 
 
 def _follow(ids: np.ndarray, steps: list[Step], sizes: dict[str, int]) -> np.ndarray | None:
@@ -84,7 +89,7 @@ def _head_blocks(top: ir.Value, v_steps: list[Step], pv: ir.Node, o_path: list[i
     return tuple(int(g) for g in cols[0, :, 0] // d)
 
 
-def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | str | None:
+def _value_heads(o: LinearSite, sites: dict[int, LinearSite], through_cache: bool) -> ValueHeads | str | None:
     path = attention_path(o.activation)
     if path is None:
         return None
@@ -93,8 +98,14 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | st
         return f"fused {pv.op_type}: V's rotation cannot be proven to pass through it"
     p, v = pv.inputs[0], pv.inputs[1]
     top, v_steps = column_path(v)
-    if any(n.op_type == "Concat" for n, _ in v_steps):
-        return "V is stored in a KV cache (Concat with a graph input): rotated values would change the cache"
+    v_values = [top] + [out for _, out in v_steps]  # V's layouts up to P·V
+    exposed = [val for val in v_values if val.is_graph_output()]  # a present output: V as the cache stores it
+    concats = [i for i, (n, _) in enumerate(v_steps) if n.op_type == "Concat"]  # the past joined to it
+    if (concats or exposed) and not through_cache:
+        return "V is stored in a KV cache, kept as the float model's (--keep-cache-values)"
+    if concats and not any(val.is_graph_output() for val in v_values[concats[0] + 1:]):
+        return ("V joins a past cache (a Concat with a graph input) that the graph does not write back: a rotated "
+                "V would meet a past it did not write")
     prod, bias = top.producer(), None
     if prod is not None and prod.op_type == "Add" and prod.domain in ONNX_DOMAINS:
         for i in (0, 1):
@@ -114,8 +125,13 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | st
     values = ([inner] if bias is not None else []) + [top] + [out for _, out in v_steps] + \
         [n.outputs[0] for n in [pv] + o_path[::-1]]
     users = ([bias.node] if bias is not None else []) + chain + [o.node]
-    if not all(len(val.uses()) == 1 and not val.is_graph_output() and val.uses()[0][0] is u
-               for val, u in zip(values, users)):
+    present = {id(val) for val in exposed}  # a present output may have its length read too
+
+    def only_reader(val: ir.Value, user: ir.Node) -> bool:
+        uses = data_uses(val) if id(val) in present else val.uses()
+        return len(uses) == 1 and uses[0][0] is user and (id(val) in present or not val.is_graph_output())
+
+    if not all(only_reader(val, u) for val, u in zip(values, users)):
         return f"{v_site.name}'s output or the attention output has other consumers"
     if upstream_any(p, lambda val: val.producer() is v_site.node):
         return "the attention probabilities depend on V"
@@ -125,16 +141,17 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite]) -> ValueHeads | st
     groups = _head_blocks(top, v_steps, pv, o_path, d, o.K)
     if isinstance(groups, str):
         return groups
-    return ValueHeads(v_site, bias, o, d, groups)
+    return ValueHeads(v_site, bias, o, d, groups, tuple(val.name for val in exposed))
 
 
-def find_value_heads(model: ir.Model) -> tuple[list[ValueHeads], list[Skip]]:
-    """Every linear layer reading an attention output, as a v/o pair or a Skip saying why it is none."""
+def find_value_heads(model: ir.Model, through_cache: bool = False) -> tuple[list[ValueHeads], list[Skip]]:
+    """Every linear layer reading an attention output, as a v/o pair or a Skip saying why it is none;
+    `through_cache`: also pairs whose V is stored in a KV cache (the cache will hold rotated values)."""
     scan = find_linear_sites(model).sites
     sites = {id(s.node): s for s in scan}
     pairs, skipped = [], []
     for o in scan:
-        found = _value_heads(o, sites)
+        found = _value_heads(o, sites, through_cache)
         if isinstance(found, ValueHeads):
             pairs.append(found)
         elif isinstance(found, str):

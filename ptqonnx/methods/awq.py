@@ -28,7 +28,7 @@ from ptqonnx.calibration.validate import check_signal, no_signal
 from ptqonnx.config import AwqConfig, GptqConfig, RtnConfig
 from ptqonnx.errors import UserError
 from ptqonnx.graph import find_blocks, find_scaling_groups
-from ptqonnx.methods.base import MethodContext, MethodResult, ScaleFold
+from ptqonnx.methods.base import MethodContext, MethodResult
 from ptqonnx.methods.folding import fold_scales_checked
 from ptqonnx.plan import PlannedWeight, block_size_for, gptq_stage_solver, rtn_solver
 from ptqonnx.registry import register_method
@@ -129,7 +129,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
 
     feeds = ctx.feeds()
     run_sequential(model, blocks, feeds, solve_stage, kinds={Stat.XTX, Stat.MEAN_ABS}, task="AWQ block",
-                   block_info=block_info)
+                   block_info=block_info, provider=ctx.calibration.provider)
     calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
     if ratios:
         clipped = sum(int((r < 1).sum()) for r in ratios.values())

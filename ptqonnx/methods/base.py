@@ -52,6 +52,11 @@ class Calibration:
         return self._config or CalibConfig()
 
     @property
+    def provider(self) -> str:
+        """The ONNX Runtime execution provider of the calibration runs (`CalibConfig.provider`)."""
+        return self.config.provider
+
+    @property
     def draws_text(self) -> bool:
         """The feeds are windows drawn from text (so more can be drawn with another seed)."""
         return self._config is not None and self._config.npz is None

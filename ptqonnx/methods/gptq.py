@@ -87,7 +87,7 @@ def run_gptq(ctx: MethodContext, cfg: GptqConfig) -> MethodResult:
 
         feeds = ctx.feeds()
         run_sequential(ctx.model, blocks, feeds, solve_stage, progress=on_stage, task="GPTQ block",
-                       block_info=block_info)
+                       block_info=block_info, provider=ctx.calibration.provider)
         calibration = f"sequential, {len(blocks)} blocks, {len(feeds)} samples"
         plan = {s.name: plan[s.name] for s in ctx.sites}  # graph order
     else:

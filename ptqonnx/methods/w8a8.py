@@ -122,7 +122,7 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
     bmm = find_bmm_nodes(ctx.model) if cfg.quantize_bmm else []
     if bmm and any(f.through is not None for f in ctx.folds):  # V now holds v / s: measure P·V's inputs again
         stats = stats.merged(collect_statistics(ctx.model, ctx.feeds(), _bmm_requests(ctx, cfg),
-                                                sample_rows=SAMPLE_ROWS))
+                                                sample_rows=SAMPLE_ROWS, provider=ctx.calibration.provider))
     dynamic = dynamic_sites(ctx.sites, cfg)
     static = [s for s in ctx.sites if s.name not in dynamic]
     grids: dict[str, dict[int, ActivationQParams]] = {}
