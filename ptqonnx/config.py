@@ -374,10 +374,6 @@ class RotateConfig(StageConfig):
     seed: int = option(0, "seed of the random rotations", flag="--rotation-seed")
     heads: bool = option(True, "skip R2, the per-head rotation of V and o_proj", flag="--no-r2", invert=True)
     online: bool = option(True, "skip R4, the online Hadamard before down_proj", flag="--no-r4", invert=True)
-    through_cache: bool = option(
-        True, "KV-cache graphs: skip R2 where V is stored in the cache, so that present.*.value holds what the float "
-        "model's does (by default R2 rotates the cached values too: exact for a cache this model wrote, as every "
-        "decode loop's is)", flag="--keep-cache-values", invert=True)
 
     def validate(self) -> None:
         if self.seed < 0:
@@ -568,6 +564,10 @@ class Recipe:
                                     choices=("error", "keep-float"))
     only_float_layers: bool = option(False, "the model is already partly quantized: quantize its float layers "
                                      "and leave the quantized ones as they are", flag="--only-float-layers")
+    keep_cache_values: bool = option(
+        False, "KV-cache graphs: leave the values the cache stores (present.*.value) as the float model's, so R2 and "
+        "the v_proj -> o_proj scale are not applied where V is cached (by default they are, and the cache holds "
+        "V R or V / s: exact for a cache this model wrote, as every decode loop's is)", flag="--keep-cache-values")
     calibration: CalibConfig | None = None
 
     def __post_init__(self) -> None:

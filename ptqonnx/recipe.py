@@ -30,9 +30,9 @@ from ptqonnx.errors import UserError
 __all__ = ["RECIPE_VERSION", "load_recipe", "recipe_from_dict", "save_recipe", "dump_recipe"]
 
 RECIPE_VERSION = 2
-# version 1 (ptqonnx <= 0.2.0 before the rotate stage's through_cache): its rotate stages did not rotate V through a
-# KV cache, so a version-1 rotate stage without the key reads as through_cache: false (the same bytes again)
-_V1_DEFAULTS = {"rotate": {"through_cache": False}}
+# version 1 (before keep_cache_values): R2 and the v -> o scale were never applied where a KV cache stores V, so a
+# version-1 recipe without the key reads as keep_cache_values: true (the same bytes again)
+_V1_DEFAULTS = {"keep_cache_values": True}
 _TOP_KEYS = ("version", "stages", "calibration") + tuple(
     f.name for f in dataclasses.fields(Recipe) if f.name not in ("stages", "calibration"))
 
@@ -133,7 +133,7 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
     if not isinstance(stages, list) or not stages:
         raise lines.fail("`stages` must be a non-empty list, e.g. `stages: [gptq]`", "stages")
     if version == 1:
-        stages = [_with_v1_defaults(entry) for entry in stages]
+        data = {**_V1_DEFAULTS, **data}
     try:
         w8a8 = any(e == W8A8Config.stage or isinstance(e, dict) and W8A8Config.stage in e for e in stages)
         built = [_stage(entry, i, lines, w8a8) for i, entry in enumerate(stages)]
@@ -152,17 +152,6 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
         return Recipe(stages=tuple(built), calibration=calib, **options)
     except ConfigError as exc:
         raise lines.fail(exc.render(FieldRef.key), *_path_of(exc, data, lines)) from None
-
-
-def _with_v1_defaults(entry: Any) -> Any:
-    """A version-1 stage entry with the defaults version 1 had where they changed since (`_V1_DEFAULTS`)."""
-    name = entry if isinstance(entry, str) else next(iter(entry), None) if isinstance(entry, dict) and len(
-        entry) == 1 else None
-    old = _V1_DEFAULTS.get(name) if isinstance(name, str) else None
-    if old is None:
-        return entry
-    options = {} if isinstance(entry, str) else entry[name]
-    return {name: {**old, **options}} if isinstance(options, dict) else entry
 
 
 def _path_of(exc: ConfigError, data: dict, lines: _Lines) -> tuple:

@@ -209,6 +209,13 @@ def _markdown(report: CompileReport, vers: dict[str, str | None], plots: list[Pa
         if "layer_error.png" in shown:
             lines += ["![per-layer error](layer_error.png)", ""]
         lines += _error_tables(report)
+    if report.sensitivity:
+        lines += ["## Sensitivity (`--sensitivity`)", "", f"Measured by {report.sensitivity_measured}; every layer "
+                  "in report.json, the 20 most sensitive here.", "",
+                  "| rank | layer | N x K | error on the grid | at 8 bits | bits per weight |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {i} | `{c.name}` | {c.weights} | {c.base_error:.3g} | {c.high_error:.3g} | {c.base_bits:.2f} |"
+                  for i, c in enumerate(report.sensitivity[:20], 1)] + [""]
     if "outliers.png" in shown:
         lines += ["## Activation outliers", "",
                   "max / median of each layer input's per-channel absolute maximum (1-3: flat; tens or more: a few "

@@ -133,6 +133,8 @@ def test_sensitivity_flag_prints_the_ranking(tiny_export: Path, calib_text: Path
     start = next(i for i, line in enumerate(out) if line.startswith("sensitivity (relative output MSE of RTN on"))
     rows = [line.split() for line in out[start + 2:] if line.startswith("  ") and line.split()[0].isdigit()]
     ranked = json.loads((tmp_path / "rep" / "report.json").read_text())["sensitivity"]["layers"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Sensitivity" in md and f"| 1 | `{ranked[0]['name']}` |" in md
     assert [r[1] for r in rows] == [c["name"] for c in ranked] and len(rows) == len(ranked) > 10
     assert [float(r[3]) for r in rows] == pytest.approx([c["base_error"] for c in ranked], rel=1e-2)
     assert all(a["base_error"] >= b["base_error"] for a, b in zip(ranked, ranked[1:]))

@@ -68,18 +68,39 @@ def test_optimum_export_every_method(name: str, calib_text: Path, tmp_path: Path
 def test_optimum_gpt2_attention_output_folds_into_its_fused_qkv() -> None:
     """GPT-2 without cache: c_proj's input scale folds into c_attn's V columns through P·V, as on our export,
     although every Reshape of the attention goes to a computed shape (`unk__N` dims: sizes found from the
-    data, one name one size); with a cache the same group is refused for the cache's sake."""
+    data, one name one size); with a cache the same group folds through the cache's Concat (the present values
+    then hold V / s), or is refused when the cache values are kept (`through_cache` False)."""
     from ptqonnx.graph import find_linear_sites, find_scaling_groups
     from ptqonnx.io import load_model
     from ptqonnx.pipeline import prepare_model
 
-    for name, through, why in (("gpt2_nopast", 2, None), ("gpt2", 0, "KV cache")):
+    for name, cache, through, why in (("gpt2_nopast", True, 2, None), ("gpt2", True, 2, None),
+                                      ("gpt2", False, 0, "KV cache")):
         model = prepare_model(load_model(FIXTURES / f"optimum_{name}" / "model.onnx"))
-        groups, skipped = find_scaling_groups(model, find_linear_sites(model).sites)
+        groups, skipped = find_scaling_groups(model, find_linear_sites(model).sites, through_cache=cache)
         folded = [g for g in groups if g.kind == "linear_columns" and g.through is not None]
         assert len(folded) == through and all("c_attn" in g.producer.name and g.width for g in folded)
+        expected = [f"present.{i}.value" for i in range(2)] if name == "gpt2" and cache else []
+        assert sorted(n for g in folded for n in g.cache_outputs) == expected
         refused = [s.reason for s in skipped if "attn/c_proj" in s.node]
         assert len(refused) == (0 if why is None else 2) and all(why in r for r in refused), refused
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_gpt2_v_to_o_scale_through_the_cache(method: str, calib_text: Path, tmp_path: Path) -> None:
+    """AWQ and SmoothQuant W8A8 on GPT-2 with a cache fold c_proj's scale into c_attn's V columns as on the
+    no-cache export of the same weights: the two quantized graphs give the same logits (bit for bit here), and
+    a decode step fed the scaled cache continues the prefill; with --keep-cache-values that group is refused
+    again and the outputs differ."""
+    flags = [*METHODS[method], "--calib-text", str(calib_text), *CALIB]
+    ids = held_out_ids(FIXTURES / "optimum_gpt2")
+    past = compile_cli(FIXTURES / "optimum_gpt2" / "model.onnx", tmp_path / "past.onnx", *flags)
+    nopast = compile_cli(FIXTURES / "optimum_gpt2_nopast" / "model.onnx", tmp_path / "nopast.onnx", *flags)
+    assert rel_error(prefill_logits(past, ids), prefill_logits(nopast, ids)) <= 1e-6
+    assert decode_gap(past, ids) <= DECODE_TOL.get(method, 1e-5)
+    kept = compile_cli(FIXTURES / "optimum_gpt2" / "model.onnx", tmp_path / "kept.onnx", *flags,
+                       "--keep-cache-values")
+    assert rel_error(prefill_logits(kept, ids), prefill_logits(nopast, ids)) > 1e-4
 
 
 def test_optimum_llama_rotates_and_folds_into_its_norms(calib_text: Path, tmp_path: Path) -> None:
@@ -188,7 +209,7 @@ def test_rotation_through_the_kv_cache(fixture: str, tiny_export: Path, tmp_path
             assert rel_error(rot[name], ref[name]) <= 1e-6
 
     out = compile_cli(src, tmp_path / "rot.onnx", "--rotate", "--wbits", "8")
-    assert "through_cache: true" in (tmp_path / "rot.recipe.yaml").read_text()
+    assert "keep_cache_values: false" in (tmp_path / "rot.recipe.yaml").read_text()
     assert decode_gap(out, held_out_ids(tiny_export)) <= 1e-5
     if fixture == "ours":
         plain = compile_cli(tiny_export / "model.onnx", tmp_path / "plain.onnx", "--rotate", "--wbits", "8")
@@ -198,6 +219,37 @@ def test_rotation_through_the_kv_cache(fixture: str, tiny_export: Path, tmp_path
     said = capsys.readouterr().out
     assert "R2" not in said.split("rotate (")[1].split("\n")[0]
     assert "kept as the float model's (--keep-cache-values)" in said
+
+
+def test_the_rotate_stage_decodes_through_the_cache(tiny_export: Path) -> None:
+    """The rotate stage's own decode check (`methods.folding.decode_outputs`): one decode step after a prefill,
+    fed the graph's own present outputs, gives the prefill's logits for that position on the KV graph (and
+    None on a graph without a cache); a cache written wrong (each present value negated on its way out, the
+    prefill's logits untouched) moves the decoded logits far beyond the rotate tolerance, so the check would
+    refuse it."""
+    import onnx_ir as ir
+
+    from ptqonnx.io import load_model
+    from ptqonnx.methods.folding import decode_outputs, max_relative_error
+    from ptqonnx.methods.rotate import ROTATE_TOLERANCE
+    from ptqonnx.pipeline import prepare_model
+
+    ids = held_out_ids(tiny_export)
+    feeds = [{"input_ids": row[None, :]} for row in ids[:2]]
+    model = prepare_model(load_model(tiny_export / "model_kv.onnx"))
+    good = decode_outputs(model, feeds)
+    full = prefill_logits(tiny_export / "model_kv.onnx", ids[:2])
+    assert len(good) == 2 and max_relative_error([[full[i:i + 1, -1:]] for i in range(2)], good) <= 1e-5
+    assert decode_outputs(prepare_model(load_model(tiny_export / "model.onnx")), feeds) is None
+    graph = model.graph
+    for i, out in enumerate(list(graph.outputs)):
+        if out.name.startswith("present") and out.name.endswith("value"):
+            neg = ir.node("Neg", [out])
+            graph.append(neg)
+            out.name, neg.outputs[0].name = out.name + "_inner", out.name
+            neg.outputs[0].shape, neg.outputs[0].type = out.shape, out.type
+            graph.outputs[i] = neg.outputs[0]
+    assert max_relative_error(good, decode_outputs(model, feeds)) > 100 * ROTATE_TOLERANCE
 
 
 def test_optimum_bert_encoder_every_method(calib_text: Path, tmp_path: Path) -> None:

@@ -116,19 +116,18 @@ def test_every_compile_writes_a_recipe_that_reproduces_it(tmp_path, capsys, tiny
     assert (tmp_path / "first.recipe.yaml").read_text() == (tmp_path / "again.recipe.yaml").read_text()
 
 
-def test_a_version_1_rotate_stage_keeps_its_meaning(tmp_path):
-    """Recipes written before the rotate stage's through_cache (version 1) did not rotate V through a KV cache:
-    read as through_cache false, so they compile the same bytes again; version 2 and hand-written recipes
-    without a version get the current default (true); an explicit value wins in both."""
+def test_a_version_1_recipe_keeps_the_cache_values(tmp_path):
+    """Recipes written before keep_cache_values (version 1) never rotated or scaled V where a KV cache stores
+    it: read as keep_cache_values true, so they compile the same bytes again; version 2 and hand-written
+    recipes without a version get the current default (false); an explicit value wins in both."""
     from ptqonnx.recipe import load_recipe
 
-    def rotate_of(text: str):
+    def keep(text: str) -> bool:
         path = tmp_path / "r.yaml"
         path.write_text(text)
-        return next(s for s in load_recipe(path).stages if s.stage == "rotate")
+        return load_recipe(path).keep_cache_values
 
-    assert rotate_of("version: 1\nstages: [rotate, rtn]\n").through_cache is False
-    assert rotate_of("version: 1\nstages: [{rotate: {seed: 3}}, rtn]\n").through_cache is False
-    assert rotate_of("version: 1\nstages: [{rotate: {through_cache: true}}, rtn]\n").through_cache is True
-    assert rotate_of("version: 2\nstages: [rotate, rtn]\n").through_cache is True
-    assert rotate_of("stages: [rotate, rtn]\n").through_cache is True
+    assert keep("version: 1\nstages: [rotate, rtn]\n") is True
+    assert keep("version: 1\nstages: [awq]\nkeep_cache_values: false\n") is False
+    assert keep("version: 2\nstages: [rotate, rtn]\n") is False
+    assert keep("stages: [rotate, rtn]\n") is False

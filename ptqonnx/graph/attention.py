@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph.trace import ONNX_DOMAINS, attr, trace_const
+from ptqonnx.graph.trace import ONNX_DOMAINS, attr, data_uses, trace_const
 
 __all__ = ["ATTENTION_OPS", "LAYOUT_OPS", "REPEAT_OPS", "SELECT_OPS", "ColumnTrace", "attention_path",
            "column_ids", "column_path", "trace_columns", "channel_map", "row_columns"]
@@ -234,10 +234,13 @@ def _cache_concat(ids: np.ndarray, node: ir.Node, shape: tuple[int, ...]) -> np.
     the axis is the columns' or the ids vary along it."""
     axis = attr(node, "axis", 0)
     axis = axis + ids.ndim if axis < 0 else axis
-    if not 0 <= axis < ids.ndim - 1 or not (ids == ids.take([0], axis=axis)).all():
+    if not 0 <= axis < ids.ndim - 1 or not (ids == ids.take([0], axis=axis)).all() or len(shape) != ids.ndim:
         return None
-    size = shape[axis] if len(shape) == ids.ndim and shape[axis] >= 0 else ids.shape[axis]
-    return np.broadcast_to(ids.take([0], axis=axis), ids.shape[:axis] + (size,) + ids.shape[axis + 1:])
+    target = list(ids.shape)
+    for d in range(ids.ndim - 1):  # a size the output names (the past's batch symbol, the total length) where
+        if shape[d] >= 0 and (d == axis or (ids == ids.take([0], axis=d)).all()):  # the ids do not vary
+            ids, target[d] = ids.take([0], axis=d), shape[d]
+    return np.broadcast_to(ids, tuple(target))
 
 
 def _fits(got: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -272,20 +275,22 @@ class ColumnTrace:
         """The distinct columns of `top` that reach the path's end."""
         return np.unique(self.ids[-1])
 
-    def siblings(self, end: ir.Node) -> list[ir.Value] | str:
+    def siblings(self, end: ir.Node, cache: frozenset[int] = frozenset()) -> list[ir.Value] | str:
         """The other values that read the path's columns' source: a Split's other outputs and other Slice /
         Split readers of a value on the path, each carrying none of the columns reaching the path's end (`end`
-        reads its last value). A reason when a value on the path has any other consumer."""
+        reads its last value). A reason when a value on the path has any other consumer. Values in `cache`
+        (ids: a KV cache's present outputs, which the caller lets change) may be graph outputs and have their
+        length read."""
         keep = set(self.columns.tolist())
         found: list[ir.Value] = []
         values = self.values
         users = [n for n, _ in self.steps] + [end]
         for i, value in enumerate(values):
-            if value.is_graph_output():
+            if value.is_graph_output() and id(value) not in cache:
                 return f"{value.name} is a graph output (the fold would change it)"
             others = [(users[i], out) for out in users[i].outputs if out is not values[i + 1]] \
                 if i < len(self.steps) and users[i].op_type == "Split" else []  # the Split's other parts
-            for user, index in value.uses():
+            for user, index in (data_uses(value) if id(value) in cache else value.uses()):
                 if user is users[i]:
                     continue
                 if user.op_type not in SELECT_OPS or user.domain not in ONNX_DOMAINS or index != 0:

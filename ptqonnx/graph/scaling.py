@@ -102,6 +102,7 @@ class ScalingGroup:
     channels: tuple[int, ...] | None = None  # producer channel absorbing each s[k] (None: channel k)
     through: ir.Node | None = None  # the P·V MatMul 1/s passes through (attention output), whose V it scales
     width: int | None = None  # the producer's channel count when `channels` index a wider one (a fused part)
+    cache_outputs: tuple[str, ...] = ()  # KV-cache present outputs holding V, scaled with it (V / s)
 
     def producer_scales(self, s: np.ndarray) -> np.ndarray:
         """s in the producer's channel order (the factor its channel axis absorbs the inverse of); 1 on the
@@ -157,6 +158,7 @@ class _Absorb:
     channels: tuple[int, ...] | None = None
     width: int | None = None
     stop: frozenset[int] = frozenset()  # values holding the producer's other columns (not scaled)
+    cache: tuple[str, ...] = ()  # KV-cache present outputs on V's path (they will hold V / s)
 
 
 def _peel(value: ir.Value, k: int, end: ir.Node | None) -> tuple[ir.Value, ir.Node | None]:
@@ -226,10 +228,12 @@ def _columns_source(value: ir.Value, k: int, producers: dict[int, LinearSite], e
 
 
 def _attention_producer(
-    k: int, producers: dict[int, LinearSite], o_path: list[ir.Node], pv: ir.Node
+    k: int, producers: dict[int, LinearSite], o_path: list[ir.Node], pv: ir.Node, through_cache: bool = False
 ) -> _Absorb | str:
     """X = layout(P·V) with V a layout or selection of a linear site's output: how that site's columns absorb
-    1/s, or the reason a per-channel scale does not pass to it."""
+    1/s, or the reason a per-channel scale does not pass to it. With `through_cache`, V may be stored in a KV
+    cache (a present output on V's path, after a Concat with the past or not): the cache then holds V / s, exact
+    for a past this model wrote (as `ptqonnx.graph.value_heads` for R2)."""
     if pv.op_type in ATTENTION_OPS:
         return f"fused {pv.op_type} (the scale cannot pass through it)"
     p, v = pv.inputs[0], pv.inputs[1]
@@ -241,8 +245,15 @@ def _attention_producer(
         return f"V is not a layout of a linear layer's output (reached {stop})"
     node, refs = found
     site = producers[id(node)]
-    if any(n.op_type == "Concat" for n, _ in steps):
-        return "V also holds tensors from outside (a KV cache Concat) that would not carry the scale"
+    v_values = [top] + [out for _, out in steps]
+    exposed = [v for v in v_values if v.is_graph_output()]  # present outputs: V as the cache stores it
+    concats = [i for i, (n, _) in enumerate(steps) if n.op_type == "Concat"]
+    if concats and not through_cache:
+        return ("V also holds tensors from outside (a KV cache Concat) that would not carry the scale "
+                "(--keep-cache-values)")
+    if concats and not any(v.is_graph_output() for v in v_values[concats[0] + 1:]):
+        return "V joins a past cache (a Concat with a graph input) that the graph does not write back"
+    cache = frozenset(id(v) for v in exposed) if through_cache else frozenset()
     trace = trace_columns(top, steps)
     if isinstance(trace, str) and not (width == site.N and site.N < k):
         return trace
@@ -252,7 +263,7 @@ def _attention_producer(
         name = site.weight_name or site.name
         what = f"{name} {site.N} outputs" if n_v == site.N else f"V is {n_v} of {name}'s {site.N} outputs"
         return f"{kind} ({what}, this layer reads {k}): per-channel scales don't pass (as llm-awq)"
-    siblings = trace.siblings(pv)
+    siblings = trace.siblings(pv, cache)
     post = [pv] + o_path[::-1]  # from P·V to X
     if isinstance(siblings, str) or not all(_only_consumer(a.outputs[0], b) for a, b in zip(post, post[1:])):
         return f"{site.name}'s output or the attention output has other consumers (the fold would change them)"
@@ -263,7 +274,8 @@ def _attention_producer(
     if isinstance(mapped, str):
         return mapped
     identity = width == k and mapped == tuple(range(k))
-    return _Absorb("linear_columns", node, refs, None if identity else mapped, None if width == k else width, stop)
+    return _Absorb("linear_columns", node, refs, None if identity else mapped, None if width == k else width, stop,
+                   tuple(v.name for v in exposed) if cache else ())
 
 
 def _producer(x: ir.Value, k: int, producers: dict[int, LinearSite]) -> _Absorb | None:
@@ -299,8 +311,10 @@ def _producer(x: ir.Value, k: int, producers: dict[int, LinearSite]) -> _Absorb 
     return None if found is None else _Absorb("linear_columns", *found)
 
 
-def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[ScalingGroup], list[Skip]]:
-    """Group `sites` by activation (graph order) and find how each activation's producer absorbs 1/s.
+def find_scaling_groups(model: ir.Model, sites: list[LinearSite],
+                        through_cache: bool = False) -> tuple[list[ScalingGroup], list[Skip]]:
+    """Group `sites` by activation (graph order) and find how each activation's producer absorbs 1/s;
+    `through_cache`: also through a V stored in a KV cache (`_attention_producer`).
 
     Returns the groups and one Skip per site left out (attention outputs whose scale cannot reach v's columns).
     """
@@ -318,7 +332,7 @@ def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[
         )
         attention = attention_path(x)
         if attention is not None:
-            found = (_attention_producer(k, producers, *attention) if private
+            found = (_attention_producer(k, producers, *attention, through_cache) if private
                      else "the attention output has other consumers")
             if isinstance(found, str):
                 reason = f"{ATTENTION_SKIP_REASON}: {found}"
@@ -331,7 +345,7 @@ def find_scaling_groups(model: ir.Model, sites: list[LinearSite]) -> tuple[list[
             group = ScalingGroup(x, tuple(members), "mul_insert", None, (), k)
         else:
             group = ScalingGroup(x, tuple(members), found.kind, found.producer, found.refs, k, found.channels,
-                                 attention[1] if attention is not None else None, found.width)
+                                 attention[1] if attention is not None else None, found.width, found.cache)
         logger.debug("scaling group %s: %s via %s (%s)", group.name, group.site_names, group.kind,
                      group.producer.name if group.producer is not None else "inserted Mul")
         groups.append(group)

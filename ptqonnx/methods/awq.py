@@ -53,7 +53,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
     model, sites, w = ctx.model, ctx.sites, ctx.recipe.weights
     if not isinstance(w, (RtnConfig, GptqConfig)):
         raise UserError(f"awq drives rtn or gptq weights, not {w.stage}; put rtn or gptq after awq")
-    groups, _ = find_scaling_groups(model, sites)
+    groups, _ = find_scaling_groups(model, sites, through_cache=not ctx.recipe.keep_cache_values)
     if not acfg.scale_lm_head:
         groups = [g for g in groups if not any(s.is_lm_head for s in g.sites)]
     refused = [g.name for g in groups if g.kind == "mul_insert"]

@@ -22,7 +22,7 @@ from ptqonnx.graph.scaling import ScalingGroup
 from ptqonnx.methods.base import ScaleFold
 
 __all__ = ["FOLD_TOLERANCE", "LOW_FLOAT_FACTOR", "FoldOutcome", "fold_scales_checked", "check_rewrite",
-           "max_relative_error", "model_outputs", "rewrite_tolerance"]
+           "decode_outputs", "max_relative_error", "model_outputs", "rewrite_tolerance"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,33 @@ def model_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) ->
     with instrumented_session(model, [], opt_level="disable") as (sess, _):
         names = [i.name for i in sess.get_inputs()]
         return [sess.run(None, {k: f[k] for k in names}) for f in feeds]
+
+
+def decode_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]] | None:
+    """For a KV-cache graph (optimum's `past_key_values.*` inputs): the logits of one decode step per feed,
+    the feed's last token after a prefill of the tokens before it whose present outputs are fed back as the
+    past (unoptimized ORT session on a clone); None for a graph without such a cache (or whose inputs
+    `runtime.bench.ModelFeeds` cannot build)."""
+    from ptqonnx.errors import UserError
+    from ptqonnx.runtime.bench import ModelFeeds
+    from ptqonnx.runtime.collect import instrumented_session
+
+    if not any((v.name or "").startswith("past_key_values.") for v in model.graph.inputs):
+        return None
+    with instrumented_session(model, [], opt_level="disable") as (sess, _):
+        try:
+            mf = ModelFeeds(sess)
+        except UserError as exc:
+            logger.debug("no decode check: %s", exc)
+            return None
+        out = []
+        for f in feeds:
+            ids = np.asarray(f["input_ids"])[:1]
+            if ids.shape[1] < 2:
+                continue
+            prefill = sess.run(None, mf.build(ids[:, :-1]))
+            out.append(sess.run(["logits"], mf.build(ids[:, -1:], mf.presents_as_past(prefill))))
+        return out
 
 
 def rewrite_tolerance(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
@@ -108,14 +135,23 @@ def fold_scales_checked(
     """Fold `scales` (activation name -> s [K]) into `model` in place and check the float outputs on `feeds`.
 
     Raises RuntimeError (nothing is written by the caller) when they moved by more than FOLD_TOLERANCE (for
-    fp16/bf16 models: `rewrite_tolerance`).
+    fp16/bf16 models: `rewrite_tolerance`). A group scaling V where a KV cache stores it (`cache_outputs`)
+    leaves those present outputs out of the comparison (they hold V / s by design), and then one decode step
+    after a prefill, fed the model's own cache, must give the logits it gave before (`decode_outputs`).
     `stats`, when given, is returned rescaled to what the sites read now (under an inserted Mul's new name).
     """
     before = model_outputs(model, feeds)
     tol = rewrite_tolerance(model, feeds, before, FOLD_TOLERANCE, what)
+    cached = {n for g in groups if g.name in scales for n in g.cache_outputs}
+    decoded = decode_outputs(model, feeds) if cached else None
     fold = FoldScalesPass(dict(scales), list(groups), no_insert=no_insert)
     run_passes([fold], model)
-    err = check_rewrite(before, model_outputs(model, feeds), tol, f"{what} were folded", len(feeds))
+    keep = [i for i, v in enumerate(model.graph.outputs) if v.name not in cached]
+    err = check_rewrite([[o[i] for i in keep] for o in before], [[o[i] for i in keep] for o in model_outputs(
+        model, feeds)], tol, f"{what} were folded", len(feeds))
+    if decoded:
+        err = max(err, check_rewrite(decoded, decode_outputs(model, feeds), tol,
+                                     f"{what} were folded (a decode step fed its own scaled cache)", len(decoded)))
     if stats is not None:
         for name, s in scales.items():
             if name in fold.folded or name in fold.inserted:

@@ -3,7 +3,9 @@
 Runs `FoldNormGammaPass` (every residual-stream norm's γ into the linear layers reading it; a tied LM head is
 untied), `RotateResidualPass` (R1), `RotateValueHeadsPass` (R2, optional) and `OnlineHadamardPass` (R4,
 optional) — see their module docstrings for the algebra — then checks in ONNX Runtime that the float model's
-outputs did not move (max |y' - y| / max |y| <= ROTATE_TOLERANCE on the check feeds), else nothing is written.
+outputs did not move (max |y' - y| / max |y| <= ROTATE_TOLERANCE on the check feeds), else nothing is written;
+where R2 rotated V in a KV cache, the present values are left out of that comparison (they hold V R by design)
+and one decode step after a prefill, fed the rotated model's own cache, must give the original's logits.
 It runs before the other stages select their sites and request statistics (`before_statistics`), so every
 statistic later stages read is measured on the rotated graph (nothing stale to transform).
 """
@@ -15,7 +17,7 @@ import logging
 from ptqonnx.config import RotateConfig
 from ptqonnx.errors import UserError
 from ptqonnx.methods.base import MethodContext, MethodResult
-from ptqonnx.methods.folding import check_rewrite, model_outputs, rewrite_tolerance
+from ptqonnx.methods.folding import check_rewrite, decode_outputs, model_outputs, rewrite_tolerance
 from ptqonnx.passes import run_passes
 from ptqonnx.registry import register_method
 from ptqonnx.report import RotationSummary
@@ -25,6 +27,7 @@ __all__ = ["ROTATE_TOLERANCE", "run_rotate"]
 logger = logging.getLogger(__name__)
 
 ROTATE_TOLERANCE = 1e-4  # fp32: measured 3.5e-6 on SmolLM2 for R1+R2+R4
+DECODE_CHECKS = 2  # KV graphs with R2 through the cache: feeds whose last token is decoded after a prefill
 
 
 @register_method(RotateConfig)
@@ -36,6 +39,8 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
 
     feeds = ctx.check_feeds()
     before = model_outputs(ctx.model, feeds)
+    through_cache = not ctx.recipe.keep_cache_values
+    decoded = decode_outputs(ctx.model, feeds[:DECODE_CHECKS]) if cfg.heads and through_cache else None
     tol = rewrite_tolerance(ctx.model, feeds, before, ROTATE_TOLERANCE, "rotate")
     fold, r1 = FoldNormGammaPass(), RotateResidualPass(cfg.rotation, cfg.seed)
     run_passes([fold], ctx.model)
@@ -44,7 +49,7 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
     run_passes([r1], ctx.model)
     if r1.refusal is not None:
         raise UserError(f"rotate: {r1.refusal.reason}; drop --rotate for this model")
-    r2 = RotateValueHeadsPass(cfg.rotation, cfg.seed + 1, through_cache=cfg.through_cache) if cfg.heads else None
+    r2 = RotateValueHeadsPass(cfg.rotation, cfg.seed + 1, through_cache=through_cache) if cfg.heads else None
     r4 = OnlineHadamardPass() if cfg.online else None
     run_passes([p for p in (r2, r4) if p is not None], ctx.model)
     # present outputs holding rotated V are not the float model's by design: the logits and the rest are checked
@@ -53,6 +58,9 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
     err = check_rewrite([[o[i] for i in keep] for o in before],
                         [[o[i] for i in keep] for o in model_outputs(ctx.model, feeds)], tol, "it was rotated",
                         len(feeds))
+    if cached and decoded:  # the rotated cache read back: one decode step after a prefill gives the same logits
+        err = max(err, check_rewrite(decoded, decode_outputs(ctx.model, feeds[:DECODE_CHECKS]), tol,
+                                     "it was rotated (a decode step fed its own rotated cache)", len(decoded)))
     skipped = tuple((r2.skipped if r2 else []) + (r4.skipped if r4 else []))
     summary = RotationSummary(cfg.stage, rotation=cfg.rotation, residual=True, heads=len(r2.rotated) if r2 else 0,
                               online=len(r4.rotated) if r4 else 0, untied_bytes=fold.untied_bytes,

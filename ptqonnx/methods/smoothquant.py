@@ -47,7 +47,7 @@ def run_smoothquant(ctx: MethodContext, cfg: SmoothQuantConfig) -> MethodResult:
     assert w8a8 is not None, "the recipe checks that smoothquant comes with a w8a8 stage"
     symmetric = ctx.recipe.symmetric_activations
     dynamic = dynamic_sites(ctx.sites, w8a8)
-    groups, not_scaled = find_scaling_groups(ctx.model, ctx.sites)
+    groups, not_scaled = find_scaling_groups(ctx.model, ctx.sites, through_cache=not ctx.recipe.keep_cache_values)
     for s in not_scaled:
         logger.debug("%s: not smoothed (%s); quantized W8A8 without smoothing", s.node, s.reason)
     auto = cfg.alpha == "auto"
