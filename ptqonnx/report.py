@@ -87,6 +87,7 @@ class ScalesSummary(StageSummary):
     fold_max_rel_err: float | None = None
     not_scaled: tuple[Skip, ...] = ()  # sites whose group could not be scaled, with the reason
     calibration: str = ""
+    scaled_cache: tuple[str, ...] = ()  # KV-cache present outputs holding V / s (the v->o scale through the cache)
 
     def lines(self) -> list[str]:
         alphas = sorted(self.alpha.values())
@@ -96,6 +97,10 @@ class ScalesSummary(StageSummary):
             "nothing folded"
         out = [f"{self.stage}: {len(self.folded)} scale groups folded, {len(self.inserted)} with an inserted Mul, "
                f"{unscaled} unscaled; {median}{err}"]
+        if self.scaled_cache:
+            out.append(f"{self.stage}: the KV cache holds scaled values ({len(self.scaled_cache)} outputs such as "
+                       f"{self.scaled_cache[0]}): feed it back to this model only (--keep-cache-values: no v->o scale "
+                       "where V is cached)")
         if self.not_scaled:
             reasons = Counter(s.reason for s in self.not_scaled).most_common(1)[0]
             out.append(f"{self.stage}: {len(self.not_scaled)} layers not scaled, e.g. {reasons[0]} ({reasons[1]}x)")

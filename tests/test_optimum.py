@@ -101,6 +101,49 @@ def test_gpt2_v_to_o_scale_through_the_cache(method: str, calib_text: Path, tmp_
     kept = compile_cli(FIXTURES / "optimum_gpt2" / "model.onnx", tmp_path / "kept.onnx", *flags,
                        "--keep-cache-values")
     assert rel_error(prefill_logits(kept, ids), prefill_logits(nopast, ids)) > 1e-4
+    assert "keep_cache_values: true" in (tmp_path / "kept.recipe.yaml").read_text()
+
+
+def test_a_cached_v_scale_needs_a_past_and_checks_its_decode() -> None:
+    """The v->o scale changes a present output only after a Concat with a past: a graph exposing V as a
+    present output without a past (a no-past twin, whose scale searched on its own data need not be its
+    twin's) keeps that group refused. Through a past, the fold check decodes one token fed the scaled cache
+    and compares every output but the presents (the logits need not be called `logits`): a scale folded
+    right passes, and the present values are the original's divided by s, column by column."""
+    import numpy as np
+
+    from ptqonnx.calibration.sources import probe_feeds
+    from ptqonnx.graph import find_linear_sites, find_scaling_groups
+    from ptqonnx.graph.attention import column_path
+    from ptqonnx.io import load_model
+    from ptqonnx.methods.folding import fold_scales_checked, model_outputs
+    from ptqonnx.pipeline import prepare_model
+
+    twin = prepare_model(load_model(FIXTURES / "optimum_gpt2_nopast" / "model.onnx"))
+    group = next(g for g in find_scaling_groups(twin, find_linear_sites(twin).sites)[0] if g.through is not None)
+    exposed = column_path(group.through.inputs[1])[1][-1][1]
+    exposed.name = "present.0.value"
+    twin.graph.outputs.append(exposed)
+    groups, skipped = find_scaling_groups(twin, find_linear_sites(twin).sites, through_cache=True)
+    assert sum(g.through is not None for g in groups) == 1
+    assert any("other consumers" in s.reason for s in skipped if "h.0/attn/c_proj" in s.node)
+
+    model = prepare_model(load_model(FIXTURES / "optimum_gpt2" / "model.onnx"))
+    model.graph.outputs[0].name = "last_hidden_state"
+    groups, _ = find_scaling_groups(model, find_linear_sites(model).sites, through_cache=True)
+    group = next(g for g in groups if g.cache_outputs)
+    feeds = probe_feeds(model, 2)
+    names = [v.name for v in model.graph.outputs]
+    before = dict(zip(names, model_outputs(model, feeds)[0]))
+    s = np.random.default_rng(0).uniform(0.5, 2.0, group.K).astype(np.float32)
+    fold = fold_scales_checked(model, [group], {group.name: s}, feeds, what="test scales")
+    assert fold.cache_outputs == group.cache_outputs and fold.max_rel_err <= 1e-5
+    after = dict(zip(names, model_outputs(model, feeds)[0]))
+    (present,) = group.cache_outputs
+    heads, d = after[present].shape[1], after[present].shape[-1]
+    per_column = np.asarray(group.producer_scales(s))[list(group.channels)] if group.channels else s
+    expected = before[present] / per_column.reshape(heads, 1, d)  # V's columns are head-major: h * d + j
+    assert rel_error(after[present], expected) <= 1e-5
 
 
 def test_optimum_llama_rotates_and_folds_into_its_norms(calib_text: Path, tmp_path: Path) -> None:

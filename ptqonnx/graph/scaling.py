@@ -251,9 +251,11 @@ def _attention_producer(
     if concats and not through_cache:
         return ("V also holds tensors from outside (a KV cache Concat) that would not carry the scale "
                 "(--keep-cache-values)")
-    if concats and not any(v.is_graph_output() for v in v_values[concats[0] + 1:]):
+    if concats and not any(v.is_graph_output() for v in v_values[concats[-1] + 1:]):
         return "V joins a past cache (a Concat with a graph input) that the graph does not write back"
-    cache = frozenset(id(v) for v in exposed) if through_cache else frozenset()
+    # a present output without a past (a no-past twin of a with-past graph) is not let change: its scale, searched
+    # on this graph's data, need not be the one the twin folds
+    cache = frozenset(id(v) for v in exposed) if through_cache and concats else frozenset()
     trace = trace_columns(top, steps)
     if isinstance(trace, str) and not (width == site.N and site.N < k):
         return trace

@@ -103,7 +103,7 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite], through_cache: boo
     concats = [i for i, (n, _) in enumerate(v_steps) if n.op_type == "Concat"]  # the past joined to it
     if (concats or exposed) and not through_cache:
         return "V is stored in a KV cache, kept as the float model's (--keep-cache-values)"
-    if concats and not any(val.is_graph_output() for val in v_values[concats[0] + 1:]):
+    if concats and not any(val.is_graph_output() for val in v_values[concats[-1] + 1:]):
         return ("V joins a past cache (a Concat with a graph input) that the graph does not write back: a rotated "
                 "V would meet a past it did not write")
     prod, bias = top.producer(), None

@@ -29,7 +29,7 @@ from ptqonnx.config import AwqConfig, GptqConfig, RtnConfig
 from ptqonnx.errors import UserError
 from ptqonnx.graph import find_blocks, find_scaling_groups
 from ptqonnx.methods.base import MethodContext, MethodResult
-from ptqonnx.methods.folding import fold_scales_checked
+from ptqonnx.methods.folding import fold_scales_checked, through_cache
 from ptqonnx.plan import PlannedWeight, block_size_for, gptq_stage_solver, rtn_solver
 from ptqonnx.registry import register_method
 from ptqonnx.report import ScalesSummary, WeightsSummary
@@ -53,7 +53,7 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
     model, sites, w = ctx.model, ctx.sites, ctx.recipe.weights
     if not isinstance(w, (RtnConfig, GptqConfig)):
         raise UserError(f"awq drives rtn or gptq weights, not {w.stage}; put rtn or gptq after awq")
-    groups, _ = find_scaling_groups(model, sites, through_cache=not ctx.recipe.keep_cache_values)
+    groups, _ = find_scaling_groups(model, sites, through_cache(model, ctx.recipe.keep_cache_values, "awq"))
     if not acfg.scale_lm_head:
         groups = [g for g in groups if not any(s.is_lm_head for s in g.sites)]
     refused = [g.name for g in groups if g.kind == "mul_insert"]
@@ -146,7 +146,8 @@ def run_awq(ctx: MethodContext, acfg: AwqConfig) -> MethodResult:
     sites = ctx.refresh_sites()  # weights are the scaled copies now
     assert len(sites) == len(planned), "folding changed the set of linear sites"
     summary = ScalesSummary(acfg.stage, groups=len(groups), folded=fold.folded, inserted=fold.inserted,
-                            alpha=alphas, fold_max_rel_err=fold.max_rel_err, calibration=calibration)
+                            alpha=alphas, fold_max_rel_err=fold.max_rel_err, calibration=calibration,
+                            scaled_cache=fold.cache_outputs)
     weights = WeightsSummary(w.stage, layers=len(planned), calibration=f"driven by awq, {calibration}",
                              losses=losses, fallback=fallback)
     return MethodResult((summary, weights), plan={s.name: PlannedWeight(s, planned[s.name]) for s in sites},

@@ -22,7 +22,8 @@ from ptqonnx.graph.scaling import ScalingGroup
 from ptqonnx.methods.base import ScaleFold
 
 __all__ = ["FOLD_TOLERANCE", "LOW_FLOAT_FACTOR", "FoldOutcome", "fold_scales_checked", "check_rewrite",
-           "decode_outputs", "max_relative_error", "model_outputs", "rewrite_tolerance"]
+           "check_decode", "decode_outputs", "max_relative_error", "model_outputs", "rewrite_tolerance",
+           "through_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ FOLD_TOLERANCE = 1e-4  # max over outputs of max|y' - y| / max|y| allowed after 
 # many times the model's own arithmetic error (its outputs against its float32 twin's). Measured on the tiny
 # LLaMA in fp16: own error 1.1e-3; SmoothQuant's fold 2.2e-3, AWQ's 3.1e-3; a plumbing bug moves them by O(1).
 LOW_FLOAT_FACTOR = 8.0
+DECODE_CHECKS = 2  # feeds whose last token is decoded after a prefill where a rewrite transformed the cache
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class FoldOutcome:
     max_rel_err: float
     stats: Statistics | None  # the statistics of the activations the sites now read
     records: tuple[ScaleFold, ...] = ()  # what was folded, keyed by the sites' weight names
+    cache_outputs: tuple[str, ...] = ()  # KV-cache present outputs now holding V / s
 
 
 def model_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -51,31 +54,71 @@ def model_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) ->
         return [sess.run(None, {k: f[k] for k in names}) for f in feeds]
 
 
+_PAST, _PRESENT = "past_key_values.", "present."
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def through_cache(model: ir.Model, keep_cache_values: bool, what: str) -> bool:
+    """Whether `what` (R2, the v->o scale) may transform the values a KV cache stores: not with
+    --keep-cache-values, and only where one decode step can check the result (`decode_outputs`: optimum's
+    `past_key_values.{i}.*` inputs, each with its `present.{i}.*` output, float caches, token inputs only);
+    else the cache values are kept, said once at INFO. A graph without a past is not restricted here."""
+    inputs = {v.name or "": v for v in model.graph.inputs}
+    past = [n for n in inputs if n.startswith(_PAST)]
+    if keep_cache_values:
+        return False
+    if not past:
+        return True
+    outputs = {v.name for v in model.graph.outputs}
+    why = next((f"{n} has no output {_PRESENT + n[len(_PAST):]}" for n in past if _PRESENT + n[len(_PAST):]
+                not in outputs), None)
+    why = why or next((f"{n} is not a float cache" for n in past
+                       if not (inputs[n].dtype and inputs[n].dtype.is_floating_point())), None)
+    why = why or next((f"input {n} is not a token input" for n in inputs if not n.startswith(_PAST)
+                       and n not in _TOKEN_INPUTS), None)
+    if why:
+        logger.info("%s: the KV cache keeps the float model's values (its decode path cannot be checked: %s)", what,
+                    why)
+    return why is None
+
+
 def decode_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]] | None:
-    """For a KV-cache graph (optimum's `past_key_values.*` inputs): the logits of one decode step per feed,
-    the feed's last token after a prefill of the tokens before it whose present outputs are fed back as the
-    past (unoptimized ORT session on a clone); None for a graph without such a cache (or whose inputs
-    `runtime.bench.ModelFeeds` cannot build)."""
-    from ptqonnx.errors import UserError
+    """For a KV-cache graph (optimum's `past_key_values.*` inputs; `through_cache` says which can be run): the
+    outputs other than the presents (the logits) of one decode step per feed with 2+ tokens, its last token
+    after a prefill of the tokens before it whose present outputs are fed back as the past (unoptimized ORT
+    session on a clone); None for a graph without a past."""
     from ptqonnx.runtime.bench import ModelFeeds
     from ptqonnx.runtime.collect import instrumented_session
 
-    if not any((v.name or "").startswith("past_key_values.") for v in model.graph.inputs):
+    if not any((v.name or "").startswith(_PAST) for v in model.graph.inputs):
         return None
     with instrumented_session(model, [], opt_level="disable") as (sess, _):
-        try:
-            mf = ModelFeeds(sess)
-        except UserError as exc:
-            logger.debug("no decode check: %s", exc)
-            return None
+        mf = ModelFeeds(sess)
+        names = [o.name for o in sess.get_outputs() if not o.name.startswith(_PRESENT)]
         out = []
         for f in feeds:
             ids = np.asarray(f["input_ids"])[:1]
             if ids.shape[1] < 2:
                 continue
             prefill = sess.run(None, mf.build(ids[:, :-1]))
-            out.append(sess.run(["logits"], mf.build(ids[:, -1:], mf.presents_as_past(prefill))))
+            out.append(sess.run(names, mf.build(ids[:, -1:], mf.presents_as_past(prefill))))
         return out
+
+
+def check_decode(before: list[list[np.ndarray]] | None, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
+                 tol: float, what: str) -> float:
+    """After a rewrite that transformed the cached values: one decode step fed the model's own cache gives the
+    outputs it gave before (`before`: `decode_outputs` of the original); 0 for a graph without a past. A
+    UserError when no feed has the 2 tokens the check needs."""
+    if before is None:
+        return 0.0
+    if not before:
+        from ptqonnx.errors import UserError
+
+        raise UserError(f"the KV cache would hold transformed values after {what}, but no calibration sample has the "
+                        "2 tokens its decode check needs; pass longer samples, or --keep-cache-values")
+    return check_rewrite(before, decode_outputs(model, feeds), tol, f"{what} (a decode step fed its own cache)",
+                         len(before))
 
 
 def rewrite_tolerance(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
@@ -143,15 +186,13 @@ def fold_scales_checked(
     before = model_outputs(model, feeds)
     tol = rewrite_tolerance(model, feeds, before, FOLD_TOLERANCE, what)
     cached = {n for g in groups if g.name in scales for n in g.cache_outputs}
-    decoded = decode_outputs(model, feeds) if cached else None
+    decoded = decode_outputs(model, feeds[:DECODE_CHECKS]) if cached else None
     fold = FoldScalesPass(dict(scales), list(groups), no_insert=no_insert)
     run_passes([fold], model)
     keep = [i for i, v in enumerate(model.graph.outputs) if v.name not in cached]
     err = check_rewrite([[o[i] for i in keep] for o in before], [[o[i] for i in keep] for o in model_outputs(
         model, feeds)], tol, f"{what} were folded", len(feeds))
-    if decoded:
-        err = max(err, check_rewrite(decoded, decode_outputs(model, feeds), tol,
-                                     f"{what} were folded (a decode step fed its own scaled cache)", len(decoded)))
+    err = max(err, check_decode(decoded, model, feeds[:DECODE_CHECKS], tol, f"{what} were folded"))
     if stats is not None:
         for name, s in scales.items():
             if name in fold.folded or name in fold.inserted:
@@ -162,4 +203,4 @@ def fold_scales_checked(
         ScaleFold(g.name, tuple(site.weight_name for site in g.sites), np.asarray(scales[g.name], np.float32),
                   inserted=g.name in fold.inserted, through=g.through.name if g.through is not None else None)
         for g in groups if g.name in fold.folded or g.name in fold.inserted)
-    return FoldOutcome(tuple(fold.folded), tuple(fold.inserted), err, stats, records)
+    return FoldOutcome(tuple(fold.folded), tuple(fold.inserted), err, stats, records, tuple(sorted(cached)))

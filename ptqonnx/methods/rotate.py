@@ -17,7 +17,8 @@ import logging
 from ptqonnx.config import RotateConfig
 from ptqonnx.errors import UserError
 from ptqonnx.methods.base import MethodContext, MethodResult
-from ptqonnx.methods.folding import check_rewrite, decode_outputs, model_outputs, rewrite_tolerance
+from ptqonnx.methods.folding import (DECODE_CHECKS, check_decode, check_rewrite, decode_outputs, model_outputs,
+                                     rewrite_tolerance, through_cache)
 from ptqonnx.passes import run_passes
 from ptqonnx.registry import register_method
 from ptqonnx.report import RotationSummary
@@ -27,7 +28,6 @@ __all__ = ["ROTATE_TOLERANCE", "run_rotate"]
 logger = logging.getLogger(__name__)
 
 ROTATE_TOLERANCE = 1e-4  # fp32: measured 3.5e-6 on SmolLM2 for R1+R2+R4
-DECODE_CHECKS = 2  # KV graphs with R2 through the cache: feeds whose last token is decoded after a prefill
 
 
 @register_method(RotateConfig)
@@ -39,8 +39,8 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
 
     feeds = ctx.check_feeds()
     before = model_outputs(ctx.model, feeds)
-    through_cache = not ctx.recipe.keep_cache_values
-    decoded = decode_outputs(ctx.model, feeds[:DECODE_CHECKS]) if cfg.heads and through_cache else None
+    cache = cfg.heads and through_cache(ctx.model, ctx.recipe.keep_cache_values, "rotate (R2)")
+    decoded = decode_outputs(ctx.model, feeds[:DECODE_CHECKS]) if cache else None
     tol = rewrite_tolerance(ctx.model, feeds, before, ROTATE_TOLERANCE, "rotate")
     fold, r1 = FoldNormGammaPass(), RotateResidualPass(cfg.rotation, cfg.seed)
     run_passes([fold], ctx.model)
@@ -49,7 +49,7 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
     run_passes([r1], ctx.model)
     if r1.refusal is not None:
         raise UserError(f"rotate: {r1.refusal.reason}; drop --rotate for this model")
-    r2 = RotateValueHeadsPass(cfg.rotation, cfg.seed + 1, through_cache=through_cache) if cfg.heads else None
+    r2 = RotateValueHeadsPass(cfg.rotation, cfg.seed + 1, through_cache=cache) if cfg.heads else None
     r4 = OnlineHadamardPass() if cfg.online else None
     run_passes([p for p in (r2, r4) if p is not None], ctx.model)
     # present outputs holding rotated V are not the float model's by design: the logits and the rest are checked
@@ -58,9 +58,8 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
     err = check_rewrite([[o[i] for i in keep] for o in before],
                         [[o[i] for i in keep] for o in model_outputs(ctx.model, feeds)], tol, "it was rotated",
                         len(feeds))
-    if cached and decoded:  # the rotated cache read back: one decode step after a prefill gives the same logits
-        err = max(err, check_rewrite(decoded, decode_outputs(ctx.model, feeds[:DECODE_CHECKS]), tol,
-                                     "it was rotated (a decode step fed its own rotated cache)", len(decoded)))
+    if cached:  # the rotated cache read back: one decode step after a prefill gives the same logits
+        err = max(err, check_decode(decoded, ctx.model, feeds[:DECODE_CHECKS], tol, "it was rotated"))
     skipped = tuple((r2.skipped if r2 else []) + (r4.skipped if r4 else []))
     summary = RotationSummary(cfg.stage, rotation=cfg.rotation, residual=True, heads=len(r2.rotated) if r2 else 0,
                               online=len(r4.rotated) if r4 else 0, untied_bytes=fold.untied_bytes,

@@ -23,7 +23,7 @@ from ptqonnx.calibration.observers import Stat, TensorStats
 from ptqonnx.config import SmoothQuantConfig, W8A8Config
 from ptqonnx.graph import find_scaling_groups
 from ptqonnx.methods.base import MethodContext, MethodResult
-from ptqonnx.methods.folding import fold_scales_checked
+from ptqonnx.methods.folding import fold_scales_checked, through_cache
 from ptqonnx.methods.w8a8 import activation_grid, dynamic_sites
 from ptqonnx.numerics.smoothquant import ActivationQuantizer, auto_alpha, fake_quantize_activation_dynamic, \
     smooth_scales
@@ -47,7 +47,8 @@ def run_smoothquant(ctx: MethodContext, cfg: SmoothQuantConfig) -> MethodResult:
     assert w8a8 is not None, "the recipe checks that smoothquant comes with a w8a8 stage"
     symmetric = ctx.recipe.symmetric_activations
     dynamic = dynamic_sites(ctx.sites, w8a8)
-    groups, not_scaled = find_scaling_groups(ctx.model, ctx.sites, through_cache=not ctx.recipe.keep_cache_values)
+    cache = through_cache(ctx.model, ctx.recipe.keep_cache_values, "smoothquant")
+    groups, not_scaled = find_scaling_groups(ctx.model, ctx.sites, cache)
     for s in not_scaled:
         logger.debug("%s: not smoothed (%s); quantized W8A8 without smoothing", s.node, s.reason)
     auto = cfg.alpha == "auto"
@@ -76,7 +77,7 @@ def run_smoothquant(ctx: MethodContext, cfg: SmoothQuantConfig) -> MethodResult:
                 f"auto (mean {np.mean(list(alphas.values())):.2f})" if auto else cfg.alpha, fold.max_rel_err)
     summary = ScalesSummary(cfg.stage, groups=len(groups), folded=fold.folded, inserted=fold.inserted, alpha=alphas,
                             fold_max_rel_err=fold.max_rel_err, not_scaled=tuple(not_scaled),
-                            calibration=ctx.stats_origin)
+                            calibration=ctx.stats_origin, scaled_cache=fold.cache_outputs)
     return MethodResult(summary, folds=fold.records)
 
 
