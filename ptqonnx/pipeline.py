@@ -325,10 +325,15 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
                         + (f": {why}" if why else "") + "; pass a model with linear layers")
 
     sized = next((st for st in recipe.stages if st.kind == "weights" and st.max_size_mb is not None), None)
+    fixed = None  # --max-size-mb: the bytes that are not quantized weights (the graph is final from here on)
     if sized is not None:  # a size the grid alone exceeds: refused before any calibration run
         from ptqonnx.budget import LayerCost, bits_for_size, stored_bits
 
-        bits_for_size(sized.max_size_mb * 2**20, _unquantized_bytes(model, ctx.sites, recipe), [
+        if recipe.quantize_embeddings:
+            raise UserError("--max-size-mb does not count quantized embeddings yet; drop --quantize-embeddings, or "
+                            "give --budget-bits (bits per quantized linear weight) instead")
+        fixed = _unquantized_bytes(model, ctx.sites, recipe)
+        bits_for_size(sized.max_size_mb * 2**20, fixed, [
             LayerCost(s.name, s.N * s.K, stored_bits(sized, s.K, 8 * s.float_dtype.itemsize, recipe.format), 0.0,
                       0.0, 0.0) for s in ctx.sites])
     requests: dict[str, set] = {}
@@ -356,7 +361,7 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
                 report.sensitivity = sorted(costs, key=lambda c: c.base_error, reverse=True)
                 report.sensitivity_measured = measured
             if budget:
-                recipe = _spend_budget(ctx, report, costs, measured)
+                recipe = _spend_budget(ctx, report, costs, measured, fixed)
                 specs = [(method_spec(stage), stage) for stage in recipe.stages]
     driven = any(s.kind == "scaling" for s in recipe.stages)  # awq runs the weights stage itself
     for spec, cfg in specs:
@@ -417,24 +422,17 @@ def _layer_costs(ctx: MethodContext) -> tuple[list, str]:
     return costs, measured
 
 
-def _spend_budget(ctx: MethodContext, report: CompileReport, costs: list, measured: str) -> Recipe:
+def _spend_budget(ctx: MethodContext, report: CompileReport, costs: list, measured: str,
+                  fixed: int | None) -> Recipe:
     """`--budget-bits` / `--max-size-mb`: raise the layers with the most error removed per added bit to 8 bits
     (`ptqonnx.budget`) and return the recipe with that choice as the weights stage's `high_bits` (which every
     later stage, the report and the written recipe read). A size in MiB becomes bits per weight once the
-    bytes that are not quantized weights are counted (`_unquantized_bytes`)."""
+    bytes that are not quantized weights (`fixed`, `_unquantized_bytes`; None for --budget-bits) are counted."""
     from ptqonnx.budget import bits_for_size, choose_high_bits
     from ptqonnx.report import BudgetSummary
 
     recipe, w = ctx.recipe, ctx.recipe.weights
-    fixed = None
-    if w.max_size_mb is not None:
-        if recipe.quantize_embeddings:
-            raise UserError("--max-size-mb does not count quantized embeddings yet; drop --quantize-embeddings, or "
-                            "give --budget-bits (bits per quantized linear weight) instead")
-        fixed = _unquantized_bytes(ctx.model, ctx.sites, ctx.recipe)
-        bits = bits_for_size(w.max_size_mb * 2**20, fixed, costs)
-    else:
-        bits = w.budget_bits
+    bits = w.budget_bits if fixed is None else bits_for_size(w.max_size_mb * 2**20, fixed, costs)
     high, reached, floor = choose_high_bits(costs, bits, "--budget-bits" if fixed is None else "--max-size-mb")
     raised = dataclasses.replace(w, budget_bits=None, max_size_mb=None,
                                  high_bits=tuple(_exact_pattern(n) for n in high))

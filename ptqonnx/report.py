@@ -76,6 +76,14 @@ class BudgetSummary(StageSummary):
                 f"ranked by {self.measured}; largest errors: {', '.join(top)}"]
 
 
+def _cache_lines(stage: str, outputs: tuple[str, ...], held: str, what: str) -> list[str]:
+    """The line saying a KV cache now holds transformed values (R2, the v->o scale through the cache)."""
+    if not outputs:
+        return []
+    return [f"{stage}: the KV cache holds {held} values ({len(outputs)} outputs such as {outputs[0]}): feed it back "
+            f"to this model only (--keep-cache-values: no {what} where V is cached)"]
+
+
 @dataclass(frozen=True)
 class ScalesSummary(StageSummary):
     """A scaling stage (AWQ, SmoothQuant): the scale per group, folded or inserted, and the fold check."""
@@ -97,10 +105,7 @@ class ScalesSummary(StageSummary):
             "nothing folded"
         out = [f"{self.stage}: {len(self.folded)} scale groups folded, {len(self.inserted)} with an inserted Mul, "
                f"{unscaled} unscaled; {median}{err}"]
-        if self.scaled_cache:
-            out.append(f"{self.stage}: the KV cache holds scaled values ({len(self.scaled_cache)} outputs such as "
-                       f"{self.scaled_cache[0]}): feed it back to this model only (--keep-cache-values: no v->o scale "
-                       "where V is cached)")
+        out += _cache_lines(self.stage, self.scaled_cache, "scaled", "v->o scale")
         if self.not_scaled:
             reasons = Counter(s.reason for s in self.not_scaled).most_common(1)[0]
             out.append(f"{self.stage}: {len(self.not_scaled)} layers not scaled, e.g. {reasons[0]} ({reasons[1]}x)")
@@ -126,10 +131,7 @@ class RotationSummary(StageSummary):
         untied = f"; LM head untied (+{self.untied_bytes / 2**20:.1f} MiB)" if self.untied_bytes else ""
         out = [f"rotate ({self.rotation}): {', '.join(parts)}{untied}; float outputs unchanged to "
                f"{self.fold_max_rel_err:.1g}"]
-        if self.rotated_cache:
-            out.append(f"rotate: the KV cache holds rotated values ({len(self.rotated_cache)} outputs such as "
-                       f"{self.rotated_cache[0]}): feed it back to this model only (--keep-cache-values: no R2 "
-                       "where V is cached)")
+        out += _cache_lines("rotate", self.rotated_cache, "rotated", "R2")
         if self.not_rotated:
             out.append(f"rotate: {len(self.not_rotated)} layers not rotated, e.g. {self.not_rotated[0].reason}")
         return out

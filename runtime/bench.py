@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,10 @@ __all__ = [
     "BenchResult",
     "InterleavedResult",
     "ModelFeeds",
+    "PAST_PREFIX",
+    "PRESENT_PREFIX",
+    "TOKEN_INPUTS",
+    "feeds_problem",
     "bench_decode",
     "bench_prefill",
     "decode_runner",
@@ -41,9 +45,26 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PAST_PREFIX = "past_key_values."
-_PRESENT_PREFIX = "present."
-_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def feeds_problem(inputs: Sequence[str], outputs: Collection[str] | None = None) -> str | None:
+    """Why `ModelFeeds` cannot build feeds for a graph with these input names (and, given its `outputs`, feed
+    its cache back: a `present.*` output for each `past_key_values.*` input), in one line; None when it can."""
+    if "input_ids" not in inputs:
+        return (f"the model has no input_ids input (inputs: {list(inputs)}); feeds can only be built for token "
+                "models (pass model inputs as an .npz where the command takes one)")
+    other = [n for n in inputs if n not in TOKEN_INPUTS and not n.startswith(PAST_PREFIX)]
+    if other:
+        return (f"cannot build feeds for inputs {other}; supported: {', '.join(TOKEN_INPUTS)} and "
+                f"{PAST_PREFIX}{{i}}.key/.value")
+    for name in inputs if outputs is not None else ():
+        present = PRESENT_PREFIX + name[len(PAST_PREFIX):]
+        if name.startswith(PAST_PREFIX) and present not in outputs:
+            return f"the model has input {name} but no output {present}; expected optimum naming"
+    return None
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -109,14 +130,10 @@ class ModelFeeds:
         self.batch = batch
         self.rng = np.random.default_rng(seed)
         self.inputs = {i.name: i for i in sess.get_inputs()}
-        if "input_ids" not in self.inputs:
-            raise UserError(f"the model has no input_ids input (inputs: {list(self.inputs)}); feeds can only be "
-                            "built for token models (pass model inputs as an .npz where the command takes one)")
-        self.past = sorted(n for n in self.inputs if n.startswith(_PAST_PREFIX))
-        other = [n for n in self.inputs if n not in (*_TOKEN_INPUTS, *self.past)]
-        if other:
-            raise UserError(f"cannot build feeds for inputs {other}; supported: {', '.join(_TOKEN_INPUTS)} and "
-                            f"{_PAST_PREFIX}{{i}}.key/.value")
+        problem = feeds_problem(list(self.inputs))
+        if problem:
+            raise UserError(problem)
+        self.past = sorted(n for n in self.inputs if n.startswith(PAST_PREFIX))
         self.outputs = [o.name for o in sess.get_outputs()]
         self.heads = self._cache_heads(getattr(sess, "_model_path", None))  # ORT keeps a path session's file
         self.vocab = self._vocab()
@@ -169,13 +186,10 @@ class ModelFeeds:
 
     def presents_as_past(self, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
         by_name = dict(zip(self.outputs, outs))
-        past = {}
-        for name in self.past:
-            present = _PRESENT_PREFIX + name[len(_PAST_PREFIX) :]
-            if present not in by_name:
-                raise UserError(f"the model has input {name} but no output {present}; expected optimum naming")
-            past[name] = by_name[present]
-        return past
+        problem = feeds_problem(list(self.inputs), by_name)
+        if problem:
+            raise UserError(problem)
+        return {name: by_name[PRESENT_PREFIX + name[len(PAST_PREFIX):]] for name in self.past}
 
 
 def prefill_runner(

@@ -278,3 +278,14 @@ def test_calibration_on_a_missing_gpu_provider_is_one_line(tiny_export, calib_te
     assert main(["-q", "compile", src, "-o", str(tmp_path / "c.onnx"), "--method", "gptq", "--provider", "cpu",
                  *calib]) == 0
     assert "provider: cpu" in (tmp_path / "c.recipe.yaml").read_text()
+
+
+def test_the_calibration_provider_choices_are_the_runtime_providers():
+    """CalibConfig lists the providers without importing onnxruntime; they are runtime.ort's."""
+    import dataclasses
+
+    from ptqonnx.config import CalibConfig
+    from ptqonnx.runtime.ort import PROVIDERS
+
+    field = next(f for f in dataclasses.fields(CalibConfig) if f.name == "provider")
+    assert set(field.metadata["choices"]) == set(PROVIDERS)

@@ -212,6 +212,10 @@ def test_budget_refusals(tiny_export: Path, capsys) -> None:
     assert main(["-q", "compile", src, "-o", "/nonexistent/x.onnx", "--max-size-mb", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "MiB the grid alone writes" in err and "pass at least" in err and err.count("\n") == 1
+    assert main(["-q", "compile", src, "-o", "/nonexistent/x.onnx", "--max-size-mb", "100",
+                 "--quantize-embeddings"]) == 2
+    err = capsys.readouterr().err
+    assert "does not count quantized embeddings" in err and err.count("\n") == 1
 
 
 def test_budget_tensorrt_form_parses(tiny_export: Path, calib_text: Path, tmp_path: Path) -> None:

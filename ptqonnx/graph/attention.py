@@ -78,6 +78,24 @@ def column_path(v: ir.Value) -> tuple[ir.Value, list[Step]]:
     return v, path[::-1]
 
 
+@dataclass(frozen=True)
+class CachePath:
+    """What a KV cache does on V's path (`column_path`'s top and steps): `present`, the values on it that are
+    graph outputs (V as the cache stores it); `past`, whether a Concat joins V to a past (a graph input);
+    `written_back`, whether a present output follows the last such Concat (the graph writes the past it reads)."""
+
+    present: tuple[ir.Value, ...]
+    past: bool
+    written_back: bool
+
+    @classmethod
+    def of(cls, top: ir.Value, steps: list[Step]) -> CachePath:
+        values = [top] + [out for _, out in steps]
+        concats = [i for i, (n, _) in enumerate(steps) if n.op_type == "Concat"]
+        return cls(tuple(v for v in values if v.is_graph_output()), bool(concats),
+                   not concats or any(v.is_graph_output() for v in values[concats[-1] + 1:]))
+
+
 def _unknown(d: ir.SymbolicDim) -> str | None:
     """The key of a dim whose size the model does not say: "" for an unnamed one, the name of one ONNX shape
     inference made up (`unk__N`: a Reshape or Expand to a computed shape, as optimum's exports have; one

@@ -49,7 +49,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqonnx.graph.attention import (
-    ATTENTION_OPS, SELECT_OPS, attention_path, channel_map, column_path, row_columns, trace_columns,
+    ATTENTION_OPS, SELECT_OPS, CachePath, attention_path, channel_map, column_path, row_columns, trace_columns,
 )
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
 from ptqonnx.graph.trace import ONNX_DOMAINS, attr, data_uses, gemm_trans_b, trace_const, upstream_any
@@ -245,17 +245,15 @@ def _attention_producer(
         return f"V is not a layout of a linear layer's output (reached {stop})"
     node, refs = found
     site = producers[id(node)]
-    v_values = [top] + [out for _, out in steps]
-    exposed = [v for v in v_values if v.is_graph_output()]  # present outputs: V as the cache stores it
-    concats = [i for i, (n, _) in enumerate(steps) if n.op_type == "Concat"]
-    if concats and not through_cache:
+    kv = CachePath.of(top, steps)
+    if kv.past and not through_cache:
         return ("V also holds tensors from outside (a KV cache Concat) that would not carry the scale "
                 "(--keep-cache-values)")
-    if concats and not any(v.is_graph_output() for v in v_values[concats[-1] + 1:]):
+    if not kv.written_back:
         return "V joins a past cache (a Concat with a graph input) that the graph does not write back"
     # a present output without a past (a no-past twin of a with-past graph) is not let change: its scale, searched
     # on this graph's data, need not be the one the twin folds
-    cache = frozenset(id(v) for v in exposed) if through_cache and concats else frozenset()
+    cache = frozenset(id(v) for v in kv.present) if through_cache and kv.past else frozenset()
     trace = trace_columns(top, steps)
     if isinstance(trace, str) and not (width == site.N and site.N < k):
         return trace
@@ -277,7 +275,7 @@ def _attention_producer(
         return mapped
     identity = width == k and mapped == tuple(range(k))
     return _Absorb("linear_columns", node, refs, None if identity else mapped, None if width == k else width, stop,
-                   tuple(v.name for v in exposed) if cache else ())
+                   tuple(v.name for v in kv.present) if cache else ())
 
 
 def _producer(x: ir.Value, k: int, producers: dict[int, LinearSite]) -> _Absorb | None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ptqonnx.graph.attention import (ATTENTION_OPS, Step, _broadcast_shape, _step, attention_path, column_ids,
-                                     column_path)
+from ptqonnx.graph.attention import (ATTENTION_OPS, CachePath, Step, _broadcast_shape, _step, attention_path,
+                                     column_ids, column_path)
 from ptqonnx.graph.scaling import ConstRef, _channel_vector
 from ptqonnx.graph.sites import LinearSite, Skip, find_linear_sites
 from ptqonnx.graph.trace import ONNX_DOMAINS, data_uses, trace_const, upstream_any
@@ -98,12 +98,10 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite], through_cache: boo
         return f"fused {pv.op_type}: V's rotation cannot be proven to pass through it"
     p, v = pv.inputs[0], pv.inputs[1]
     top, v_steps = column_path(v)
-    v_values = [top] + [out for _, out in v_steps]  # V's layouts up to P·V
-    exposed = [val for val in v_values if val.is_graph_output()]  # a present output: V as the cache stores it
-    concats = [i for i, (n, _) in enumerate(v_steps) if n.op_type == "Concat"]  # the past joined to it
-    if (concats or exposed) and not through_cache:
+    kv = CachePath.of(top, v_steps)
+    if (kv.past or kv.present) and not through_cache:
         return "V is stored in a KV cache, kept as the float model's (--keep-cache-values)"
-    if concats and not any(val.is_graph_output() for val in v_values[concats[-1] + 1:]):
+    if not kv.written_back:
         return ("V joins a past cache (a Concat with a graph input) that the graph does not write back: a rotated "
                 "V would meet a past it did not write")
     prod, bias = top.producer(), None
@@ -125,7 +123,7 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite], through_cache: boo
     values = ([inner] if bias is not None else []) + [top] + [out for _, out in v_steps] + \
         [n.outputs[0] for n in [pv] + o_path[::-1]]
     users = ([bias.node] if bias is not None else []) + chain + [o.node]
-    present = {id(val) for val in exposed}  # a present output may have its length read too
+    present = {id(val) for val in kv.present}  # a present output may have its length read too
 
     def only_reader(val: ir.Value, user: ir.Node) -> bool:
         uses = data_uses(val) if id(val) in present else val.uses()
@@ -141,7 +139,7 @@ def _value_heads(o: LinearSite, sites: dict[int, LinearSite], through_cache: boo
     groups = _head_blocks(top, v_steps, pv, o_path, d, o.K)
     if isinstance(groups, str):
         return groups
-    return ValueHeads(v_site, bias, o, d, groups, tuple(val.name for val in exposed))
+    return ValueHeads(v_site, bias, o, d, groups, tuple(val.name for val in kv.present))
 
 
 def find_value_heads(model: ir.Model, through_cache: bool = False) -> tuple[list[ValueHeads], list[Skip]]:

@@ -9,7 +9,7 @@ the calibration statistics over exactly (max and mean by 1/s, XᵀX by diag(1/s)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ from ptqonnx.methods.base import ScaleFold
 
 __all__ = ["FOLD_TOLERANCE", "LOW_FLOAT_FACTOR", "FoldOutcome", "fold_scales_checked", "check_rewrite",
            "check_decode", "decode_outputs", "max_relative_error", "model_outputs", "rewrite_tolerance",
-           "through_cache"]
+           "through_cache", "without"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +54,31 @@ def model_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) ->
         return [sess.run(None, {k: f[k] for k in names}) for f in feeds]
 
 
-_PAST, _PRESENT = "past_key_values.", "present."
-_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-
-
 def through_cache(model: ir.Model, keep_cache_values: bool, what: str) -> bool:
     """Whether `what` (R2, the v->o scale) may transform the values a KV cache stores: not with
-    --keep-cache-values, and only where one decode step can check the result (`decode_outputs`: optimum's
-    `past_key_values.{i}.*` inputs, each with its `present.{i}.*` output, float caches, token inputs only);
-    else the cache values are kept, said once at INFO. A graph without a past is not restricted here."""
-    inputs = {v.name or "": v for v in model.graph.inputs}
-    past = [n for n in inputs if n.startswith(_PAST)]
+    --keep-cache-values, and only where one decode step can check the result (`decode_outputs`: feeds that
+    `runtime.bench.ModelFeeds` builds and reads the cache back from, float caches); else the cache values are
+    kept, said once at INFO. A graph without a past is not restricted here."""
+    from ptqonnx.runtime.bench import PAST_PREFIX, feeds_problem
+
     if keep_cache_values:
         return False
+    past = [v for v in model.graph.inputs if (v.name or "").startswith(PAST_PREFIX)]
     if not past:
         return True
-    outputs = {v.name for v in model.graph.outputs}
-    why = next((f"{n} has no output {_PRESENT + n[len(_PAST):]}" for n in past if _PRESENT + n[len(_PAST):]
-                not in outputs), None)
-    why = why or next((f"{n} is not a float cache" for n in past
-                       if not (inputs[n].dtype and inputs[n].dtype.is_floating_point())), None)
-    why = why or next((f"input {n} is not a token input" for n in inputs if not n.startswith(_PAST)
-                       and n not in _TOKEN_INPUTS), None)
+    why = feeds_problem([v.name or "" for v in model.graph.inputs], {v.name for v in model.graph.outputs})
+    why = why or next((f"{v.name} is not a float cache" for v in past
+                       if not (v.dtype and v.dtype.is_floating_point())), None)
     if why:
         logger.info("%s: the KV cache keeps the float model's values (its decode path cannot be checked: %s)", what,
                     why)
     return why is None
+
+
+def without(runs: list[list[np.ndarray]], model: ir.Model, names: Collection[str]) -> list[list[np.ndarray]]:
+    """`model_outputs`-style runs of `model` with the outputs called `names` left out."""
+    keep = [i for i, v in enumerate(model.graph.outputs) if v.name not in names]
+    return [[run[i] for i in keep] for run in runs]
 
 
 def decode_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]] | None:
@@ -87,14 +86,14 @@ def decode_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -
     outputs other than the presents (the logits) of one decode step per feed with 2+ tokens, its last token
     after a prefill of the tokens before it whose present outputs are fed back as the past (unoptimized ORT
     session on a clone); None for a graph without a past."""
-    from ptqonnx.runtime.bench import ModelFeeds
+    from ptqonnx.runtime.bench import PAST_PREFIX, PRESENT_PREFIX, ModelFeeds
     from ptqonnx.runtime.collect import instrumented_session
 
-    if not any((v.name or "").startswith(_PAST) for v in model.graph.inputs):
+    if not any((v.name or "").startswith(PAST_PREFIX) for v in model.graph.inputs):
         return None
     with instrumented_session(model, [], opt_level="disable") as (sess, _):
         mf = ModelFeeds(sess)
-        names = [o.name for o in sess.get_outputs() if not o.name.startswith(_PRESENT)]
+        names = [o.name for o in sess.get_outputs() if not o.name.startswith(PRESENT_PREFIX)]
         out = []
         for f in feeds:
             ids = np.asarray(f["input_ids"])[:1]
@@ -189,9 +188,8 @@ def fold_scales_checked(
     decoded = decode_outputs(model, feeds[:DECODE_CHECKS]) if cached else None
     fold = FoldScalesPass(dict(scales), list(groups), no_insert=no_insert)
     run_passes([fold], model)
-    keep = [i for i, v in enumerate(model.graph.outputs) if v.name not in cached]
-    err = check_rewrite([[o[i] for i in keep] for o in before], [[o[i] for i in keep] for o in model_outputs(
-        model, feeds)], tol, f"{what} were folded", len(feeds))
+    err = check_rewrite(without(before, model, cached), without(model_outputs(model, feeds), model, cached), tol,
+                        f"{what} were folded", len(feeds))
     err = max(err, check_decode(decoded, model, feeds[:DECODE_CHECKS], tol, f"{what} were folded"))
     if stats is not None:
         for name, s in scales.items():

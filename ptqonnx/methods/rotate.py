@@ -18,7 +18,7 @@ from ptqonnx.config import RotateConfig
 from ptqonnx.errors import UserError
 from ptqonnx.methods.base import MethodContext, MethodResult
 from ptqonnx.methods.folding import (DECODE_CHECKS, check_decode, check_rewrite, decode_outputs, model_outputs,
-                                     rewrite_tolerance, through_cache)
+                                     rewrite_tolerance, through_cache, without)
 from ptqonnx.passes import run_passes
 from ptqonnx.registry import register_method
 from ptqonnx.report import RotationSummary
@@ -54,10 +54,8 @@ def run_rotate(ctx: MethodContext, cfg: RotateConfig) -> MethodResult:
     run_passes([p for p in (r2, r4) if p is not None], ctx.model)
     # present outputs holding rotated V are not the float model's by design: the logits and the rest are checked
     cached = set(r2.cache_outputs) if r2 else set()
-    keep = [i for i, v in enumerate(ctx.model.graph.outputs) if v.name not in cached]
-    err = check_rewrite([[o[i] for i in keep] for o in before],
-                        [[o[i] for i in keep] for o in model_outputs(ctx.model, feeds)], tol, "it was rotated",
-                        len(feeds))
+    err = check_rewrite(without(before, ctx.model, cached), without(model_outputs(ctx.model, feeds), ctx.model, cached),
+                        tol, "it was rotated", len(feeds))
     if cached:  # the rotated cache read back: one decode step after a prefill gives the same logits
         err = max(err, check_decode(decoded, ctx.model, feeds[:DECODE_CHECKS], tol, "it was rotated"))
     skipped = tuple((r2.skipped if r2 else []) + (r4.skipped if r4 else []))
