@@ -62,6 +62,7 @@ VENV_FLAGS = {  # flag -> (venv folder under --work, help)
     "--ort-sq-python": ("venv-ortsq", "python of a venv with onnxruntime and neural-compressor 2.x "
                         "(ORT's SmoothQuant option)"),
     "--optimum-python": ("venv-optimum", "python of a venv with optimum-onnx (it pins transformers 4.57)"),
+    "--genai-python": ("venv-genai", "python of a venv with onnxruntime-genai (its model builder)"),
 }
 
 
@@ -188,6 +189,52 @@ def our_row(args: argparse.Namespace, label: str, settings: str, path: Path, src
     return row
 
 
+def method_specs(calib_windows: int, *, rotate: bool = True, w8a8_target: str = "tensorrt") -> list:
+    """The methods the paired benchmarks run on two inputs: (label, settings, compile spec) for RTN, GPTQ and
+    AWQ at W4 g128 symmetric, RTN with rotations (`rotate`) and SmoothQuant W8A8 for `w8a8_target`."""
+    calib = dict(text=str(CALIB_TEXT), samples=calib_windows)
+    g128 = dict(bits=4, group_size=128, symmetric=True)
+    w8 = dict(bits=8, group_size=None, symmetric=True, format="qdq")
+    return [
+        ("RTN W4 g128 sym", "no calibration", dict(weights=g128)),
+        ("GPTQ W4 g128 sym", f"act-order, sequential, {calib_windows} windows",
+         dict(method="gptq", weights=g128, calib=calib)),
+        ("AWQ W4 g128 sym", f"scales + clip, sequential, {calib_windows} windows",
+         dict(method="awq", weights=g128, calib=calib)),
+        *([("RTN W4 g128 sym --rotate", "R1+R2+R4, no calibration", dict(weights=g128, rotate=True))]
+          if rotate else []),
+        (f"SmoothQuant W8A8 {w8a8_target}", f"alpha 0.5, static per-tensor, {calib_windows} windows",
+         dict(method="smoothquant", weights=w8, w8a8=dict(target=w8a8_target), smoothquant=dict(alpha=0.5),
+              calib=calib)),
+    ]
+
+
+def paired_rows(args: argparse.Namespace, methods: list, q: Path, first: tuple[Row, str, str],
+                second: tuple[Row, str, str], why: str = "") -> tuple[list[Row], list[tuple[Row, Row]]]:
+    """Each method compiled from two float inputs, `first` and `second` = (float row, label suffix, file
+    stem); `why` (second input missing) gives its rows that note instead. Returns (rows, pairs), the float
+    pair first."""
+    rows, pairs = [first[0], second[0]], [(first[0], second[0])]
+    for i, (label, settings, spec) in enumerate(methods):
+        pair = tuple(
+            Row(f"{label}{suffix}", "ptqonnx", settings, q / "missing.onnx", note=why) if why and src is second[0]
+            else our_row(args, f"{label}{suffix}", settings, q / f"{stem}_{i}.onnx", src.path, **spec)
+            for src, suffix, stem in (first, second))
+        rows += pair
+        pairs.append(pair)
+    return rows, pairs
+
+
+def write_paired(rows: list[Row], pairs: list[tuple[Row, Row]], mdir: Path, args: argparse.Namespace, title: str,
+                 script: str, about: str, suffix: str, head: str, section: str) -> None:
+    """Evaluate and time `rows`, then write the section: `about` (a paragraph) and `paired_table`."""
+    _, lat, lines = evaluate_and_time(rows, mdir, args, title, script)
+    lines += [about, ""]
+    lines += paired_table(pairs, lat, pairs[0][0], suffix, head)
+    print("\n".join(lines))
+    write_section(section, lines)
+
+
 # calibration feeds for the other tools: the same windows as ours (ptqonnx's own window drawing)
 FEEDS = """
 from ptqonnx.calibration.sources import CalibConfig, calibration_batches
@@ -223,6 +270,10 @@ def save_calib_inputs(mdir: Path, npz: Path, n: int) -> dict:
                      "[f['input_ids'] for f in feeds(args[0], int(args[2]))]))", str(mdir), str(npz), str(n))
 
 
+def _last_error(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+
+
 def ensure_venv(python: Path, packages: tuple[str, ...]) -> str:
     """Make the venv of `python` with `packages` if it is missing; '' when usable, else why not (for the table)."""
     if python.is_file():
@@ -232,7 +283,36 @@ def ensure_venv(python: Path, packages: tuple[str, ...]) -> str:
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            return f"did not install: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}"
+            return f"did not install: {_last_error(proc)}"
+    return ""
+
+
+def smollm2_hf(work: Path) -> Path:
+    """work/smollm2_hf: SmolLM2's GGUF dequantized and saved as a Hugging Face folder (made once), the float
+    weights our export is made from, for the other tools' exporters to read."""
+    hf = work / "smollm2_hf"
+    if not (hf / "config.json").is_file():
+        from ptqonnx.models.smollm2 import load_hf_causal_lm
+
+        model, tokenizer = load_hf_causal_lm("smollm2")
+        model.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        config = json.loads((hf / "config.json").read_text())
+        # transformers 5 writes rope_parameters only; 4.57 (optimum's) ignores it and takes rope_theta 1e4 (the
+        # model's is 1e5), exporting another model: write the 4.x keys too
+        config.update(rope_theta=config["rope_parameters"]["rope_theta"], rope_scaling=None)
+        (hf / "config.json").write_text(json.dumps(config, indent=2))
+    return hf
+
+
+def run_exporter(python: Path, packages: tuple[str, ...], cmd: list[str], made: Path, tool: str) -> str:
+    """Another tool's exporter in its own venv (`ensure_venv`): '' once `made` exists, else why not."""
+    why = ensure_venv(python, packages)
+    if why:
+        return why
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode or not made.is_file():
+        return f"{tool} failed: {_last_error(proc)}"
     return ""
 
 

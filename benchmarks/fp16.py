@@ -15,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CALIB_TEXT, Row, arg_parser, ensure_export, evaluate_and_time, our_row, paired_table, \
-    prepare, write_section
+from common import Row, arg_parser, ensure_export, method_specs, paired_rows, prepare, write_paired
 
 
 def main() -> None:
@@ -24,42 +23,18 @@ def main() -> None:
     mdir, q, _ = prepare(args, "fp16")
     m16, _ = ensure_export(args.work, kv_cache=False, dtype="float16")
 
-    calib = dict(text=str(CALIB_TEXT), samples=args.calib)
-    g128 = dict(bits=4, group_size=128, symmetric=True)
-    w8 = dict(bits=8, group_size=None, symmetric=True, format="qdq")
-    ours = [  # label, settings, spec
-        ("RTN W4 g128 sym", "no calibration", dict(weights=g128)),
-        ("GPTQ W4 g128 sym", f"act-order, sequential, {args.calib} windows", dict(method="gptq", weights=g128,
-                                                                              calib=calib)),
-        ("AWQ W4 g128 sym", f"scales + clip, sequential, {args.calib} windows", dict(method="awq", weights=g128,
-                                                                                 calib=calib)),
-        ("RTN W4 g128 sym --rotate", "R1+R2+R4, no calibration", dict(weights=g128, rotate=True)),
-        ("SmoothQuant W8A8 tensorrt", f"alpha 0.5, static per-tensor, {args.calib} windows",
-         dict(method="smoothquant", weights=w8, w8a8=dict(target="tensorrt"), smoothquant=dict(alpha=0.5),
-              calib=calib)),
-    ]
     fp32 = Row("FP32", "-", "float32 export", mdir / "model.onnx")
     fp16 = Row("FP16", "-", "float16 export", m16 / "model.onnx")
-    rows, pairs = [fp32, fp16], [(fp32, fp16)]
-    for i, (label, settings, spec) in enumerate(ours):
-        pair = []
-        for src, tag in ((fp32, "fp32"), (fp16, "fp16")):
-            row = our_row(args, f"{label}, {tag} in", settings, q / f"{tag}_{i}.onnx", src.path, **spec)
-            rows.append(row)
-            pair.append(row)
-        pairs.append(tuple(pair))
-    _, lat, lines = evaluate_and_time(
-        rows, mdir, args, "fp16 models in: SmolLM2-135M-Instruct exported in float16, each method vs the float32 "
-        "export", "fp16.py")
-    lines += ["Both exports come from the same weights (`ptqonnx export smollm2 [--dtype float16]`); the fp16 graph "
-              "keeps transformers' float32 RMSNorm and softmax inside. Each method runs with the same settings on "
-              "both; the fp16 outputs keep fp16 activations, scales and logits. ORT CPU has no fp16 GEMM on x86, so "
-              "the fp16 prefill column says nothing about a GPU.", ""]
-    lines += paired_table(pairs, lat, fp32, ", fp32 in", "| model | settings | perplexity, fp32 in | perplexity, "
-                          "fp16 in | fp16 vs fp32 | size MiB fp32 / fp16 | prefill vs FP32, fp32 / fp16 in |")
-    print("\n".join(lines))
-    write_section("fp16", lines)
-
+    rows, pairs = paired_rows(args, method_specs(args.calib), q, (fp32, ", fp32 in", "fp32"),
+                              (fp16, ", fp16 in", "fp16"))
+    write_paired(rows, pairs, mdir, args, "fp16 models in: SmolLM2-135M-Instruct exported in float16, each method vs "
+                 "the float32 export", "fp16.py",
+                 "Both exports come from the same weights (`ptqonnx export smollm2 [--dtype float16]`); the fp16 "
+                 "graph keeps transformers' float32 RMSNorm and softmax inside. Each method runs with the same "
+                 "settings on both; the fp16 outputs keep fp16 activations, scales and logits. ORT CPU has no fp16 "
+                 "GEMM on x86, so the fp16 prefill column says nothing about a GPU.",
+                 ", fp32 in", "| model | settings | perplexity, fp32 in | perplexity, fp16 in | fp16 vs fp32 | size "
+                 "MiB fp32 / fp16 | prefill vs FP32, fp32 / fp16 in |", "fp16")
 
 if __name__ == "__main__":
     main()

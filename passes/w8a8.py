@@ -17,9 +17,14 @@ Placement: one QuantizeLinear per activation tensor, shared by all its quantized
 Q), and one DequantizeLinear per consumer (the node-unit form ORT's QDQ selectors match without first
 duplicating a shared DQ). The zero point is an initializer of the code type (int8 / uint8) and no
 `output_dtype` attribute is written, so Q's output type always equals its zero point's type (ORT refuses a
-mismatch at load); FP8 grids get a FLOAT8E4M3FN zero point 0 (opset >= 19). Scales are stored in the
-activation's float type. Requires opset >= 13 (per-axis DequantizeLinear for the weights, QuantizeLinear with
-a typed zero point).
+mismatch at load). FP8 activation grids need opset >= 21 and have no zero point: Q says FLOAT8E4M3FN in
+`output_dtype` instead. ONNX Runtime 1.32's `ReluQuantRewrite` rule removes a Relu before a QuantizeLinear
+whose zero point is a FLOAT8 0 as if that Q clipped negatives (it does not: E4M3 is signed), a silent
+miscompute at its default optimization level (measured: 0.62 relative error on a CNN); a Q without a zero point
+is left alone, and TensorRT reads either form. Opset 19-20 has no `output_dtype`, so a FLOAT8 Q there needs
+the zero point, and the Relu can be reached through layout ops, Clip or a pool as well as directly: FP8
+activations below opset 21 are refused in one line (re-export with opset 21, or --w8a8-type int8). Scales are stored in the activation's float type. Requires opset >= 13
+(per-axis DequantizeLinear for the weights, QuantizeLinear with a typed zero point).
 
 `select_w8a8_sites` decides what is quantized: GEMV-shaped layers (a static 1 in the activation's
 second-to-last dim, or N or K == 1) and the LM head stay float unless asked; attention batch matmuls (both
@@ -40,18 +45,27 @@ from ptqonnx.graph import FLOAT_TYPES, LinearSite, NameScope, Skip, add_initiali
 from ptqonnx.numerics.smoothquant import ActivationQParams
 
 __all__ = ["W8A8_MIN_OPSET", "ActivationPlan", "QuantizeActivationsPass", "select_w8a8_sites", "find_bmm_nodes",
-           "GEMV_REASON", "LM_HEAD_REASON"]
+           "lm_head_reason", "GEMV_REASON", "LM_HEAD_REASON", "FP8_ACTIVATION_OPSET", "fp8_opset_problem"]
 
 logger = logging.getLogger(__name__)
 
 W8A8_MIN_OPSET = 13
-FP8_MIN_OPSET = 19
+FP8_ACTIVATION_OPSET = 21  # QuantizeLinear's output_dtype attribute: a FLOAT8 Q without a zero point
 GEMV_REASON = "GEMV (a dimension of 1): left in float for W8A8"
 def lm_head_reason(label: str = "LM head") -> str:
     return f"{label} left in float for W8A8 (--quantize-lm-head to quantize it)"
 
 
 LM_HEAD_REASON = lm_head_reason()
+
+
+def fp8_opset_problem(opset: int) -> str | None:
+    """Why FLOAT8 activations cannot be written at this opset (see the module docstring), or None."""
+    if opset >= FP8_ACTIVATION_OPSET:
+        return None
+    return (f"the model's opset is {opset}; FLOAT8 activations need opset {FP8_ACTIVATION_OPSET} (a Q without a "
+            "FLOAT8 zero point, which ONNX Runtime's ReluQuantRewrite misreads after a Relu): re-export with opset "
+            "21 (ptqonnx export does), or use --w8a8-type int8")
 
 # node name -> {input index: activation grid}
 ActivationPlan = Mapping[str, Mapping[int, ActivationQParams]]
@@ -109,9 +123,8 @@ class QuantizeActivationsPass(InPlacePass):
                 f"the model's opset is {opset}; W8A8 QDQ needs opset {W8A8_MIN_OPSET} or later: re-export it"
             )
         fp8 = any(qp.fp8 for inputs in self.plan.values() for qp in inputs.values())
-        if fp8 and opset < FP8_MIN_OPSET:
-            raise PreconditionError(f"the model's opset is {opset}; FLOAT8 QuantizeLinear needs opset {FP8_MIN_OPSET} "
-                                    "or later: re-export it (ptqonnx export writes 21)")
+        if fp8 and fp8_opset_problem(opset):
+            raise PreconditionError(fp8_opset_problem(opset))
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -132,9 +145,16 @@ class QuantizeActivationsPass(InPlacePass):
                     dtype = x.dtype if x.dtype in FLOAT_TYPES else ir.DataType.FLOAT
                     scale = add_initializer(graph, f"{base}_act_scale", np.array(qp.scale, dtype=dtype.numpy()), names)
                     code = ml_dtypes.float8_e4m3fn if qp.fp8 else np.int8 if qp.signed else np.uint8
-                    zp = add_initializer(graph, f"{base}_act_zero_point", np.array(qp.zero_point, dtype=code), names)
-                    q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_QuantizeLinear",
-                                outputs=[ir.Value(name=f"{base}_quantized")])
+                    if qp.fp8:  # no FLOAT8 zero point: see the module docstring (ReluQuantRewrite)
+                        zp = None
+                        q = ir.node("QuantizeLinear", [x, scale], {"output_dtype": int(ir.DataType.FLOAT8E4M3FN)},
+                                    name=f"{base}_QuantizeLinear", outputs=[ir.Value(name=f"{base}_quantized")])
+                    else:
+                        zp = add_initializer(graph, f"{base}_act_zero_point", np.array(qp.zero_point, dtype=code),
+                                             names)
+                        q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_QuantizeLinear",
+                                    outputs=[ir.Value(name=f"{base}_quantized")])
+
                     producer = x.producer()
                     if producer is None:  # a graph input: before its first consumer (graph order)
                         graph.insert_before(node, q)
@@ -144,7 +164,8 @@ class QuantizeActivationsPass(InPlacePass):
                     self.quantized_tensors += 1
                 xq, shared_qp, scale, zp = q_out[id(x)]
                 assert shared_qp == qp, f"{base}: consumers ask for different grids ({shared_qp} vs {qp})"
-                dq = ir.node("DequantizeLinear", [xq, scale, zp], name=f"{node.name}_in{index}_DequantizeLinear",
+                dq = ir.node("DequantizeLinear", [xq, scale] + ([zp] if zp is not None else []),
+                             name=f"{node.name}_in{index}_DequantizeLinear",
                              outputs=[ir.Value(name=f"{node.name}_in{index}_dq")])
                 graph.insert_before(node, dq)
                 node.replace_input_with(index, dq.outputs[0])

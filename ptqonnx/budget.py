@@ -100,7 +100,8 @@ def bits_for_size(max_bytes: float, fixed_bytes: float, layers: Sequence[LayerCo
     of it are not the quantized layers' codes, scales and zero points (embeddings, norms, float layers, the
     graph itself). Refuses a size the grid alone exceeds, naming the smallest one that fits."""
     if not layers:
-        raise UserError("--max-size-mb has no linear layer to spend bits on (only embeddings are quantized); drop it")
+        raise UserError("--max-size-mb has no MatMul/Gemm layer to spend bits on (embeddings and Conv layers have fixed "
+                        "grids); drop it")
     total = sum(c.weights for c in layers)
     least = fixed_bytes + sum(c.weights * c.base_bits for c in layers) / 8
     if max_bytes < least:

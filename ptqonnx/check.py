@@ -34,6 +34,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from ptqonnx.graph.trace import quantize_output_type
+
 __all__ = ["Finding", "TARGETS", "TRT_OPSET_RANGE", "check_model", "errors", "format_findings"]
 
 Severity = Literal["error", "warning"]
@@ -146,10 +148,7 @@ def _qtype(node: ir.Node) -> ir.DataType | None:
         if prod is not None and prod.op_type == _Q:
             return _qtype(prod)
         return zp.dtype if zp is not None else None
-    if zp is not None and zp.dtype is not None:
-        return zp.dtype
-    out = _int_attr(node, "output_dtype", 0)
-    return ir.DataType(out) if out else ir.DataType.UINT8  # the spec's default without a zero point
+    return quantize_output_type(node)
 
 
 def _read_qdq(node: ir.Node) -> _QdqNode:

@@ -568,6 +568,10 @@ class Recipe:
         False, "KV-cache graphs: leave the values the cache stores (present.*.value) as the float model's, so R2 and "
         "the v_proj -> o_proj scale are not applied where V is cached (by default they are, and the cache holds "
         "V R or V / s: exact for a cache this model wrote, as every decode loop's is)", flag="--keep-cache-values")
+    keep_conv: bool = option(
+        False, "leave Conv layers in float (by default each gets INT8 weights per output channel as a "
+        "DequantizeLinear, whatever the linear layers' grid, and under --w8a8 static per-tensor INT8 activations)",
+        flag="--keep-conv")
     calibration: CalibConfig | None = None
 
     def __post_init__(self) -> None:

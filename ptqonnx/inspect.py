@@ -140,12 +140,15 @@ class ModelInfo:
                        f"-> {len(kv.present)} outputs, {kv.dtype}, kv_heads {kv.kv_heads}, head_dim {kv.head_dim}"
                        + (f"; missing outputs {list(kv.missing_present)}" if kv.missing_present else ""))
         kinds = _tally(layer.weight_quant.format for layer in self.linear_layers)
-        out.append(f"linear layers: {len(self.linear_layers)}" + (f" ({kinds})" if kinds else ""))
+        convs = sum(layer.op_type == "Conv" for layer in self.linear_layers)
+        title = f"linear layers ({convs} of them Conv)" if convs else "linear layers"
+        out.append(f"{title}: {len(self.linear_layers)}" + (f" ({kinds})" if kinds else ""))
         width = max([len(layer.node or layer.weight) for layer in self.linear_layers] + [4])
         for layer in self.linear_layers:
             act = f"; activations {layer.activations.describe()}" if layer.activations else ""
             out.append(f"  {layer.node or layer.weight:<{width}}  {layer.K:>6} x {layer.N:<6} "
-                       f"{_count(layer.params):>10}  {layer.weight_quant.describe()}{act}")
+                       f"{_count(layer.params):>10}  {'Conv, ' if layer.op_type == 'Conv' else ''}"
+                       f"{layer.weight_quant.describe()}{act}")
         for e in self.embeddings:
             text = e.weight_quant.describe()
             text = text if text.startswith(e.op_type) else f"{e.op_type}, {text}"

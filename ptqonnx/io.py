@@ -335,10 +335,11 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 # the files beside a Hugging Face model that loaders read with the ONNX file (optimum's ORTModelForCausalLM,
-# transformers' AutoTokenizer / GenerationConfig); genai_config.json is not one: it names the model file
+# transformers' AutoTokenizer / GenerationConfig), and onnxruntime-genai's genai_config.json (which names the
+# model file: `_genai_config` points it at the output)
 COMPANION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "merges.txt", "chat_template.jinja", "preprocessor_config.json")
+                   "merges.txt", "chat_template.jinja", "preprocessor_config.json", "genai_config.json")
 
 
 def _umask() -> int:
@@ -357,9 +358,31 @@ def copy_companions(source: Path, output: Path) -> list[str]:
     copied = []
     for name in COMPANION_FILES:
         if (src / name).is_file() and not (dst / name).exists():
-            write_atomic(dst / name, (src / name).read_bytes())
+            data = (src / name).read_bytes()
+            if name == "genai_config.json":
+                data = _genai_config(data, output.name)
+                if data is None:
+                    continue
+            write_atomic(dst / name, data)
             copied.append(name)
     return copied
+
+
+def _genai_config(data: bytes, model_file: str) -> bytes | None:
+    """onnxruntime-genai's config with `model.decoder.filename` set to the output's file name; None (not copied)
+    when it is not a config of that form."""
+    import json
+
+    try:
+        config = json.loads(data)
+        decoder = config["model"]["decoder"]
+    except (ValueError, KeyError, TypeError):
+        logger.info("genai_config.json has no model.decoder section: not copied")
+        return None
+    if not isinstance(decoder, dict):
+        return None
+    decoder["filename"] = model_file
+    return (json.dumps(config, indent=4) + "\n").encode()
 
 
 def _external_tensors(model: ir.Model) -> Iterator[tuple[ir.Node | None, str | None, ir.ExternalTensor]]:

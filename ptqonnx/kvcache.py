@@ -8,7 +8,9 @@ batch axis -4, and heads and head_dim (axes -3 and -1) are fixed by the export.
 A prefill is the cached graph run with an *empty* cache (past length 0): that is how calibration, the
 fold checks and the benchmarks run a KV-cache graph, so one quantized graph serves prefill and decode.
 onnxruntime-genai's builder leaves head_dim symbolic (`kv_cache_dim`); its `GroupQueryAttention` nodes say
-it (`gqa_head_dims`: kv_num_heads, and the query width over the heads).
+it (`gqa_head_dims`: kv_num_heads, and the query width over the heads), and where it writes attention as
+standard ops (its fp16 CPU build) the new keys the past is concatenated with do (`concat_head_dims`, after
+shape inference).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import onnx_ir as ir
 
 from ptqonnx.errors import UserError
 
-__all__ = ["CONVENTIONS", "cache_head_dims", "empty_past", "gqa_head_dims", "is_past"]
+__all__ = ["CONVENTIONS", "cache_head_dims", "concat_head_dims", "empty_past", "gqa_head_dims", "head_dims",
+           "is_past"]
 
 # (name, past-input pattern, present-output format)
 CONVENTIONS = (
@@ -54,10 +57,42 @@ def gqa_head_dims(past: ir.Value) -> tuple[int, int] | None:
     return None
 
 
+def concat_head_dims(past: ir.Value) -> tuple[int, int] | None:
+    """(kv_heads, head_dim) of a cache input from the values a Concat joins it with along the past axis (the
+    new keys or values [batch, kv_heads, sequence, head_dim]), where their shapes fix axes -3 and -1."""
+    rank = past.shape.rank() if past.shape is not None else 0
+    for node, index in past.uses():
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or not rank:
+            continue
+        axis = node.attributes.get("axis")
+        if axis is None or axis.as_int() % rank != rank - 2:
+            continue
+        for other in node.inputs:
+            dims = other.shape if other is not None and other is not past else None
+            if dims is not None and dims.rank() == rank and isinstance(dims[-3], int) and isinstance(dims[-1], int):
+                return dims[-3], dims[-1]
+    return None
+
+
+def head_dims(past: ir.Value) -> tuple[int, int] | None:
+    """(kv_heads, head_dim) of a cache input whose export left them symbolic: `gqa_head_dims`, else
+    `concat_head_dims`."""
+    return gqa_head_dims(past) or concat_head_dims(past)
+
+
 def cache_head_dims(model_path: str | Path) -> dict[str, tuple[int, int]]:
-    """`gqa_head_dims` of every cache input of the model file (its weights are not read)."""
+    """`head_dims` of every cache input of the model file (its weights are not read; shapes inferred where the
+    graph's GroupQueryAttention does not say them)."""
     model = ir.load(str(model_path))
     found = {v.name: gqa_head_dims(v) for v in model.graph.inputs if is_past(v.name)}
+    if any(v is None for v in found.values()):
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        try:
+            ShapeInferencePass(strict_mode=False)(model)
+        except Exception:  # noqa: BLE001 - inference is a help: without it the symbolic axes stay unknown
+            pass
+        found = {v.name: head_dims(v) for v in model.graph.inputs if is_past(v.name)}
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -65,7 +100,7 @@ def empty_past(name: str, shape: Sequence[int | str | None] | None, dtype, batch
                heads: tuple[int, int] | None = None) -> np.ndarray:
     """The zero-length cache for input `name` of `shape` (ints for fixed axes, anything else symbolic):
     axis -4 (batch) = `batch`, axis -2 (past) = 0, the other axes as the export fixed them, or, where
-    symbolic, `heads` (kv_heads, head_dim; `gqa_head_dims`) gives them."""
+    symbolic, `heads` (kv_heads, head_dim; `head_dims`) gives them."""
     dims = list(shape or ())
     if len(dims) not in (4, 5):
         raise UserError(f"KV-cache input {name} has rank {len(dims)}; expected [batch, heads, past, head_dim] "

@@ -110,6 +110,49 @@ def _check_model(model: ir.Model, recipe: Recipe, sites: list[LinearSite]) -> tu
     return [s for s in sites if s.name not in names], [Skip(s.name, s.node.op_type, NONFINITE_REASON) for s in bad]
 
 
+CONV_ONLY_STAGES = ("rtn", "w8a8")  # the stages that have work to do on a model whose only layers are Conv
+
+
+def _select_convs(convs: list[LinearSite], recipe: Recipe) -> tuple[list[LinearSite], list[Skip]]:
+    """The Conv layers to quantize (`keep_conv` keeps them all float, `exclude` patterns some), the rest skipped.
+    (Per-channel DequantizeLinear needs opset 13, which `io.load_model` requires of every model.)"""
+    if recipe.keep_conv:
+        return [], [Skip(c.name, c.node.op_type, "Conv layer kept in float (keep_conv)") for c in convs]
+    return _select_sites(convs, recipe)
+
+
+def _check_conv_only(recipe: Recipe, n: int) -> None:
+    """A model whose only quantizable layers are Conv: the MatMul methods would have nothing to work on."""
+    extra = [st.stage for st in recipe.stages if st.stage not in CONV_ONLY_STAGES]
+    if extra:
+        raise UserError(f"only {n} Conv layers are left to quantize (no MatMul/Gemm, or those left float: see -v), "
+                        f"which {'+'.join(extra)} does not quantize (Conv layers get INT8 weights per output channel "
+                        "by round to nearest); use --method rtn, with --w8a8 for static INT8 activations")
+
+
+def conv_grid(recipe: Recipe):
+    """The grid of the Conv layers: the weights stage's own when it is 8 bits per output channel (W8A8, INT8 or
+    FP8 weight-only), else 8 bits per output channel on its symmetry and scale convention."""
+    w = recipe.weights
+    return w if w.bits == 8 and w.group_size is None and not w.high_bits else w.high_grid()
+
+
+def _plan_convs(ctx: MethodContext, report: CompileReport) -> dict:
+    """Round to nearest for every selected Conv layer (`conv_grid`); its summary in the report."""
+    from ptqonnx.plan import plan_weights, rtn_solver
+    from ptqonnx.report import ConvSummary
+
+    if not ctx.convs:
+        return {}
+    grid = conv_grid(ctx.recipe)
+    plan = plan_weights(ctx.convs, rtn_solver(grid))
+    grids = ctx.activations.grids if ctx.activations is not None else {}
+    kind = "FP8 E4M3" if grid.fp8 else f"INT8 {'symmetric' if grid.symmetric else 'asymmetric'}"
+    report.stages.append(ConvSummary("conv", layers=len(plan), grid=f"{kind} per output channel",
+                                     static_activations=sum(1 for n in plan if n in grids)))
+    return plan
+
+
 def _check_tensorrt_blocks(sites: list[LinearSite], group: int | None) -> None:
     """TensorRT infers a weight's block from the shapes (K / number of scales), so a K that the block does not
     divide would be read with another block (a silent miscompute) or refused: say so before any work."""
@@ -170,7 +213,8 @@ def _statistics(ctx: MethodContext, requests: dict[str, set], stats_path: Path |
     return saved, str(stats_path)
 
 
-def _lowering_passes(recipe: Recipe, plan: dict, act: ActivationResult | None) -> tuple[list, Any]:
+def _lowering_passes(recipe: Recipe, plan: dict, act: ActivationResult | None,
+                     convs: dict | None = None) -> tuple[list, Any]:
     from ptqonnx.passes.embeddings import QuantizeEmbeddingsPass
     from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
     from ptqonnx.passes.qdq import LowerToQdqPass
@@ -180,6 +224,8 @@ def _lowering_passes(recipe: Recipe, plan: dict, act: ActivationResult | None) -
     static = {name: p for name, p in plan.items() if name not in dynamic}
     passes: list = [LowerToMatMulNBitsPass(static, recipe.accuracy_level) if recipe.format == "matmulnbits"
                     else LowerToQdqPass(static, blocked_4bit=recipe.target == "tensorrt")]
+    if convs:  # DequantizeLinear whatever the format: MatMulNBits has no convolution
+        passes.append(LowerToQdqPass(convs))
     if act is not None:
         passes.append(QuantizeActivationsPass(act.grids))
         if dynamic:
@@ -292,11 +338,13 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         prepare_model(model)
     scan = find_linear_sites(model)
     sites, skipped = _select_sites(scan.sites, recipe)
-    skipped = scan.skipped + skipped
-    sites, more = _check_model(model, recipe, sites)
+    convs, kept_convs = _select_convs(scan.convs, recipe)
+    skipped = scan.skipped + skipped + kept_convs
+    checked, more = _check_model(model, recipe, sites + convs)
+    sites, convs = [s for s in checked if not s.is_conv], [s for s in checked if s.is_conv]
     skipped += more
     ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, list(model.graph.inputs)),
-                        progress=progress)
+                        progress=progress, convs=convs)
     specs = [(method_spec(stage), stage) for stage in recipe.stages]
     held, before = None, None
     if analyze:
@@ -314,15 +362,17 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
                 _run_stage(spec, cfg, ctx, report, skipped)
         scan = find_linear_sites(model)
         ctx.sites, selected = _select_sites(scan.sites, recipe)
-        skipped = scan.skipped + selected
+        skipped = scan.skipped + selected + kept_convs
     for spec, cfg in specs:
         if spec.select is not None:
             ctx.sites, more = spec.select(ctx, cfg, ctx.sites)
             skipped += more
-    if not ctx.sites and not recipe.quantize_embeddings:
+    if not ctx.sites and not ctx.convs and not recipe.quantize_embeddings:
         why = "; ".join(f"{r} ({n}x)" for r, n in Counter(s.reason for s in skipped).most_common(3))
-        raise UserError("the model has no quantizable MatMul/Gemm (a float weight initializer [K, N])"
-                        + (f": {why}" if why else "") + "; pass a model with linear layers")
+        raise UserError("the model has no quantizable MatMul/Gemm (a float weight initializer [K, N]) or Conv"
+                        + (f": {why}" if why else "") + "; pass a model with linear or convolution layers")
+    if not ctx.sites and ctx.convs:
+        _check_conv_only(recipe, len(ctx.convs))
 
     sized = next((st for st in recipe.stages if st.kind == "weights" and st.max_size_mb is not None), None)
     fixed = None  # --max-size-mb: the bytes that are not quantized weights (the graph is final from here on)
@@ -332,7 +382,7 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
         if recipe.quantize_embeddings:
             raise UserError("--max-size-mb does not count quantized embeddings yet; drop --quantize-embeddings, or "
                             "give --budget-bits (bits per quantized linear weight) instead")
-        fixed = _unquantized_bytes(model, ctx.sites, recipe)
+        fixed = _unquantized_bytes(model, ctx.sites, recipe, ctx.convs)
         bits_for_size(sized.max_size_mb * 2**20, fixed, [
             LayerCost(s.name, s.N * s.K, stored_bits(sized, s.K, 8 * s.float_dtype.itemsize, recipe.format), 0.0,
                       0.0, 0.0) for s in ctx.sites])
@@ -371,11 +421,12 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     if analyze and ctx.plan:
         with timed("report: layer errors"):
             report.layers = _measure_layers(ctx, held, before)
+    convs = _plan_convs(ctx, report)
 
     if recipe.target == "tensorrt" and recipe.w8a8 is None:
         _check_tensorrt_blocks([st for st in ctx.sites if recipe.weights.for_site(st.name) is recipe.weights],
                                recipe.weights.group_size)  # raised layers are per channel
-    passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), ctx.activations)
+    passes, emb = _lowering_passes(recipe, dict(ctx.plan or {}), ctx.activations, convs)
     with timed("lowering"):
         run_passes(passes, model)
         if recipe.target is not None:
@@ -385,6 +436,7 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
 
         report.sizes = size_breakdown(model)
     report.quantized = [s.name for s in ctx.sites]
+    report.convs = list(convs)
     report.skipped = skipped
     if emb is not None:
         report.embeddings_quantized = sum(1 for n in model.graph if n.op_type == "GatherBlockQuantized")
@@ -450,28 +502,31 @@ def _spend_budget(ctx: MethodContext, report: CompileReport, costs: list, measur
     return recipe
 
 
-def _unquantized_bytes(model: ir.Model, sites: Sequence[LinearSite], recipe: Recipe) -> int:
-    """An upper bound on the bytes an output file will hold besides the quantized layers' codes, scales and
-    zero points: the graph as it stands (`io.structure_bytes`: nodes, value_info, tensor headers, metadata),
-    every initializer the lowering keeps (embeddings, norms, biases, layers left float; a weight the layers
-    share with another reader, like a tied embedding), `LOWERED_NODE_BYTES` per layer for the node and
-    tensors the lowering writes, and the scale vector and Mul of each group a scaling stage may insert."""
+def _unquantized_bytes(model: ir.Model, sites: Sequence[LinearSite], recipe: Recipe,
+                       convs: Sequence[LinearSite] = ()) -> int:
+    """An upper bound on the bytes an output file will hold besides the quantized linear layers' codes, scales
+    and zero points: the graph as it stands (`io.structure_bytes`: nodes, value_info, tensor headers,
+    metadata), every initializer the lowering keeps (embeddings, norms, biases, layers left float; a weight the
+    layers share with another reader, like a tied embedding), `LOWERED_NODE_BYTES` per layer for the node and
+    tensors the lowering writes, the scale vector and Mul of each group a scaling stage may insert, and the
+    Conv layers' fixed 8-bit grid (a code per weight, a scale and a zero point per output channel)."""
     from ptqonnx.io import structure_bytes
 
-    nodes = {id(s.node) for s in sites}
+    nodes = {id(s.node) for s in (*sites, *convs)}
 
     def only_layers(v: ir.Value) -> bool:  # read by the layers alone (directly or through a Transpose/Cast)
         return all(id(u.node) in nodes or (u.node.op_type in ("Transpose", "Cast", "Identity")
                                            and all(only_layers(o) for o in u.node.outputs)) for u in v.uses())
 
-    dropped = {id(s.weight_source) for s in sites if only_layers(s.weight_source)}
+    dropped = {id(s.weight_source) for s in (*sites, *convs) if only_layers(s.weight_source)}
     kept = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
                if v.const_value is not None and id(v) not in dropped)
     inserted = 0
     if any(st.kind == "scaling" or st.stage == "smoothquant" for st in recipe.stages):
         groups = {id(s.activation): s for s in sites}.values()
         inserted = sum(s.K * s.float_dtype.itemsize + 512 for s in groups)
-    return structure_bytes(model) + kept + LOWERED_NODE_BYTES * len(sites) + inserted
+    conv = sum(c.N * c.K + c.N * (c.float_dtype.itemsize + 1) for c in convs)
+    return structure_bytes(model) + kept + LOWERED_NODE_BYTES * (len(sites) + len(convs)) + inserted + conv
 
 
 def _exact_pattern(name: str) -> str:
@@ -601,8 +656,8 @@ def compile_model(
     report.output_bytes = file_bytes(dst)
     report.peak_rss_mib = _peak_rss_mib()
     report.seconds = time.perf_counter() - t0
-    logger.info("compiled %s -> %s: %d linear layers quantized, %d skipped in %.1f s",
-                src, dst, len(report.quantized), len(report.skipped), report.seconds)
+    logger.info("compiled %s -> %s: %d linear and %d Conv layers quantized, %d skipped in %.1f s",
+                src, dst, len(report.quantized), len(report.convs), len(report.skipped), report.seconds)
     if report_dir is not None:
         from ptqonnx.report_files import write_report
 

@@ -1,7 +1,7 @@
 """Recipes as YAML: a compile described as stages, checked strictly before any work starts.
 
     # ptqonnx recipe
-    version: 2
+    version: 3
     stages:
       - smoothquant: {alpha: 0.5}
       - gptq: {bits: 8, group_size: 0}
@@ -29,10 +29,11 @@ from ptqonnx.errors import UserError
 
 __all__ = ["RECIPE_VERSION", "load_recipe", "recipe_from_dict", "save_recipe", "dump_recipe"]
 
-RECIPE_VERSION = 2
-# version 1 (before keep_cache_values): R2 and the v -> o scale were never applied where a KV cache stores V, so a
-# version-1 recipe without the key reads as keep_cache_values: true (the same bytes again)
-_V1_DEFAULTS = {"keep_cache_values": True}
+RECIPE_VERSION = 3
+# What an older recipe without a key meant, so that it compiles the same bytes again:
+# version 1 (before keep_cache_values): R2 and the v -> o scale were never applied where a KV cache stores V;
+# versions 1 and 2 (before keep_conv): Conv layers were never quantized.
+_OLD_DEFAULTS = {1: {"keep_cache_values": True, "keep_conv": True}, 2: {"keep_conv": True}}
 _TOP_KEYS = ("version", "stages", "calibration") + tuple(
     f.name for f in dataclasses.fields(Recipe) if f.name not in ("stages", "calibration"))
 
@@ -126,14 +127,13 @@ def recipe_from_dict(data: Any, origin: str = "recipe", lines: _Lines | None = N
         if key not in _TOP_KEYS:
             raise lines.fail(f"unknown key {key!r}; recipe keys: {', '.join(_TOP_KEYS)}", key)
     version = data.get("version", RECIPE_VERSION)
-    if version not in (1, RECIPE_VERSION):
-        raise lines.fail(f"recipe version {version!r} is not supported (this ptqonnx reads versions 1 and "
+    if version not in (*_OLD_DEFAULTS, RECIPE_VERSION):
+        raise lines.fail(f"recipe version {version!r} is not supported (this ptqonnx reads versions 1 to "
                          f"{RECIPE_VERSION})", "version")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise lines.fail("`stages` must be a non-empty list, e.g. `stages: [gptq]`", "stages")
-    if version == 1:
-        data = {**_V1_DEFAULTS, **data}
+    data = {**_OLD_DEFAULTS.get(version, {}), **data}
     try:
         w8a8 = any(e == W8A8Config.stage or isinstance(e, dict) and W8A8Config.stage in e for e in stages)
         built = [_stage(entry, i, lines, w8a8) for i, entry in enumerate(stages)]

@@ -16,7 +16,7 @@ from typing import Any
 from ptqonnx.graph import Skip
 
 __all__ = [
-    "StageSummary", "WeightsSummary", "BudgetSummary", "ScalesSummary", "RotationSummary", "W8A8Summary",
+    "StageSummary", "WeightsSummary", "ConvSummary", "BudgetSummary", "ScalesSummary", "RotationSummary", "W8A8Summary",
     "CompileReport",
 ]
 
@@ -52,6 +52,20 @@ class WeightsSummary(StageSummary):
             out.append(f"{self.stage}: {len(self.fallback)} layers fell back to RTN (calibration input "
                        f"{', '.join(sorted(set(self.fallback.values())))}): {', '.join(list(self.fallback)[:3])}")
         return out
+
+
+@dataclass(frozen=True)
+class ConvSummary(StageSummary):
+    """The Conv layers: INT8 (or FP8) weights per output channel, whatever the linear layers' grid."""
+
+    layers: int = 0
+    grid: str = ""  # "INT8 symmetric per output channel", ...
+    static_activations: int = 0  # of them with a static per-tensor activation grid (W8A8)
+
+    def lines(self) -> list[str]:
+        act = (f", {self.static_activations} with static per-tensor activations" if self.static_activations
+               else ", activations float")
+        return [f"conv: {self.layers} Conv layers with {self.grid} weights (DequantizeLinear){act}"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,7 @@ class CompileReport:
     recipe: Any = None  # the Recipe actually run
     quantized: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    convs: list[str] = field(default_factory=list)  # Conv layers quantized
     embeddings_quantized: int = 0
     stages: list[StageSummary] = field(default_factory=list)
     peak_rss_mib: float = 0.0
@@ -205,8 +220,9 @@ class CompileReport:
         return next((s for s in self.stages if isinstance(s, cls) and (stage is None or s.stage == stage)), None)
 
     def lines(self, *, all_skips: bool = False) -> list[str]:
+        conv = f", {len(self.convs)} Conv layers" if self.convs else ""
         emb = f" and {self.embeddings_quantized} embedding tables" if self.embeddings_quantized else ""
-        out = [f"quantized {len(self.quantized)} linear layers{emb}; skipped {len(self.skipped)}"]
+        out = [f"quantized {len(self.quantized)} linear layers{conv}{emb}; skipped {len(self.skipped)}"]
         for reason, n in self.skip_summary():
             names = [s.node for s in self.skipped if s.reason == reason]
             shown = names if all_skips else names[:3]
@@ -221,7 +237,7 @@ class CompileReport:
         return _jsonable({
             "input": self.input_path, "output": self.output_path,
             "recipe": self.recipe.to_dict() if self.recipe is not None else None,
-            "quantized": self.quantized, "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "quantized": self.quantized, "convs": self.convs, "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "embeddings_quantized": self.embeddings_quantized, "stages": [s.to_dict() for s in self.stages],
             "peak_rss_mib": self.peak_rss_mib, "seconds": self.seconds, "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes, "notes": self.notes, "companions": self.companions,

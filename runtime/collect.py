@@ -81,10 +81,8 @@ def collect_statistics(
             outs = sess.run(fetched, {k: feed[k] for k in graph_inputs})
             if not all(_finite(a) for a in outs):
                 raise_nonfinite(model, feed, done)
-            for name, arr in zip(fetched, outs):
-                observers[name].update(arr)
-            for name in from_feed:
-                observers[name].update(feed[name])
+            for name, arr in [*zip(fetched, outs), *((n, feed[n]) for n in from_feed)]:
+                _observe(observers[name], name, arr, done)
             del outs
             done += 1
             advance()
@@ -97,6 +95,16 @@ def collect_statistics(
         "collected statistics of %d values over %d feeds in %.1f s", len(stats), done, time.perf_counter() - t0
     )
     return stats
+
+
+def _observe(observer: TensorObserver, name: str, arr: np.ndarray, index: int) -> None:
+    """One feed's value into its observer; a last axis that changes between feeds (statistics are per channel
+    of the last axis) is the data's problem, said in one line."""
+    if observer.channels is not None and arr.ndim and arr.shape[-1] != observer.channels:
+        raise UserError(f"calibration sample {index} gives {name!r} a last axis of {arr.shape[-1]} where the "
+                        f"samples before gave {observer.channels} (images of different widths?); give samples "
+                        "of one shape (resize or crop them)")
+    observer.update(arr)
 
 
 @contextlib.contextmanager

@@ -215,3 +215,33 @@ def float_weights(path: Path) -> dict[str, np.ndarray]:
     transposed = {n.input[0] for n in model.graph.node if n.op_type == "Transpose"}
     return {i.name: (a if i.name in transposed else a.T) for i in model.graph.initializer
             if i.name.endswith(".weight") and (a := numpy_helper.to_array(i).astype(np.float32)).ndim == 2}
+
+
+def cnn_model(opset: int = 21, seed: int = 0, conv_transpose: bool = True) -> onnx.ModelProto:
+    """A small edge CNN on images x [N, 3, 16, 16]: a 3x3 Conv with bias, a depthwise 3x3 Conv (group 8), a 1x1
+    Conv, (a 1x1 ConvTranspose,) global average pooling and a Gemm classifier giving `scores` [N, 10]."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.3) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    inits = {"w1": w(8, 3, 3, 3), "b1": w(8), "w2": w(8, 1, 3, 3), "w3": w(16, 8, 1, 1), "b3": w(16),
+             "wc": w(10, 16), "bc": w(10)}
+    ct = ""
+    if conv_transpose:
+        inits["wt"] = w(16, 16, 1, 1)
+        ct = "t = ConvTranspose(h3, wt)\n        h4 = Relu(t)"
+    text = f"""<ir_version: 10, opset_import: ["" : {opset}]>
+    cnn (float[N, 3, 16, 16] x) => (float[N, 10] scores) {{
+        c1 = Conv<pads=[1, 1, 1, 1], kernel_shape=[3, 3]>(x, w1, b1)
+        h1 = Relu(c1)
+        c2 = Conv<pads=[1, 1, 1, 1], group=8>(h1, w2)
+        h2 = Relu(c2)
+        c3 = Conv(h2, w3, b3)
+        h3 = Relu(c3)
+        {ct or "h4 = Identity(h3)"}
+        p = GlobalAveragePool(h4)
+        f = Flatten(p)
+        scores = Gemm<transB=1>(f, wc, bc)
+    }}"""
+    return model_from_text(text, inits)

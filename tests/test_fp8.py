@@ -1,7 +1,7 @@
 """FP8 (E4M3) W8A8 for TensorRT on Hopper/Ada: `--w8a8 --w8a8-type fp8`.
 
 Weights: FLOAT8E4M3FN codes per output channel, s = max|w_row| / 448; activations: one static scale per tensor,
-s = max|x| / 448, FLOAT8E4M3FN zero point 0; both as QuantizeLinear/DequantizeLinear (opset >= 19). The
+s = max|x| / 448, no zero point (output_dtype FLOAT8E4M3FN); both as QuantizeLinear/DequantizeLinear (activations at opset >= 21, weights >= 19). The
 references are independent of our code: ONNX's reference implementation of QuantizeLinear (onnx.reference)
 for the codes, and numpy (ml_dtypes' float8_e4m3fn round-to-nearest-even) for the graph's outputs, checked
 against ONNX Runtime's CPU kernels, which implement float8 Q/DQ.
@@ -88,8 +88,14 @@ def test_fp8_w8a8_in_onnx_runtime_equals_numpy(tmp_path):
     rep = compile_model(src, tmp_path / "q.onnx", recipe, calibration=CalibConfig(npz=npz))
     model = onnx.load(str(rep.output_path))
     types = {t.name: t.data_type for t in model.graph.initializer}
-    assert sorted(types.values()).count(TensorProto.FLOAT8E4M3FN) == 3  # two weights + the shared zero point
-    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 1
+    assert sorted(types.values()).count(TensorProto.FLOAT8E4M3FN) == 2  # two weights; no FLOAT8 zero point
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize) == 1 and len(quantize[0].input) == 2  # its type in output_dtype (opset 21)
+    assert onnx.helper.get_attribute_value(quantize[0].attribute[0]) == TensorProto.FLOAT8E4M3FN
+    from ptqonnx.graph.quantized import find_linear_layers  # what inspect and the report read back
+
+    layers, _ = find_linear_layers(ir.load(str(rep.output_path)))
+    assert {layer.activations.dtype for layer in layers} == {"FLOAT8E4M3FN"}
     qp = activation_scale_fp8(float(np.abs(x).max()))
     xq = fake_quantize_activation(x, qp)
     refs = [xq @ dequantize_weight(quantize_weight_fp8(w)).T for w in ws]
@@ -137,7 +143,8 @@ def test_tiny_llama_fp8_smoothquant_runs_and_passes_the_tensorrt_rules(tmp_path,
                      "--calib-seq-len", "64", "-o", str(out)]) == 0
         model = ir.load(str(out))
         assert check_model(model, "tensorrt") == []
-        qtypes = {n.inputs[2].const_value.dtype for n in model.graph if n.op_type == "QuantizeLinear"}
+        qtypes = {n.inputs[2].const_value.dtype if len(n.inputs) > 2 else ir.DataType(n.attributes["output_dtype"].value)
+                  for n in model.graph if n.op_type == "QuantizeLinear"}  # FP8: output_dtype, no zero point
         assert qtypes == {ir.DataType.FLOAT8E4M3FN if qtype == "fp8" else ir.DataType.INT8}
         got = run(out, {"input_ids": ids})[0]
         errs[qtype] = np.linalg.norm(got - ref) / np.linalg.norm(ref)

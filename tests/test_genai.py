@@ -25,6 +25,7 @@ from graphs import compile_cli, decode_gap, held_out_ids, prefill_logits, rel_er
 
 FOLDER = Path(__file__).parent / "fixtures" / "genai_llama"
 SRC = FOLDER / "model.onnx"
+FP16 = Path(__file__).parent / "fixtures" / "genai_llama_fp16"  # `-p fp16 -e cpu`: attention as standard ops
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
 METHODS = {
     "rtn": ["--method", "rtn"],
@@ -34,24 +35,42 @@ METHODS = {
 }
 
 
-def _bytes() -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in FOLDER.iterdir()}
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def test_genai_builder_graph_every_method(calib_text: Path, tmp_path: Path) -> None:
-    before = _bytes()
-    ids = held_out_ids(FOLDER)
-    ref = prefill_logits(SRC, ids)
+@pytest.mark.parametrize("folder", [FOLDER, FP16], ids=["fp32", "fp16"])
+def test_genai_builder_graph_every_method(calib_text: Path, tmp_path: Path, folder: Path) -> None:
+    """fp32 (GroupQueryAttention) and fp16 (attention as standard ops; the empty cache's head_dim read from the
+    new keys it is concatenated with) builds; fp32: decode after a filled cache == prefill; genai_config.json
+    copied beside the output, naming it. The fp16 CPU build itself does not decode in ONNX Runtime 1.32's CPU
+    EP at any optimization level (a Cast ORT inserts for fp16 fails with "Shape mismatch attempting to re-use
+    buffer"), so its outputs are checked through the prefill only; the case is kept here (the day ORT decodes
+    it, this test fails and the decode check can be added)."""
+    import json
+
+    src = folder / "model.onnx"
+    before = _bytes(folder)
+    ids = held_out_ids(folder)
+    ref = prefill_logits(src, ids)
+    fp16 = folder == FP16
+    if fp16:
+        with pytest.raises(Exception, match="Shape mismatch attempting to re-use buffer"):
+            decode_gap(src, ids)
     errors = {}
     for method, flags in METHODS.items():
         calib = [] if method == "rtn" else ["--calib-text", str(calib_text), *CALIB]
-        out = compile_cli(SRC, tmp_path / f"{method}.onnx", *flags, *calib)  # checker + ORT checks inside
+        out = compile_cli(src, tmp_path / method / "model.onnx", *flags, *calib)  # checker + ORT checks inside
         proto = onnx.load(str(out), load_external_data=False)
         ops = {(n.domain, n.op_type) for n in proto.graph.node}
-        assert ("", "SimplifiedLayerNormalization") not in ops and ("com.microsoft", "GroupQueryAttention") in ops
+        assert ("", "SimplifiedLayerNormalization") not in ops
+        assert (("com.microsoft", "GroupQueryAttention") in ops) != fp16
         errors[method] = rel_error(prefill_logits(out, ids), ref)
-        assert decode_gap(out, ids) <= (1e-3 if method == "smoothquant" else 1e-5), method
-    assert _bytes() == before  # model.onnx and its external data untouched
+        if not fp16:
+            assert decode_gap(out, ids) <= (1e-3 if method == "smoothquant" else 1e-5), method
+        config = json.loads((out.parent / "genai_config.json").read_text())
+        assert config["model"]["decoder"]["filename"] == "model.onnx"
+    assert _bytes(folder) == before  # model.onnx and its external data untouched
     assert errors["rtn"] <= 0.5, errors
     for method in ("gptq", "awq"):
         assert errors[method] <= min(0.5, 1.1 * errors["rtn"]), errors

@@ -223,9 +223,9 @@ def test_outputs_gate_catches_an_optimized_graph_that_computes_otherwise(tmp_pat
 
 
 def test_conv_layers_are_reported_not_passed_over(tmp_path, capsys):
-    """A small CNN (Conv -> Relu -> Flatten -> Gemm classifier): the Gemm is quantized and the summary names
-    the Conv as skipped with its reason; messages call the classifier the "output layer"; a graph of
-    convolutions only is one line saying why nothing is quantized."""
+    """A small CNN (Conv -> Relu -> Flatten -> Gemm classifier): the Gemm and the Conv are quantized and the
+    summary counts both (tests/test_conv.py checks the Conv's numbers); messages call the classifier the
+    "output layer"; with --keep-conv a graph of convolutions only is one line saying why nothing is quantized."""
     rng = np.random.default_rng(0)
     text = f"""{_HDR} g (float[N, 3, 8, 8] x) => (float[N, 10] y) {{
         c = Conv <pads = [1, 1, 1, 1]> (x, wc, bc)
@@ -238,17 +238,20 @@ def test_conv_layers_are_reported_not_passed_over(tmp_path, capsys):
     src = save(model_from_text(text, inits), tmp_path / "cnn.onnx")
     assert main(["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--group-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert "quantized 1 linear layers; skipped 1" in out and "Conv layer: not quantized" in out, out
+    assert "quantized 1 linear layers, 1 Conv layers; skipped 0" in out, out
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     ref, got = run(src, {"x": x})[0], run(tmp_path / "q.onnx", {"x": x})[0]
-    assert np.abs(got - ref).max() <= 0.2 * np.abs(ref).max()  # INT4 classifier, float Conv
+    assert np.abs(got - ref).max() <= 0.2 * np.abs(ref).max()  # INT4 classifier, INT8 Conv
 
     # a classifier is not an "LM head" (its output is not logits)
-    _refused(capsys, tmp_path, ["compile", src, "-o", tmp_path / "k.onnx", "--keep-lm-head"],
+    _refused(capsys, tmp_path, ["compile", src, "-o", tmp_path / "k.onnx", "--keep-lm-head", "--keep-conv"],
              "output layer kept in float")
 
     conv_only = f"""{_HDR} g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {{
         y = Conv <pads = [1, 1, 1, 1]> (x, wc, bc)
     }}"""
     only = save(model_from_text(conv_only, {k: inits[k] for k in ("wc", "bc")}), tmp_path / "conv.onnx")
-    _refused(capsys, tmp_path, ["compile", only, "-o", tmp_path / "q2.onnx"], "Conv layer: not quantized")
+    _refused(capsys, tmp_path, ["compile", only, "-o", tmp_path / "q2.onnx", "--keep-conv"],
+             "Conv layer kept in float (keep_conv)")
+    assert main(["compile", str(only), "-o", str(tmp_path / "q3.onnx")]) == 0
+    assert "quantized 0 linear layers, 1 Conv layers" in capsys.readouterr().out

@@ -54,7 +54,7 @@ def test_the_issue_examples_load():
     ("stages: [rtn]\nexclude: '*down*'\n", "r.yaml:2: exclude must be a list of strings, got '*down*'"),
     ("stages: [rtn]\nkeep_lm_head: yes please\n", "r.yaml:2: keep_lm_head must be true or false"),
     ("stages: []\n", "`stages` must be a non-empty list"),
-    ("stages: [rtn]\nversion: 3\n", "recipe version 3 is not supported"),
+    ("stages: [rtn]\nversion: 4\n", "recipe version 4 is not supported"),
     ("stages: [gptq]\ncalibration: {text: a.txt, npz: b.npz}\n", "r.yaml:2: pass either calibration.text or"),
     ("stages: [gptq]\ncalibration: {samples: 0}\n", "r.yaml:2: calibration.samples must be at least 1"),
     ("stages: [rtn\n", "r.yaml:2: not valid YAML"),
@@ -116,18 +116,25 @@ def test_every_compile_writes_a_recipe_that_reproduces_it(tmp_path, capsys, tiny
     assert (tmp_path / "first.recipe.yaml").read_text() == (tmp_path / "again.recipe.yaml").read_text()
 
 
-def test_a_version_1_recipe_keeps_the_cache_values(tmp_path):
-    """Recipes written before keep_cache_values (version 1) never rotated or scaled V where a KV cache stores
-    it: read as keep_cache_values true, so they compile the same bytes again; version 2 and hand-written
-    recipes without a version get the current default (false); an explicit value wins in both."""
+@pytest.mark.parametrize("field,text,expected", [
+    # recipes written before keep_cache_values (version 1) never rotated or scaled V where a KV cache stores it
+    ("keep_cache_values", "version: 1\nstages: [rotate, rtn]\n", True),
+    ("keep_cache_values", "version: 1\nstages: [awq]\nkeep_cache_values: false\n", False),
+    ("keep_cache_values", "version: 2\nstages: [rotate, rtn]\n", False),
+    ("keep_cache_values", "stages: [rotate, rtn]\n", False),
+    # Conv layers were never quantized before version 3
+    ("keep_conv", "version: 1\nstages: [rtn]\n", True),
+    ("keep_conv", "version: 2\nstages: [rtn]\n", True),
+    ("keep_conv", "version: 2\nstages: [rtn]\nkeep_conv: false\n", False),
+    ("keep_conv", "version: 3\nstages: [rtn]\n", False),
+    ("keep_conv", "stages: [rtn]\n", False),
+])
+def test_older_recipe_versions_read_as_they_compiled(tmp_path, field, text, expected):
+    """A recipe of an earlier version reads with the defaults of its version (so it compiles the same bytes
+    again); the current version and hand-written recipes without one get today's defaults; an explicit value
+    wins in both."""
     from ptqonnx.recipe import load_recipe
 
-    def keep(text: str) -> bool:
-        path = tmp_path / "r.yaml"
-        path.write_text(text)
-        return load_recipe(path).keep_cache_values
-
-    assert keep("version: 1\nstages: [rotate, rtn]\n") is True
-    assert keep("version: 1\nstages: [awq]\nkeep_cache_values: false\n") is False
-    assert keep("version: 2\nstages: [rotate, rtn]\n") is False
-    assert keep("stages: [rotate, rtn]\n") is False
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert getattr(load_recipe(path), field) is expected

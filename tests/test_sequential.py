@@ -39,6 +39,20 @@ def test_blocks_cover_every_site_once_in_graph_order(tiny_export):
     assert all(b.output is not None for b in blocks[:-1]) and blocks[-1].output is None
 
 
+def test_blocks_cut_after_a_fused_residual_norm():
+    """onnxruntime-genai's builder graph: the residual stream runs through SkipSimplifiedLayerNormalization,
+    whose normalized output and residual sum are both read after it (two live values, no single-value cut).
+    A cut there (every live value an output of that node) keeps blocks to one attention or one MLP, the size
+    they have on a plain Add residual, instead of whole decoder layers."""
+    model = ir.load(str(Path(__file__).parent / "fixtures" / "genai_llama" / "model.onnx"))
+    sites = find_linear_sites(model).sites
+    blocks = find_blocks(model, sites)
+    sizes = [sum(len(st.sites) for st in b.stages) for b in blocks]
+    assert sum(sizes) == len(sites) == 11 and max(sizes) <= 3, sizes  # 2 layers: qkv, o, gate, up, down + head
+    skip_cuts = [b for b in blocks[:-1] if b.nodes[-1].op_type == "SkipSimplifiedLayerNormalization"]
+    assert sum(len([v for v in b.nodes[-1].outputs if v.uses()]) == 2 for b in skip_cuts) == 2  # layer 1's two
+
+
 def _fake_quantized_copy(path: Path, bits: int, group: int) -> ir.Model:
     model = ir.load(str(path))
     for site in find_linear_sites(model).sites:

@@ -25,7 +25,7 @@ from ptqonnx.numerics.smoothquant import (
 from ptqonnx.passes.matmul_nbits import LowerToMatMulNBitsPass
 from ptqonnx.passes.qdq import LowerToQdqPass
 from ptqonnx.passes.w8a8 import (
-    GEMV_REASON, LM_HEAD_REASON, QuantizeActivationsPass, find_bmm_nodes, select_w8a8_sites,
+    GEMV_REASON, LM_HEAD_REASON, QuantizeActivationsPass, find_bmm_nodes, lm_head_reason, select_w8a8_sites,
 )
 from ptqonnx.pipeline import compile_model
 from ptqonnx.plan import plan_weights, rtn_solver
@@ -213,7 +213,8 @@ def test_gemv_and_lm_head_are_skipped_with_reasons():
                                                  "w2": rng.standard_normal((32, 8)).astype(np.float32)}))
     sites = find_linear_sites(model).sites
     chosen, skipped = select_w8a8_sites(sites)
-    assert chosen == [] and [s.reason for s in skipped] == [GEMV_REASON, LM_HEAD_REASON]
+    # a float input (no token ids): its "logits" layer is the output layer, not an LM head
+    assert chosen == [] and [s.reason for s in skipped] == [GEMV_REASON, lm_head_reason("output layer")]
     chosen, skipped = select_w8a8_sites(sites, quantize_lm_head=True)
     assert chosen == [sites[1]] and [s.reason for s in skipped] == [GEMV_REASON]  # r's shape is not inferred
     assert not QuantizeActivationsPass({})(model).modified

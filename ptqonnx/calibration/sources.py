@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from ptqonnx.config import CalibConfig
 from ptqonnx.errors import UserError
-from ptqonnx.kvcache import empty_past, gqa_head_dims, is_past
+from ptqonnx.kvcache import empty_past, head_dims, is_past
 from ptqonnx.text import calibration_windows, load_tokenizer, read_text, tokenize
 
 __all__ = ["CALIB_TEXT_ENV", "CalibConfig", "calibration_batches", "probe_feeds", "text_feeds"]
@@ -105,7 +105,7 @@ def _empty_cache(inputs: Sequence[str | ir.Value]) -> dict[str, np.ndarray]:
             raise UserError(f"KV-cache input {v.name} has type {v.dtype}, not a float type; pass --calib-npz FILE "
                             "with arrays for every input")
         dims = None if v.shape is None else [d if isinstance(d, int) else d.value for d in v.shape]
-        cache[v.name] = empty_past(v.name, dims, v.dtype.numpy(), heads=gqa_head_dims(v))
+        cache[v.name] = empty_past(v.name, dims, v.dtype.numpy(), heads=head_dims(v))
     return cache
 
 

@@ -10,12 +10,13 @@ from ptqonnx.graph.sites import (
     ACTIVATION_MATMUL_REASON, LinearSite, SiteScan, Skip, find_embedding_gathers, find_linear_sites,
 )
 from ptqonnx.graph.trace import (
-    FLOAT_TYPES, ONNX_DOMAINS, ConstTrace, Refusal, attr, gemm_trans_b, trace_const, upstream_any,
+    FLOAT_TYPES, ONNX_DOMAINS, ConstTrace, Refusal, attr, gemm_trans_b, quantize_output_type, trace_const,
+    upstream_any,
 )
 
 __all__ = [
     "ACTIVATION_MATMUL_REASON", "ATTENTION_SKIP_REASON", "FLOAT_TYPES", "ONNX_DOMAINS", "Block", "ConstRef",
     "ConstTrace", "LinearSite", "NameScope", "Refusal", "ScalingGroup", "SiteScan", "Skip", "Stage",
     "add_initializer", "attr", "find_blocks", "find_embedding_gathers", "find_linear_sites",
-    "find_scaling_groups", "gemm_trans_b", "trace_const", "unique_name", "upstream_any",
+    "find_scaling_groups", "gemm_trans_b", "quantize_output_type", "trace_const", "unique_name", "upstream_any",
 ]

@@ -2,8 +2,10 @@
 
 A *cut* is a point in the (topologically sorted) node order where exactly one live value depends on a
 linear layer's output: everything after the cut sees the linear layers before it only through that
-value. In a decoder-only transformer these are the residual-stream values after each residual Add
-(after attention and after the MLP of every layer); no node or value names are used.
+value, or where every such live value is an output of the node just before the cut (a fused residual norm,
+ORT's SkipSimplifiedLayerNormalization, returns the normalized value and the residual sum: the block after
+reads both). In a decoder-only transformer these are the residual-stream values after each residual Add or
+fused norm (after attention and after the MLP of every layer); no node or value names are used.
 
 Other values live across a cut ("side" values: graph inputs and values that depend on no linear layer,
 such as rotary cos/sin tables or attention masks computed from `input_ids`) are the same for the float
@@ -40,7 +42,8 @@ class Block:
     index: int
     nodes: tuple[ir.Node, ...]
     inputs: tuple[str, ...]
-    output: str | None  # the cut value after the block (None for the last block: its outputs are the graph's)
+    output: str | None  # the cut value after the block (None for the last block: its outputs are the graph's;
+    # of a node whose outputs are all read later, its first such output)
     stages: tuple[Stage, ...] = field(default=())
 
 
@@ -88,8 +91,9 @@ def find_blocks(model: ir.Model, sites: list[LinearSite]) -> list[Block]:
         for v in n.outputs:
             if v.name in tainted and last_use.get(v.name, -1) > i:
                 live_tainted.add(v.name)
-        if len(live_tainted) == 1 and i < len(nodes) - 1:
-            (cut,) = live_tainted
+        outs = [v.name for v in n.outputs]
+        if live_tainted and i < len(nodes) - 1 and (len(live_tainted) == 1 or live_tainted <= set(outs)):
+            cut = next(iter(live_tainted)) if len(live_tainted) == 1 else next(o for o in outs if o in live_tainted)
             if not cuts or cuts[-1][1] != cut:
                 cuts.append((i, cut))
 

@@ -1,6 +1,7 @@
 """Linear layers and embeddings as they are stored, float or quantized, by us or by another tool (pure IR queries).
 
-A linear layer is `Y = X @ W` with a constant W [K, N] (params = K * N), in whichever form it is stored:
+A linear layer is `Y = X @ W` with a constant W [K, N] (params = K * N), in whichever form it is stored (a Conv
+with a float or DequantizeLinear weight [M, C/group, *kernel] counts as one with K = C/group * prod(kernel), N = M):
 
   | node                                        | W is                                                 |
   |---------------------------------------------|------------------------------------------------------|
@@ -24,12 +25,13 @@ bytes (data + qparams), so a model-level summary can count every tensor once. On
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ptqonnx.graph.sites import LinearSite, Skip, find_embedding_gathers, find_linear_sites
-from ptqonnx.graph.trace import ONNX_DOMAINS, attr, gemm_trans_b
+from ptqonnx.graph.sites import CONV_OPS, LinearSite, Skip, find_embedding_gathers, find_linear_sites
+from ptqonnx.graph.trace import ONNX_DOMAINS, attr, gemm_trans_b, quantize_output_type
 
 __all__ = [
     "ActivationQuant", "Embedding", "LinearLayer", "MS_DOMAIN", "WeightQuant", "activation_qparams",
@@ -86,7 +88,7 @@ class ActivationQuant:
     """How a linear layer's input is quantized. `kind`: static | dynamic | in-kernel."""
 
     kind: str
-    dtype: str | None  # code type: UINT8 / INT8
+    dtype: str | None  # code type: UINT8 / INT8 / FLOAT8E4M3FN
     granularity: str  # per-tensor | per-channel | per block of K
     scale: float | None = None  # static per-tensor scale
     zero_point: int | None = None
@@ -219,6 +221,13 @@ def _kn(node: ir.Node, b: ir.Value, stored: tuple[int, ...], transposed: bool) -
     return (n, k) if gemm_trans_b(node) else (k, n)
 
 
+def _conv_kn(stored: tuple[int, ...]) -> tuple[int, int] | None:
+    """K and N of a Conv weight [M, C/group, *kernel]: K = C/group * prod(kernel), N = M."""
+    if len(stored) < 3:
+        return None
+    return int(math.prod(stored[1:])), int(stored[0])
+
+
 def _qdq_activation(x: ir.Value | None) -> ActivationQuant | None:
     """QuantizeLinear -> DequantizeLinear (static scale) or DynamicQuantizeLinear -> DequantizeLinear."""
     dq = None if x is None else x.producer()
@@ -233,7 +242,7 @@ def _qdq_activation(x: ir.Value | None) -> ActivationQuant | None:
         return None
     scale, zp = _input(q, 1), _input(q, 2)
     return ActivationQuant(
-        "static", dtype_name(zp) if zp is not None else "UINT8", _granularity(scale, int(attr(q, "block_size", 0))),
+        "static", dtype_name(zp) if zp is not None else quantize_output_type(q).name, _granularity(scale, int(attr(q, "block_size", 0))),
         _scalar(scale), None if _scalar(zp) is None else int(_scalar(zp)),
     )
 
@@ -245,7 +254,8 @@ def _float_or_qdq(node: ir.Node, site: LinearSite | None) -> LinearLayer | None:
     if found is not None:
         dq, transposes = found
         x = dq.inputs[0]
-        kn = _kn(node, b, tuple(x.const_value.shape), transposes % 2 == 1)
+        stored = tuple(x.const_value.shape)
+        kn = _conv_kn(stored) if node.op_type == "Conv" else _kn(node, b, stored, transposes % 2 == 1)
         if kn is None:
             return None
         nbytes, qparams = _storage(x, _input(dq, 1), _input(dq, 2))
@@ -316,12 +326,12 @@ def find_linear_layers(model: ir.Model) -> tuple[list[LinearLayer], list[Skip]]:
     """Every linear layer of the main graph (float or quantized, in graph order), and the MatMul/Gemm nodes
     that are neither, with `find_linear_sites`' reason."""
     scan = find_linear_sites(model)
-    sites = {id(s.node): s for s in scan.sites}
+    sites = {id(s.node): s for s in scan.sites + scan.convs}
     skips = iter(scan.skipped)  # find_linear_sites walks the same nodes in the same order
     layers, skipped = [], []
     for node in model.graph:
         layer = None
-        if node.domain in ONNX_DOMAINS and node.op_type in ("MatMul", "Gemm"):
+        if node.domain in ONNX_DOMAINS and node.op_type in ("MatMul", "Gemm", *CONV_OPS):
             skip = None if id(node) in sites else next(skips)
             assert skip is None or (skip.node, skip.op_type) == (node.name or "", node.op_type)
             layer = _float_or_qdq(node, sites.get(id(node)))

@@ -1,9 +1,17 @@
-"""Shared IR queries: which MatMul/Gemm nodes are quantizable linear layers, and small edit helpers.
+"""Shared IR queries: which MatMul/Gemm nodes are quantizable linear layers, which Conv nodes are
+quantizable convolutions, and small edit helpers.
 
 A linear site is `Y = X @ W (+ bias)` whose weight W is a constant initializer, reached directly or
 through a Transpose (W stored [N, K]), a Cast (W stored in another float type) and/or an Identity; a
 Gemm's bias C the same way (a BERT pooler's bias reaches its Gemm through an Identity). The weight is
 always handed to numerics as W [N, K] float32 (torch's layout), whatever its stored layout.
+
+A Conv site is the same record for `Y = Conv(X, W, B?)` with a constant weight W [M, C/group, *kernel]
+(directly or through a Cast/Identity; no Transpose): N = M output channels, K = C/group * prod(kernel), and
+`weight_nk()` is W reshaped to [M, K], so per-output-channel numerics apply unchanged. Conv sites are a list
+of their own (`SiteScan.convs`): the MatMul methods (GPTQ's Hessians, AWQ's and SmoothQuant's per-channel
+scales, rotations) read a linear layer's input channels on its last axis, which a Conv's NCHW input does not
+have.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ __all__ = [
     "SiteScan",
     "find_linear_sites",
     "find_embedding_gathers",
+    "CONV_TRANSPOSE_REASON",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,16 +52,22 @@ class LinearSite:
     N: int
     is_lm_head: bool  # the last linear layer (its output is a graph output): an LM head or a classifier
     head_output: str = ""  # the graph output it gives, when is_lm_head
+    kernel: tuple[int, ...] = ()  # a Conv's kernel dims (its weight [N, K / prod(kernel), *kernel]); () for MatMul/Gemm
+    token_input: bool = True  # the graph has an integer input (token ids): a text model
 
     @property
     def name(self) -> str:
         return self.node.name or ""
 
     @property
+    def is_conv(self) -> bool:
+        return bool(self.kernel)
+
+    @property
     def head_label(self) -> str:
-        """What messages call the last layer: "LM head" when it gives logits, else "output layer" (a
-        classifier, an encoder's projection)."""
-        return "LM head" if "logits" in self.head_output.lower() else "output layer"
+        """What messages call the last layer: "LM head" when it gives logits in a model fed token ids, else
+        "output layer" (a classifier, an image model's logits, an encoder's projection)."""
+        return "LM head" if "logits" in self.head_output.lower() and self.token_input else "output layer"
 
     @property
     def weight_name(self) -> str:
@@ -65,8 +80,10 @@ class LinearSite:
         return dt if dt in FLOAT_TYPES else ir.DataType.FLOAT
 
     def weight_nk(self) -> np.ndarray:
-        """The weight as W [N, K] float32."""
+        """The weight as W [N, K] float32 (a Conv's [M, C/group, *kernel] flattened per output channel)."""
         w = np.asarray(self.weight_source.const_value.numpy()).astype(np.float32)
+        if self.kernel:
+            return np.ascontiguousarray(w.reshape(self.N, self.K))
         return np.ascontiguousarray(w if self.weight_transposed else w.T)
 
 
@@ -80,7 +97,8 @@ class Skip:
 @dataclass(frozen=True)
 class SiteScan:
     sites: list[LinearSite] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)  # MatMul/Gemm and Conv nodes left alone, graph order
+    convs: list[LinearSite] = field(default_factory=list)  # quantizable Conv layers (`LinearSite.kernel` set)
 
 
 ACTIVATION_MATMUL_REASON = "activation x activation (e.g. attention's Q·Kᵀ, P·V): no constant weight"
@@ -88,7 +106,7 @@ ROLE_KEY = "ptqonnx.role"  # node metadata naming nodes ptqonnx inserted for a p
 ONLINE_HADAMARD_ROLE = "online_hadamard"
 ONLINE_HADAMARD_REASON = "online Hadamard of a rotation (kept float)"
 GRAPH_INPUT_WEIGHT_REASON = "weight is a graph input, not a constant"
-CONV_REASON = "Conv layer: not quantized (ptqonnx quantizes MatMul/Gemm layers; convolutions are not built yet)"
+CONV_TRANSPOSE_REASON = "ConvTranspose: not quantized (Conv layers are; a transposed convolution is not built yet)"
 CONV_OPS = ("Conv", "ConvTranspose")
 
 
@@ -120,7 +138,7 @@ def _head_output(node: ir.Node) -> str | None:
     return None
 
 
-def _scan_node(node: ir.Node) -> LinearSite | Skip:
+def _scan_node(node: ir.Node, token_input: bool = True) -> LinearSite | Skip:
     op = node.op_type
     skip = lambda why: Skip(node.name or "", op, why)  # noqa: E731
     if node.metadata_props.get(ROLE_KEY) == ONLINE_HADAMARD_ROLE:
@@ -154,23 +172,54 @@ def _scan_node(node: ir.Node) -> LinearSite | Skip:
     head = _head_output(node)
     return LinearSite(
         node=node, activation=x, weight_input=w, weight_source=source, weight_transposed=transposed,
-        bias=bias, K=int(k), N=int(n), is_lm_head=head is not None, head_output=head or "",
+        bias=bias, K=int(k), N=int(n), is_lm_head=head is not None, head_output=head or "", token_input=token_input,
+    )
+
+
+def _scan_conv(node: ir.Node) -> LinearSite | Skip:
+    skip = lambda why: Skip(node.name or "", node.op_type, why)  # noqa: E731
+    if node.op_type == "ConvTranspose":
+        return skip(CONV_TRANSPOSE_REASON)
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return skip("no weight input")
+    x = node.inputs[0]
+    if x is not None and x.dtype is not None and x.dtype not in FLOAT_TYPES:
+        return skip(f"activation type {x.dtype} is not a float type")
+    found = _trace_weight(node.inputs[1])
+    if not found:
+        return skip(found.reason)
+    if found.transposed:
+        return skip("Conv weight read through a Transpose")
+    value = found.initializer.const_value
+    if value.dtype not in FLOAT_TYPES:
+        return skip(f"weight type {value.dtype} is not a float type")
+    shape = tuple(int(d) for d in value.shape)
+    if len(shape) < 3:
+        return skip(f"Conv weight has rank {len(shape)}, not 3 or more")
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    bias_const = trace_const(bias) if bias is not None else None
+    if bias is not None and (not bias_const or bias_const.initializer.const_value.size != shape[0]):
+        return skip("Conv bias B is not a constant vector of length M")
+    return LinearSite(
+        node=node, activation=x, weight_input=node.inputs[1], weight_source=found.initializer, weight_transposed=True,
+        bias=bias, K=int(np.prod(shape[1:])), N=shape[0], is_lm_head=False, kernel=shape[2:],
     )
 
 
 def find_linear_sites(model: ir.Model) -> SiteScan:
-    """All MatMul/Gemm nodes of the main graph, split into quantizable sites and skips (with reasons); Conv
-    layers with a constant weight are skips too, so that a CNN's convolutions are reported, not passed over
-    in silence."""
+    """All MatMul/Gemm nodes of the main graph, split into quantizable sites and skips (with reasons), and its
+    Conv/ConvTranspose nodes: quantizable convolutions (`convs`) or skips."""
     scan = SiteScan()
+    tokens = any(v.dtype in (ir.DataType.INT64, ir.DataType.INT32) for v in model.graph.inputs)
     for node in model.graph:
-        if node.domain in ONNX_DOMAINS and node.op_type in CONV_OPS and len(node.inputs) > 1 \
-                and trace_const(node.inputs[1]):
-            scan.skipped.append(Skip(node.name or "", node.op_type, CONV_REASON))
-        if node.domain not in ONNX_DOMAINS or node.op_type not in ("MatMul", "Gemm"):
+        if node.domain not in ONNX_DOMAINS:
             continue
-        res = _scan_node(node)
-        (scan.sites if isinstance(res, LinearSite) else scan.skipped).append(res)
+        if node.op_type in CONV_OPS:
+            res = _scan_conv(node)
+            (scan.convs if isinstance(res, LinearSite) else scan.skipped).append(res)
+        elif node.op_type in ("MatMul", "Gemm"):
+            res = _scan_node(node, tokens)
+            (scan.sites if isinstance(res, LinearSite) else scan.skipped).append(res)
     return scan
 
 

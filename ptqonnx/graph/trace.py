@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 __all__ = ["ConstTrace", "Refusal", "FLOAT_TYPES", "ONNX_DOMAINS", "attr", "data_uses", "trace_const",
-           "gemm_trans_b", "upstream_any"]
+           "gemm_trans_b", "quantize_output_type", "upstream_any"]
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -68,6 +68,16 @@ def attr(node: ir.Node, name: str, default):
     """An attribute's value, or `default` when the node does not set it."""
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+def quantize_output_type(q: ir.Node) -> ir.DataType:
+    """A QuantizeLinear's output type: its zero point's, else its `output_dtype` (opset 21), else UINT8 (the
+    spec's default)."""
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    if zp is not None and zp.dtype is not None:
+        return zp.dtype
+    out = int(attr(q, "output_dtype", 0))
+    return ir.DataType(out) if out else ir.DataType.UINT8
 
 
 def gemm_trans_b(node: ir.Node) -> bool:

@@ -117,6 +117,7 @@ class MethodContext:
     plan: WeightPlan | None = None
     activations: ActivationResult | None = None
     progress: Progress | None = None
+    convs: list[LinearSite] = field(default_factory=list)  # the selected Conv layers (their weights: the pipeline's)
     _checked: bool = False
 
     def feeds(self) -> Feeds:

@@ -66,13 +66,23 @@ def dynamic_sites(sites: list[LinearSite], cfg: W8A8Config) -> set[str]:
     return {s.name for s in sites if cfg.dynamic(s.name, s.weight_name)}
 
 
-def select_w8a8(ctx: MethodContext, cfg: W8A8Config, sites: list[LinearSite]) -> tuple[list[LinearSite], list[Skip]]:
-    from ptqonnx.passes.w8a8 import select_w8a8_sites
+def static_convs(ctx: MethodContext, cfg: W8A8Config) -> list[LinearSite]:
+    """The Conv layers with static activations: all but those dynamic scales were asked for (a Conv has no
+    dynamic-activation form here: those keep float activations on their INT8 weights)."""
+    return [c for c in ctx.convs if not cfg.dynamic(c.name, c.weight_name)]
 
+
+def select_w8a8(ctx: MethodContext, cfg: W8A8Config, sites: list[LinearSite]) -> tuple[list[LinearSite], list[Skip]]:
+    from ptqonnx.passes.w8a8 import fp8_opset_problem, select_w8a8_sites
+
+    problem = fp8_opset_problem(ctx.model.opset_imports.get("", 0)) if cfg.qtype == "fp8" else None
+    if problem:  # the pass's own refusal, before any calibration
+        raise UserError(problem)
     kept, skipped = select_w8a8_sites(sites, quantize_lm_head=cfg.quantize_lm_head)
+    layers = kept + ctx.convs  # a Conv matched by dynamic_layers keeps float activations (static_convs)
     for pattern in cfg.dynamic_layers:
-        if not any(matches_any((pattern,), s.name, s.weight_name) for s in kept):
-            eg = f" (e.g. {kept[0].name} or {kept[0].weight_name})" if kept else ""
+        if not any(matches_any((pattern,), s.name, s.weight_name) for s in layers):
+            eg = f" (e.g. {layers[0].name} or {layers[0].weight_name})" if layers else ""
             raise UserError(f"w8a8 dynamic_layers {pattern!r} matches no W8A8 layer; pass node or weight names{eg}, "
                             "'*' allowed")
     return kept, skipped
@@ -107,6 +117,8 @@ def w8a8_requests(ctx: MethodContext, cfg: W8A8Config) -> dict[str, set[Stat]]:
     dynamic = dynamic_sites(ctx.sites, cfg)
     kinds = _kinds(ctx, cfg) | ({Stat.ROW_ABSMAX} if cfg.min_levels else set())
     out = {s.activation.name: set(kinds) for s in ctx.sites if s.name not in dynamic}
+    for c in static_convs(ctx, cfg):  # rows of an NCHW input are not tokens: no token-outlier rule
+        out.setdefault(c.activation.name, set()).update(_kinds(ctx, cfg))
     for name, kinds in _bmm_requests(ctx, cfg).items():
         out.setdefault(name, set()).update(kinds)
     return out
@@ -124,7 +136,8 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
         stats = stats.merged(collect_statistics(ctx.model, ctx.feeds(), _bmm_requests(ctx, cfg),
                                                 sample_rows=SAMPLE_ROWS, provider=ctx.calibration.provider))
     dynamic = dynamic_sites(ctx.sites, cfg)
-    static = [s for s in ctx.sites if s.name not in dynamic]
+    convs = static_convs(ctx, cfg)
+    static = [s for s in ctx.sites if s.name not in dynamic] + convs
     grids: dict[str, dict[int, ActivationQParams]] = {}
     fallback: dict[str, str] = {}
     outliers: dict[str, float] = {}
@@ -133,7 +146,7 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
         if st.absmax is not None and not float(st.absmax.max()) > 0:  # no range to set a scale from
             fallback[s.name] = "all zero"
             continue
-        if cfg.min_levels and st.row_absmax is not None and token_levels(st) < cfg.min_levels:
+        if cfg.min_levels and not s.is_conv and st.row_absmax is not None and token_levels(st) < cfg.min_levels:
             outliers[s.name] = token_levels(st)
             continue
         grids[s.name] = {0: activation_grid(st, cfg, symmetric)}
@@ -144,8 +157,11 @@ def run_w8a8(ctx: MethodContext, cfg: W8A8Config) -> MethodResult:
                     ", ".join(outliers))
     for n in bmm:
         grids[n.name] = {i: activation_grid(stats[n.inputs[i].name], cfg, symmetric) for i in (0, 1)}
-    logger.info("W8A8 activations: %d layers static per tensor (QDQ), %d dynamic per row and block "
-                "(MatMulNBits int8)", len(static), len(dynamic))
+    logger.info("W8A8 activations: %d layers static per tensor (QDQ; %d of them Conv), %d dynamic per row and "
+                "block (MatMulNBits int8)", len(static), len(convs), len(dynamic))
+    if len(convs) < len(ctx.convs):
+        logger.info("W8A8: %d Conv layers keep float activations (no dynamic-activation Conv form; their weights are "
+                    "INT8)", len(ctx.convs) - len(convs))
     summary = W8A8Summary(cfg.stage, target=ctx.recipe.target or "", qtype=cfg.qtype,
                           static_layers=len(static) - len(fallback) - len(outliers), dynamic_layers=len(dynamic),
                           bmm_nodes=len(bmm), calibration=ctx.stats_origin, weight_only=tuple(fallback),
