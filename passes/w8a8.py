@@ -63,9 +63,9 @@ def fp8_opset_problem(opset: int) -> str | None:
     """Why FLOAT8 activations cannot be written at this opset (see the module docstring), or None."""
     if opset >= FP8_ACTIVATION_OPSET:
         return None
-    return (f"the model's opset is {opset}; FLOAT8 activations need opset {FP8_ACTIVATION_OPSET} (a Q without a "
-            "FLOAT8 zero point, which ONNX Runtime's ReluQuantRewrite misreads after a Relu): re-export with opset "
-            "21 (ptqonnx export does), or use --w8a8-type int8")
+    return (f"the model's opset is {opset}; FLOAT8 activations need opset {FP8_ACTIVATION_OPSET} (the Q form without "
+            "a FLOAT8 zero point: ONNX Runtime's ReluQuantRewrite drops a Relu before one that has it): re-export "
+            "with opset 21 (ptqonnx export does), or use --w8a8-type int8")
 
 # node name -> {input index: activation grid}
 ActivationPlan = Mapping[str, Mapping[int, ActivationQParams]]

@@ -131,8 +131,8 @@ def _check_conv_only(recipe: Recipe, n: int) -> None:
 
 
 def conv_grid(recipe: Recipe):
-    """The grid of the Conv layers: the weights stage's own when it is 8 bits per output channel (W8A8, INT8 or
-    FP8 weight-only), else 8 bits per output channel on its symmetry and scale convention."""
+    """The grid of the Conv layers: the weights stage's own when it is 8 bits per output channel (W8A8 INT8 or
+    FP8, INT8 weight-only), else 8 bits per output channel on its symmetry and scale convention."""
     w = recipe.weights
     return w if w.bits == 8 and w.group_size is None and not w.high_bits else w.high_grid()
 
@@ -341,6 +341,12 @@ def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: Calibration
     convs, kept_convs = _select_convs(scan.convs, recipe)
     skipped = scan.skipped + skipped + kept_convs
     checked, more = _check_model(model, recipe, sites + convs)
+    if recipe.w8a8 is not None and recipe.w8a8.qtype == "fp8":  # before any run (rotations, the report's profile)
+        from ptqonnx.passes.w8a8 import fp8_opset_problem
+
+        problem = fp8_opset_problem(model.opset_imports.get("", 0))
+        if problem:
+            raise UserError(problem)
     sites, convs = [s for s in checked if not s.is_conv], [s for s in checked if s.is_conv]
     skipped += more
     ctx = MethodContext(model, recipe, sites, Calibration(calibration, model_dir, list(model.graph.inputs)),

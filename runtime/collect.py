@@ -101,9 +101,9 @@ def _observe(observer: TensorObserver, name: str, arr: np.ndarray, index: int) -
     """One feed's value into its observer; a last axis that changes between feeds (statistics are per channel
     of the last axis) is the data's problem, said in one line."""
     if observer.channels is not None and arr.ndim and arr.shape[-1] != observer.channels:
-        raise UserError(f"calibration sample {index} gives {name!r} a last axis of {arr.shape[-1]} where the "
-                        f"samples before gave {observer.channels} (images of different widths?); give samples "
-                        "of one shape (resize or crop them)")
+        raise UserError(f"calibration sample {index + 1} gives {name!r} a last axis of {arr.shape[-1]} where the "
+                        f"samples before gave {observer.channels} (images of different widths, or sequences of "
+                        "different lengths?); give samples of one shape (resize, crop or pad them)")
     observer.update(arr)
 
 

@@ -395,7 +395,7 @@ def test_dynamic_layers_on_a_conv_and_images_of_other_sizes(tmp_path, cnn):
         d.dim_param = name
     rng = np.random.default_rng(2)
     feeds = [{"x": rng.standard_normal((1, 3, 16, w)).astype(np.float32)} for w in (16, 16, 20)]
-    with pytest.raises(UserError, match=r"calibration sample 2 gives '(x|h1|h2)' a last axis of 20 where the samples "
-                                        r"before gave 16 .*resize or crop") as err:
+    with pytest.raises(UserError, match=r"calibration sample 3 gives '(x|h1|h2)' a last axis of 20 where the samples "
+                                        r"before gave 16 .*resize, crop or pad") as err:
         ptqonnx.quantize(free, [RtnConfig(bits=8, group_size=None), W8A8Config()], calibration=feeds)
     assert "\n" not in str(err.value)

@@ -43,7 +43,7 @@ class Block:
     nodes: tuple[ir.Node, ...]
     inputs: tuple[str, ...]
     output: str | None  # the cut value after the block (None for the last block: its outputs are the graph's;
-    # of a node whose outputs are all read later, its first such output)
+    # where the live values are several outputs of the block's last node, the first of them)
     stages: tuple[Stage, ...] = field(default=())
 
 

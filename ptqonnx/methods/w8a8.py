@@ -73,11 +73,8 @@ def static_convs(ctx: MethodContext, cfg: W8A8Config) -> list[LinearSite]:
 
 
 def select_w8a8(ctx: MethodContext, cfg: W8A8Config, sites: list[LinearSite]) -> tuple[list[LinearSite], list[Skip]]:
-    from ptqonnx.passes.w8a8 import fp8_opset_problem, select_w8a8_sites
+    from ptqonnx.passes.w8a8 import select_w8a8_sites
 
-    problem = fp8_opset_problem(ctx.model.opset_imports.get("", 0)) if cfg.qtype == "fp8" else None
-    if problem:  # the pass's own refusal, before any calibration
-        raise UserError(problem)
     kept, skipped = select_w8a8_sites(sites, quantize_lm_head=cfg.quantize_lm_head)
     layers = kept + ctx.convs  # a Conv matched by dynamic_layers keeps float activations (static_convs)
     for pattern in cfg.dynamic_layers:
