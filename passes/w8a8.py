@@ -23,8 +23,9 @@ whose zero point is a FLOAT8 0 as if that Q clipped negatives (it does not: E4M3
 miscompute at its default optimization level (measured: 0.62 relative error on a CNN); a Q without a zero point
 is left alone, and TensorRT reads either form. Opset 19-20 has no `output_dtype`, so a FLOAT8 Q there needs
 the zero point, and the Relu can be reached through layout ops, Clip or a pool as well as directly: FP8
-activations below opset 21 are refused in one line (re-export with opset 21, or --w8a8-type int8). Scales are stored in the activation's float type. Requires opset >= 13
-(per-axis DequantizeLinear for the weights, QuantizeLinear with a typed zero point).
+activations below opset 21 are refused in one line (re-export with opset 21, or --w8a8-type int8). Scales
+are stored in the activation's float type. Requires opset >= 13 (per-axis DequantizeLinear for the weights,
+QuantizeLinear with a typed zero point).
 
 `select_w8a8_sites` decides what is quantized: GEMV-shaped layers (a static 1 in the activation's
 second-to-last dim, or N or K == 1) and the LM head stay float unless asked; attention batch matmuls (both
@@ -36,7 +37,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
@@ -123,8 +123,9 @@ class QuantizeActivationsPass(InPlacePass):
                 f"the model's opset is {opset}; W8A8 QDQ needs opset {W8A8_MIN_OPSET} or later: re-export it"
             )
         fp8 = any(qp.fp8 for inputs in self.plan.values() for qp in inputs.values())
-        if fp8 and fp8_opset_problem(opset):
-            raise PreconditionError(fp8_opset_problem(opset))
+        problem = fp8_opset_problem(opset) if fp8 else None
+        if problem:
+            raise PreconditionError(problem)
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -144,16 +145,13 @@ class QuantizeActivationsPass(InPlacePass):
                 if id(x) not in q_out:
                     dtype = x.dtype if x.dtype in FLOAT_TYPES else ir.DataType.FLOAT
                     scale = add_initializer(graph, f"{base}_act_scale", np.array(qp.scale, dtype=dtype.numpy()), names)
-                    code = ml_dtypes.float8_e4m3fn if qp.fp8 else np.int8 if qp.signed else np.uint8
-                    if qp.fp8:  # no FLOAT8 zero point: see the module docstring (ReluQuantRewrite)
-                        zp = None
-                        q = ir.node("QuantizeLinear", [x, scale], {"output_dtype": int(ir.DataType.FLOAT8E4M3FN)},
-                                    name=f"{base}_QuantizeLinear", outputs=[ir.Value(name=f"{base}_quantized")])
-                    else:
-                        zp = add_initializer(graph, f"{base}_act_zero_point", np.array(qp.zero_point, dtype=code),
-                                             names)
-                        q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_QuantizeLinear",
-                                    outputs=[ir.Value(name=f"{base}_quantized")])
+                    code = np.int8 if qp.signed else np.uint8
+                    # FP8: no FLOAT8 zero point, the type in output_dtype (the module docstring: ReluQuantRewrite)
+                    zp = None if qp.fp8 else add_initializer(graph, f"{base}_act_zero_point",
+                                                             np.array(qp.zero_point, dtype=code), names)
+                    q = ir.node("QuantizeLinear", [x, scale] + ([zp] if zp is not None else []),
+                                {"output_dtype": int(ir.DataType.FLOAT8E4M3FN)} if qp.fp8 else {},
+                                name=f"{base}_QuantizeLinear", outputs=[ir.Value(name=f"{base}_quantized")])
 
                     producer = x.producer()
                     if producer is None:  # a graph input: before its first consumer (graph order)

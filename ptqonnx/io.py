@@ -375,13 +375,10 @@ def _genai_config(data: bytes, model_file: str) -> bytes | None:
 
     try:
         config = json.loads(data)
-        decoder = config["model"]["decoder"]
-    except (ValueError, KeyError, TypeError):
+        config["model"]["decoder"]["filename"] = model_file
+    except (ValueError, KeyError, TypeError):  # not JSON, no such section, or one that is not an object
         logger.info("genai_config.json has no model.decoder section: not copied")
         return None
-    if not isinstance(decoder, dict):
-        return None
-    decoder["filename"] = model_file
     return (json.dumps(config, indent=4) + "\n").encode()
 
 

@@ -61,8 +61,10 @@ def concat_head_dims(past: ir.Value) -> tuple[int, int] | None:
     """(kv_heads, head_dim) of a cache input from the values a Concat joins it with along the past axis (the
     new keys or values [batch, kv_heads, sequence, head_dim]), where their shapes fix axes -3 and -1."""
     rank = past.shape.rank() if past.shape is not None else 0
-    for node, index in past.uses():
-        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or not rank:
+    if not rank:
+        return None
+    for node, _ in past.uses():
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
             continue
         axis = node.attributes.get("axis")
         if axis is None or axis.as_int() % rank != rank - 2:
@@ -86,12 +88,9 @@ def cache_head_dims(model_path: str | Path) -> dict[str, tuple[int, int]]:
     model = ir.load(str(model_path))
     found = {v.name: gqa_head_dims(v) for v in model.graph.inputs if is_past(v.name)}
     if any(v is None for v in found.values()):
-        from onnx_ir.passes.common import ShapeInferencePass
+        from ptqonnx.graph.trace import infer_shapes
 
-        try:
-            ShapeInferencePass(strict_mode=False)(model)
-        except Exception:  # noqa: BLE001 - inference is a help: without it the symbolic axes stay unknown
-            pass
+        infer_shapes(model)
         found = {v.name: head_dims(v) for v in model.graph.inputs if is_past(v.name)}
     return {k: v for k, v in found.items() if v is not None}
 

@@ -33,6 +33,7 @@ from ptqonnx.calibration.stats import Statistics
 from ptqonnx.config import CalibConfig, ConfigError, Recipe, StageConfig, as_recipe, matches_any
 from ptqonnx.errors import UserError, require_module
 from ptqonnx.graph import LinearSite, Skip, find_linear_sites
+from ptqonnx.graph.trace import infer_shapes
 from ptqonnx.graph.validate import NONFINITE_REASON, describe_quantized, nonfinite_sites
 from ptqonnx.io import check_output_path, copy_companions, file_bytes, load_model, model_files, preflight, save_model
 from ptqonnx.methods.base import ActivationResult, Calibration, MethodContext, Progress
@@ -309,21 +310,8 @@ def prepare_model(model: ir.Model) -> ir.Model:
         StandardNormsPass(),
         common_passes.TopologicalSortPass(),
     ], model)
-    _infer_shapes(model)
+    infer_shapes(model)
     return model
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    """ONNX shape inference (with data propagation) where an exporter left intermediate values unshaped, as
-    optimum's and torch.onnx's TorchScript exports do: the matchers read a value's last axis (a Reshape
-    that keeps the channel axis, GPT-2's Conv1D as Gemm on [batch*sequence, K]). A model it cannot infer
-    (contrib ops, a graph ONNX's checker refuses) keeps the shapes it has."""
-    if all(v.shape is not None for n in model.graph for v in n.outputs):
-        return
-    try:
-        common_passes.ShapeInferencePass(strict_mode=False)(model)
-    except Exception as exc:  # inference is a help to the matchers, never a requirement
-        logger.debug("shape inference failed (%s); matching on the shapes the model has", exc)
 
 
 def _quantize_in_place(model: ir.Model, recipe: Recipe, calibration: CalibrationArg, model_dir: Path | None,

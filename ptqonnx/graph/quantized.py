@@ -25,12 +25,11 @@ bytes (data + qparams), so a model-level summary can count every tensor once. On
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ptqonnx.graph.sites import CONV_OPS, LinearSite, Skip, find_embedding_gathers, find_linear_sites
+from ptqonnx.graph.sites import CONV_OPS, LinearSite, Skip, conv_kn, find_embedding_gathers, find_linear_sites
 from ptqonnx.graph.trace import ONNX_DOMAINS, attr, gemm_trans_b, quantize_output_type
 
 __all__ = [
@@ -222,10 +221,8 @@ def _kn(node: ir.Node, b: ir.Value, stored: tuple[int, ...], transposed: bool) -
 
 
 def _conv_kn(stored: tuple[int, ...]) -> tuple[int, int] | None:
-    """K and N of a Conv weight [M, C/group, *kernel]: K = C/group * prod(kernel), N = M."""
-    if len(stored) < 3:
-        return None
-    return int(math.prod(stored[1:])), int(stored[0])
+    """`conv_kn` of a stored Conv weight, None when it is not one (rank below 3)."""
+    return conv_kn(stored) if len(stored) >= 3 else None
 
 
 def _qdq_activation(x: ir.Value | None) -> ActivationQuant | None:
@@ -242,7 +239,8 @@ def _qdq_activation(x: ir.Value | None) -> ActivationQuant | None:
         return None
     scale, zp = _input(q, 1), _input(q, 2)
     return ActivationQuant(
-        "static", dtype_name(zp) if zp is not None else quantize_output_type(q).name, _granularity(scale, int(attr(q, "block_size", 0))),
+        "static", dtype_name(zp) if zp is not None else quantize_output_type(q).name,
+        _granularity(scale, int(attr(q, "block_size", 0))),
         _scalar(scale), None if _scalar(zp) is None else int(_scalar(zp)),
     )
 

@@ -17,6 +17,7 @@ have.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ __all__ = [
     "find_linear_sites",
     "find_embedding_gathers",
     "CONV_TRANSPOSE_REASON",
+    "conv_kn",
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,33 @@ def _head_output(node: ir.Node) -> str | None:
     return None
 
 
+def _float_weight(node: ir.Node, skip) -> ConstTrace | Skip:
+    """The constant float weight (input 1) of a MatMul/Gemm/Conv read from a float activation (input 0), or
+    the `skip` saying why not."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return skip("no weight input")
+    x = node.inputs[0]
+    if x is not None and x.dtype is not None and x.dtype not in FLOAT_TYPES:
+        return skip(f"activation type {x.dtype} is not a float type")
+    found = _trace_weight(node.inputs[1])
+    if not found:
+        return skip(found.reason)
+    if found.initializer.const_value.dtype not in FLOAT_TYPES:
+        return skip(f"weight type {found.initializer.const_value.dtype} is not a float type")
+    return found
+
+
+def _constant_vector(v: ir.Value, n: int) -> bool:
+    """A bias that is a constant (through Cast/Identity) of n elements."""
+    const = trace_const(v)
+    return bool(const) and const.initializer.const_value.size == n
+
+
+def conv_kn(stored: tuple[int, ...]) -> tuple[int, int]:
+    """K and N of a Conv weight [M, C/group, *kernel]: K = C/group * prod(kernel), N = M."""
+    return int(math.prod(stored[1:])), int(stored[0])
+
+
 def _scan_node(node: ir.Node, token_input: bool = True) -> LinearSite | Skip:
     op = node.op_type
     skip = lambda why: Skip(node.name or "", op, why)  # noqa: E731
@@ -148,17 +177,11 @@ def _scan_node(node: ir.Node, token_input: bool = True) -> LinearSite | Skip:
             return skip("Gemm with transA=1")
         if attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
             return skip("Gemm with alpha or beta other than 1")
-    if len(node.inputs) < 2 or node.inputs[1] is None:
-        return skip("no weight input")
+    found = _float_weight(node, skip)
+    if isinstance(found, Skip):
+        return found
     x, w = node.inputs[0], node.inputs[1]
-    if x.dtype is not None and x.dtype not in FLOAT_TYPES:
-        return skip(f"activation type {x.dtype} is not a float type")
-    found = _trace_weight(w)
-    if not found:
-        return skip(found.reason)
     source, transposed = found.initializer, found.transposed
-    if source.const_value.dtype not in FLOAT_TYPES:
-        return skip(f"weight type {source.const_value.dtype} is not a float type")
     shape = tuple(source.const_value.shape)
     if len(shape) != 2:
         return skip(f"weight has rank {len(shape)}, not 2")
@@ -166,8 +189,7 @@ def _scan_node(node: ir.Node, token_input: bool = True) -> LinearSite | Skip:
         transposed = not transposed
     n, k = shape if transposed else shape[::-1]
     bias = node.inputs[2] if op == "Gemm" and len(node.inputs) > 2 else None
-    bias_const = trace_const(bias) if bias is not None else None
-    if bias is not None and (not bias_const or bias_const.initializer.const_value.size != n):
+    if bias is not None and not _constant_vector(bias, n):
         return skip("Gemm bias C is not a constant vector of length N")
     head = _head_output(node)
     return LinearSite(
@@ -180,29 +202,21 @@ def _scan_conv(node: ir.Node) -> LinearSite | Skip:
     skip = lambda why: Skip(node.name or "", node.op_type, why)  # noqa: E731
     if node.op_type == "ConvTranspose":
         return skip(CONV_TRANSPOSE_REASON)
-    if len(node.inputs) < 2 or node.inputs[1] is None:
-        return skip("no weight input")
-    x = node.inputs[0]
-    if x is not None and x.dtype is not None and x.dtype not in FLOAT_TYPES:
-        return skip(f"activation type {x.dtype} is not a float type")
-    found = _trace_weight(node.inputs[1])
-    if not found:
-        return skip(found.reason)
+    found = _float_weight(node, skip)
+    if isinstance(found, Skip):
+        return found
     if found.transposed:
         return skip("Conv weight read through a Transpose")
-    value = found.initializer.const_value
-    if value.dtype not in FLOAT_TYPES:
-        return skip(f"weight type {value.dtype} is not a float type")
-    shape = tuple(int(d) for d in value.shape)
+    shape = tuple(int(d) for d in found.initializer.const_value.shape)
     if len(shape) < 3:
         return skip(f"Conv weight has rank {len(shape)}, not 3 or more")
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    bias_const = trace_const(bias) if bias is not None else None
-    if bias is not None and (not bias_const or bias_const.initializer.const_value.size != shape[0]):
+    if bias is not None and not _constant_vector(bias, shape[0]):
         return skip("Conv bias B is not a constant vector of length M")
+    k, n = conv_kn(shape)
     return LinearSite(
-        node=node, activation=x, weight_input=node.inputs[1], weight_source=found.initializer, weight_transposed=True,
-        bias=bias, K=int(np.prod(shape[1:])), N=shape[0], is_lm_head=False, kernel=shape[2:],
+        node=node, activation=node.inputs[0], weight_input=node.inputs[1], weight_source=found.initializer,
+        weight_transposed=True, bias=bias, K=k, N=n, is_lm_head=False, kernel=shape[2:],
     )
 
 

@@ -14,12 +14,15 @@ is also listed as a graph input (IR < 4 models list every initializer as an inpu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
 __all__ = ["ConstTrace", "Refusal", "FLOAT_TYPES", "ONNX_DOMAINS", "attr", "data_uses", "trace_const",
-           "gemm_trans_b", "quantize_output_type", "upstream_any"]
+           "gemm_trans_b", "infer_shapes", "quantize_output_type", "upstream_any"]
+
+logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -68,6 +71,22 @@ def attr(node: ir.Node, name: str, default):
     """An attribute's value, or `default` when the node does not set it."""
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference (with data propagation) where an exporter left intermediate values unshaped, as
+    optimum's and torch.onnx's TorchScript exports do: the matchers read a value's last axis (a Reshape
+    that keeps the channel axis, GPT-2's Conv1D as Gemm on [batch*sequence, K]), a KV cache's symbolic heads
+    are read from the values it is joined with. A model it cannot infer (contrib ops, a graph ONNX's checker
+    refuses) keeps the shapes it has."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    if all(v.shape is not None for n in model.graph for v in n.outputs):
+        return
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    except Exception as exc:  # inference is a help to the matchers, never a requirement
+        logger.debug("shape inference failed (%s); matching on the shapes the model has", exc)
 
 
 def quantize_output_type(q: ir.Node) -> ir.DataType:

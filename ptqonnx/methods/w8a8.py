@@ -112,10 +112,11 @@ def _bmm_requests(ctx: MethodContext, cfg: W8A8Config) -> dict[str, set[Stat]]:
 def w8a8_requests(ctx: MethodContext, cfg: W8A8Config) -> dict[str, set[Stat]]:
     """Static layers need their input's range; dynamic layers none (their group's maxima are smoothquant's)."""
     dynamic = dynamic_sites(ctx.sites, cfg)
-    kinds = _kinds(ctx, cfg) | ({Stat.ROW_ABSMAX} if cfg.min_levels else set())
+    base = _kinds(ctx, cfg)
+    kinds = base | ({Stat.ROW_ABSMAX} if cfg.min_levels else set())
     out = {s.activation.name: set(kinds) for s in ctx.sites if s.name not in dynamic}
     for c in static_convs(ctx, cfg):  # rows of an NCHW input are not tokens: no token-outlier rule
-        out.setdefault(c.activation.name, set()).update(_kinds(ctx, cfg))
+        out.setdefault(c.activation.name, set()).update(base)
     for name, kinds in _bmm_requests(ctx, cfg).items():
         out.setdefault(name, set()).update(kinds)
     return out
